@@ -1,0 +1,1 @@
+"""diffusekit: denoising diffusion models to train, sample and edit."""
