@@ -75,11 +75,12 @@ def test_fd_estimate_converges_to_closed_form():
     y = rng.multivariate_normal(mu2, s2, size=n)
     estimate = frechet_distance(*feature_stats(x), *feature_stats(y))
     exact = frechet_distance(mu1, s1, mu2, s2)
-    # FD is a smooth function of the sample means and covariances, whose errors are
-    # O(scale / sqrt(n)); scale = trace terms plus the cross term 2 |dmu| sqrt(lambda_max).
+    # FD is a smooth function of the sample means and covariances, whose errors have standard
+    # deviation O(scale / sqrt(n)) with scale = the trace terms plus the cross term
+    # 2 |dmu| sqrt(lambda_max); the bias (tr S1 + tr S2) / n is far smaller. Allow 3 of those.
     scale = np.trace(s1) + np.trace(s2) + 2 * np.linalg.norm(mu1 - mu2) * np.sqrt(
         np.linalg.eigvalsh(s1 + s2).max())
-    assert abs(estimate - exact) < 5 * scale / np.sqrt(n)
+    assert abs(estimate - exact) < 3 * scale / np.sqrt(n)
 
 
 def test_feature_stats_shapes_and_errors():
