@@ -13,7 +13,7 @@ from diffusekit.viz import (ema_smooth, make_grid, plot_curves, plot_loss, plot_
 
 
 class StandInSchedule:
-    """The schedule contract viz relies on (betas, alphas, alphas_cumprod, add_noise), in float64."""
+    """The schedule contract viz relies on: betas, alphas, alphas_cumprod, add_noise (float64)."""
 
     def __init__(self, kind: str, num_train_timesteps: int = 1000):
         self.num_train_timesteps = num_train_timesteps
@@ -118,8 +118,8 @@ def test_plot_loss_and_curves(tmp_path):
     path = tmp_path / "metrics.jsonl"
     with open(path, "w") as f:
         for step in range(200):
-            f.write(json.dumps({"step": step, "loss": float(np.exp(-step / 60) + 0.05 * rng.random())})
-                    + "\n")
+            loss = float(np.exp(-step / 60) + 0.05 * rng.random())
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
         f.write("\n")
     _png(plot_loss(path, tmp_path / "loss.png"))
     _png(plot_loss([{"step": 1, "loss": 1.0}, {"step": 2, "lr": 0.1}, {"step": 3, "loss": 0.5}],

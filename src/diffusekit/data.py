@@ -94,7 +94,7 @@ def _to_channels(x: torch.Tensor, channels: int, background: float) -> torch.Ten
 
 
 def _resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize (N, C, H, W) in [0, 1] so the shorter side is `size`, then centre-crop to size x size."""
+    """Resize (N, C, H, W) in [0, 1] so the shorter side is `size`, then centre-crop to a square."""
     h, w = x.shape[-2:]
     if size == 0 or (h == size and w == size):
         return x
@@ -153,7 +153,7 @@ class ImageDataset(Dataset):
         return self.images[i], label
 
     def augment(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Apply the configured augmentations to a batch (B, C, H, W); identity when none are set."""
+        """Apply the configured augmentations to a batch (B, C, H, W); identity if none are set."""
         if not self.hflip:
             return x
         flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
@@ -228,7 +228,8 @@ def _load_digits(cfg: DataConfig):
     # 8x8 values are counts 0..16 of set pixels in 4x4 blocks (UCI optdigits): scale to [0, 1]
     x = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
     labels = torch.from_numpy(digits.target.astype(np.int64))
-    return x, labels, [str(i) for i in range(10)], ["digits: scikit-learn load_digits, 0-16 -> [0, 1]"]
+    notes = ["digits: scikit-learn load_digits, 0-16 -> [0, 1]"]
+    return x, labels, [str(i) for i in range(10)], notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def _load_folder(cfg: DataConfig):
     root = Path(cfg.source)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder.")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}, any case) found "
                                 f"under {root} (searched sub-folders too).")
@@ -304,7 +306,7 @@ def _folder_classes(root: Path, files: list[Path]) -> dict[Path, str] | None:
 
 
 def read_image_array(path: str | Path) -> np.ndarray:
-    """Read an image file as float32 (H, W, c) in [0, 1]: c = 1 (gray), 2 (gray+alpha), 3 or 4 (RGBA)."""
+    """Read an image file as float32 (H, W, c) in [0, 1]; c = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."""
     from PIL import Image
     with Image.open(path) as img:
         img.load()
@@ -314,7 +316,8 @@ def read_image_array(path: str | Path) -> np.ndarray:
         if mode in ("P", "PA"):
             img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
         elif mode not in ("L", "LA", "RGB", "RGBA"):
-            img = img.convert("RGBA" if "A" in mode else ("L" if mode in ("1", "I", "F") else "RGB"))
+            gray = "L" if mode in ("1", "I", "F") else "RGB"
+            img = img.convert("RGBA" if "A" in mode else gray)
         arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -331,7 +334,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    data = gzip.open(path, "rb").read() if gzipped else path.read_bytes()
+    if gzipped:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    else:
+        data = path.read_bytes()
     # magic: two zero bytes, a type code, the number of dimensions; then one int32 size per dim
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (its first bytes are {data[:4].hex()}; "
@@ -366,10 +373,10 @@ def _find_idx_pair(cfg: DataConfig) -> tuple[Path, Path | None]:
         images = path
     else:
         raise FileNotFoundError(f"IDX source {path} does not exist.")
-    candidates = []
-    for name in (images.name.replace("images", "labels").replace("idx3", "idx1"),):
-        base = name[:-3] if name.endswith(".gz") else name
-        candidates += [images.with_name(base), images.with_name(base + ".gz")]
+    # train-images-idx3-ubyte(.gz) -> train-labels-idx1-ubyte, with or without .gz
+    name = images.name.replace("images", "labels").replace("idx3", "idx1")
+    base = name[:-3] if name.endswith(".gz") else name
+    candidates = [images.with_name(base), images.with_name(base + ".gz")]
     labels = next((c for c in candidates if c.is_file() and c != images), None)
     return images, labels
 

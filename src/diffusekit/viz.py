@@ -34,7 +34,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"make_grid expects (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
+        raise ValueError(f"make_grid expects (N, C, H, W) with C = 1 or 3, "
+                         f"got {tuple(images.shape)}")
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol_rows = math.ceil(n / nrow)
@@ -156,8 +157,8 @@ def plot_schedule(schedules: Mapping[str, object], path: str | Path,
               ("sqrt(abar_t) and sqrt(1 - abar_t)", None, False)]
     has_strip = image is not None
     fig = _figure(13, 3.3 + (1.0 * len(schedules) + 0.5 if has_strip else 0))
-    grid_spec = fig.add_gridspec(2 if has_strip else 1, len(curves),
-                                 height_ratios=[3, 0.3 + 1.0 * len(schedules)] if has_strip else None)
+    ratios = [3, 0.3 + 1.0 * len(schedules)] if has_strip else None
+    grid_spec = fig.add_gridspec(2 if has_strip else 1, len(curves), height_ratios=ratios)
     for i, (title, get, logy) in enumerate(curves):
         ax = fig.add_subplot(grid_spec[0, i])
         for j, (name, sched) in enumerate(schedules.items()):
