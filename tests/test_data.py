@@ -243,6 +243,7 @@ def test_load_and_save_image(tmp_path):
         y = load_image(out, image_size=8, channels=3)
     torch.testing.assert_close(y, x)
     save_image(x[:, :1], tmp_path / "gray.png")
-    assert Image.open(tmp_path / "gray.png").mode == "L"
+    with Image.open(tmp_path / "gray.png") as img:
+        assert img.mode == "L"
     with pytest.raises(ValueError, match="save_grid"):
         save_image(torch.zeros(2, 3, 4, 4), tmp_path / "two.png")

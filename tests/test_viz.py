@@ -44,9 +44,9 @@ def _png(path):
     assert path.exists()
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    img = Image.open(path)
-    img.load()
-    return img
+    with Image.open(path) as img:
+        img.load()
+        return img.copy()
 
 
 def _cells(n, c=1, h=3, w=4):
