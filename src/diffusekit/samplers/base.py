@@ -1,0 +1,245 @@
+"""What every sampler shares: the denoiser wrapper, timestep spacing, and the registry."""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ..config import ConfigError, check_choice
+from ..schedule import PREDICTION_TYPES, NoiseSchedule, as_batch, eps_from_x0, to_x0_eps
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+class Prediction(NamedTuple):
+    """One denoiser evaluation: the predicted clean sample and the predicted noise."""
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+class Denoiser:
+    """Wraps a network trained on any prediction type; returns Prediction(x0, eps).
+
+    x_t is in the variance-preserving convention x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, abar is
+    a float or a per-sample tensor, and t is in training-timestep units (fractional allowed).
+    This is the one place where "epsilon", "sample" and "v_prediction" are told apart.
+    """
+
+    is_denoiser = True
+
+    def __init__(self, model: Callable, prediction_type: str = "epsilon", clip_sample: bool = False,
+                 clip_sample_range: float = 1.0):
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        self.model, self.prediction_type = model, prediction_type
+        self.clip_sample, self.clip_sample_range = clip_sample, clip_sample_range
+
+    def __call__(self, x_t: torch.Tensor, t, abar, **cond) -> Prediction:
+        t_batch = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        if t_batch.ndim == 0:
+            t_batch = t_batch.expand(x_t.shape[0])
+        out = self.model(x_t, t_batch, **cond).to(x_t.dtype)
+        abar_b = as_batch(abar, x_t)
+        x0, eps = to_x0_eps(self.prediction_type, out, x_t, abar_b)
+        if self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+            eps = eps_from_x0(x_t, x0, abar_b)
+        return Prediction(x0, eps)
+
+
+@dataclass
+class StepInfo:
+    """What a per-step callback sees: x after step i, in the VP convention at noise level abar_next."""
+    i: int
+    t: float              # the timestep the model was called at for this step
+    abar_next: float      # noise level of x (1.0 after the final step)
+    x: torch.Tensor
+    x0_pred: torch.Tensor
+
+
+def spaced_timesteps(T: int, n: int, spacing: str, style: str) -> torch.Tensor:
+    """The n model-call timesteps in descending order, as diffusers' schedulers of that style place them.
+
+    style "ddim" (DDPM, DDIM): the grid includes t near 0 and the last step jumps to abar = 1.
+    style "solver" (DPM-Solver, UniPC): n+1 points with t = 0 dropped, final sigma is 0.
+    style "karras" (Euler, Heun): like "ddim", but linspace is not rounded (fractional t).
+    """
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    import numpy as np
+    if spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)) - 1
+    elif style == "solver":
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        else:
+            ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1]
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, n)[::-1]
+        if style == "ddim":
+            ts = ts.round()
+    else:
+        ts = (np.arange(0, n) * (T // n)).round()[::-1]
+    return torch.tensor(ts.copy(), dtype=torch.float64)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
+    """Noise levels spaced uniformly in sigma^(1/rho) (Karras et al. 2022, eq. 5), descending."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv_max, inv_min = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+@dataclass
+class SamplerSpec:
+    """A registry entry: the sampler function and how its timesteps are placed."""
+    fn: Callable
+    style: str                    # timestep placement style, see spaced_timesteps
+    evals_per_step: int = 1       # Heun: 2 (the final step is Euler, so NFE = 2n - 1)
+    stochastic: bool = False
+    karras: bool = True           # whether use_karras_sigmas is allowed
+    options: dict = field(default_factory=dict)  # option name -> default
+
+
+SAMPLERS: dict[str, SamplerSpec] = {}
+
+
+def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = False,
+             karras: bool = True, **options):
+    """Decorator: add a sampler function to the registry under name."""
+    def wrap(fn):
+        SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options)
+        return fn
+    return wrap
+
+
+class Sampler:
+    """A sampler bound to a schedule and options; see diffusekit.get_sampler."""
+
+    def __init__(self, name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon",
+                 timestep_spacing: str = "trailing", clip_sample: bool = False, **options):
+        if name not in SAMPLERS:
+            hint = difflib.get_close_matches(name, list(SAMPLERS), n=1)
+            raise ConfigError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        self.spec = SAMPLERS[name]
+        allowed = dict(self.spec.options)
+        if self.spec.karras:
+            allowed.setdefault("use_karras_sigmas", False)
+        for key in options:
+            if key not in allowed:
+                raise ConfigError(f"sampler {name!r} has no option {key!r}; its options are "
+                                  f"{sorted(allowed) or 'none'}.")
+        self.options = {**allowed, **options}
+        if "eta" in self.options and not 0.0 <= float(self.options["eta"]) <= 1.0:
+            raise ConfigError(f"eta={self.options['eta']!r} is out of range; eta must lie in [0, 1] "
+                              "(0 = deterministic DDIM, 1 = DDPM-like ancestral noise).")
+        self.name, self.schedule = name, schedule
+        self.prediction_type, self.timestep_spacing, self.clip_sample = prediction_type, timestep_spacing, clip_sample
+
+    def _check_steps(self, num_steps) -> int:
+        T = self.schedule.num_train_timesteps
+        most = T - 1 if (self.spec.style == "solver" and self.timestep_spacing == "leading") else T
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= most:
+            raise ConfigError(f"num_steps={num_steps!r} is not allowed for sampler {self.name!r}; "
+                              f"use an integer from 1 to {most} (the schedule has {T} training timesteps).")
+        return num_steps
+
+    def plan(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps (n,), abars (n+1,)): model-call times and the noise level before each step,
+        then the final one (abar = 1: a clean sample)."""
+        n = self._check_steps(num_steps)
+        sched = self.schedule
+        ts = spaced_timesteps(sched.num_train_timesteps, n, self.timestep_spacing, self.spec.style)
+        if self.options.get("use_karras_sigmas"):
+            # Karras et al. 2022: sigmas between the schedule's extremes, times from log-sigma interpolation
+            # Euler/Heun take the range of the spaced timesteps, DPM-Solver/UniPC the full schedule (as diffusers)
+            if self.spec.style == "karras":
+                lo, hi = sched.t_to_sigma(ts[-1]), sched.t_to_sigma(ts[0])
+            else:
+                lo, hi = sched.sigmas[0], sched.sigmas[-1]
+            sigmas = karras_sigmas(float(lo), float(hi), n)
+            ts = sched.sigma_to_t(sigmas)
+            if self.spec.style == "solver" and sched.config.kind not in ("cosine", "squaredcos_cap_v2"):
+                # diffusers' DPM-Solver and UniPC call the model at rounded timesteps here; we follow
+                # them so results stay comparable (the noise level itself stays the Karras sigma)
+                ts = ts.round()
+            abars = 1 / (1 + sigmas**2)
+        else:
+            abars = sched.alpha_bar_at(ts)
+        return ts, torch.cat([abars, torch.ones(1, dtype=torch.float64)])
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """The timesteps the model will be called at, in order (Heun's second calls included)."""
+        ts, _ = self.plan(num_steps)
+        if self.spec.evals_per_step == 2:
+            ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
+        return ts
+
+    def nfe(self, num_steps: int) -> int:
+        """Number of model evaluations for num_steps steps, counted honestly."""
+        return len(self.timesteps(num_steps))
+
+    def sample(self, model, x_T: torch.Tensor, num_steps: int = 50, generator: torch.Generator | None = None,
+               callback: Callable[[StepInfo], torch.Tensor | None] | None = None, progress: bool = False,
+               start_step: int = 0, **cond) -> torch.Tensor:
+        """Run the sampler from x_T (N(0, I) noise, or a VP x_t at timesteps[start_step]) to x0.
+
+        model(x, t, **cond) returns the sampler's prediction type, or model is already a Denoiser.
+        callback(StepInfo) runs after every step; a tensor it returns replaces x.
+        start_step > 0 skips the first steps (SDEdit, img2img).
+        """
+        ts, abars = self.plan(num_steps)
+        if not 0 <= start_step < len(ts):
+            raise ConfigError(f"start_step={start_step} must be in [0, {len(ts) - 1}] for num_steps={num_steps}.")
+        ts, abars = ts[start_step:], abars[start_step:]
+        denoiser = model if getattr(model, "is_denoiser", False) else \
+            Denoiser(model, self.prediction_type, self.clip_sample)
+        opts = {k: v for k, v in self.options.items() if k != "use_karras_sigmas"}
+        if progress:
+            callback = _with_progress(callback, len(ts), self.name)
+        return self.spec.fn(denoiser, x_T, ts, abars, generator=generator, callback=callback, cond=cond, **opts)
+
+    def __repr__(self):
+        return (f"Sampler({self.name!r}, prediction_type={self.prediction_type!r}, "
+                f"timestep_spacing={self.timestep_spacing!r}, options={self.options})")
+
+
+def _with_progress(callback, total, name):
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=name, leave=False)
+
+    def cb(info: StepInfo):
+        bar.update(1)
+        if info.abar_next >= 1.0:
+            bar.close()
+        return callback(info) if callback is not None else None
+    return cb
+
+
+def run_callback(callback, i, t, abar_next, x, x0_pred):
+    """Call the per-step callback (if any) and return the possibly replaced x."""
+    if callback is None:
+        return x
+    out = callback(StepInfo(i, float(t), float(abar_next), x, x0_pred))
+    return x if out is None else out
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x from an explicit generator (never the global RNG state
+    when a generator is given)."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def get_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon",
+                timestep_spacing: str = "trailing", clip_sample: bool = False, **options) -> Sampler:
+    """Look a sampler up in the registry and bind it to a schedule and options."""
+    return Sampler(name, schedule, prediction_type, timestep_spacing, clip_sample, **options)
+
+
+def sigma_of(abar: float) -> float:
+    """k-diffusion's sigma = sqrt((1 - abar) / abar); 0 for a clean sample."""
+    return math.sqrt(max(1.0 - abar, 0.0) / abar)

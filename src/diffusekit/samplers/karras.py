@@ -1,0 +1,74 @@
+"""ODE/SDE samplers in sigma space, x = x0 + sigma * eps (Karras et al. 2022, "EDM")."""
+from __future__ import annotations
+
+import math
+
+from .base import randn_like, register, run_callback, sigma_of
+
+
+def _to_sigma_space(x_vp, abar):
+    # x / sqrt(abar) = x0 + sigma eps, so the VP input is scaled by sqrt(1 + sigma^2)
+    return x_vp / math.sqrt(abar)
+
+
+def _step_callback(callback, i, t, abar_next, x, x0_pred):
+    """Run the callback in the VP convention and bring any replacement back to sigma space."""
+    if callback is None:
+        return x
+    scale = math.sqrt(abar_next)
+    return run_callback(callback, i, t, abar_next, x * scale, x0_pred) / scale
+
+
+@register("euler", style="karras")
+def sample_euler(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None):
+    """Euler's method on the probability-flow ODE dx/dsigma = eps (Karras et al. 2022, Alg. 1 without churn)."""
+    cond = cond or {}
+    sigmas = [sigma_of(float(a)) for a in abars]
+    x = _to_sigma_space(x, float(abars[0]))
+    for i in range(len(ts)):
+        # the network sees the VP input x / sqrt(1 + sigma^2)
+        pred = denoiser(x / math.sqrt(1 + sigmas[i] ** 2), ts[i], float(abars[i]), **cond)
+        # x_next = x + (sigma_next - sigma) * d,  d = (x - x0_pred) / sigma = eps
+        x = x + (sigmas[i + 1] - sigmas[i]) * pred.eps
+        x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
+    return x
+
+
+@register("euler_ancestral", style="karras", stochastic=True)
+def sample_euler_ancestral(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None):
+    """Ancestral Euler: an Euler step down to sigma_down, then fresh noise of size sigma_up (k-diffusion)."""
+    cond = cond or {}
+    sigmas = [sigma_of(float(a)) for a in abars]
+    x = _to_sigma_space(x, float(abars[0]))
+    for i in range(len(ts)):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        pred = denoiser(x / math.sqrt(1 + s**2), ts[i], float(abars[i]), **cond)
+        # sigma_up^2 = s_next^2 (s^2 - s_next^2) / s^2,  sigma_down^2 = s_next^2 - sigma_up^2
+        sigma_up = math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
+        sigma_down = math.sqrt(s_next**2 - sigma_up**2)
+        x = x + (sigma_down - s) * pred.eps
+        if sigma_up > 0:
+            x = x + sigma_up * randn_like(x, generator)
+        x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
+    return x
+
+
+@register("heun", style="karras", evals_per_step=2)
+def sample_heun(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None):
+    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); the step to sigma = 0 is an Euler step."""
+    cond = cond or {}
+    sigmas = [sigma_of(float(a)) for a in abars]
+    x = _to_sigma_space(x, float(abars[0]))
+    for i in range(len(ts)):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        pred = denoiser(x / math.sqrt(1 + s**2), ts[i], float(abars[i]), **cond)
+        d = pred.eps
+        x_euler = x + (s_next - s) * d
+        if s_next == 0:
+            x = x_euler
+        else:
+            # 2nd evaluation at the Euler point, then the average of the two slopes (trapezoidal rule)
+            pred = denoiser(x_euler / math.sqrt(1 + s_next**2), ts[i + 1], float(abars[i + 1]), **cond)
+            x = x + (s_next - s) * 0.5 * (d + pred.eps)
+        x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
+    return x
