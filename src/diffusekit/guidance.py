@@ -1,0 +1,255 @@
+"""Guidance as wrappers around the model call: classifier-free, gradient (loss) and classifier guidance.
+
+Every wrapper is called exactly like what it wraps, so any sampler takes it unchanged:
+ClassifierFreeGuidance wraps a raw network `model(x, t, **cond)` (or a Denoiser), while
+GradientGuidance and ClassifierGuidance wrap a `Denoiser` (they need abar to turn gradients into
+an eps correction) and are Denoisers themselves (`is_denoiser = True`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .samplers.base import Prediction
+from .schedule import as_batch, x0_from_eps
+
+WEIGHTINGS = ("sqrt_abar", "constant", "one_minus_abar")
+
+
+# --- classifier-free guidance ----------------------------------------------------------------
+
+class ClassifierFreeGuidance:
+    """Classifier-free guidance (Ho & Salimans 2021, eq. 6) with one batched model call per step.
+
+    out = out_uncond + scale * (out_cond - out_uncond); scale = 0 is the unconditional model,
+    scale = 1 the conditional one, scale > 1 sharpens towards the condition.
+    The unconditional half replaces `class_labels` by `null_label` (the UNet's learned null class)
+    and any key in `null_cond` (e.g. an empty-prompt context) by the given value. If `model` is a
+    Denoiser, x0 and eps are mixed alike and the wrapper is a Denoiser too.
+    """
+
+    def __init__(self, model: Callable, scale: float, null_label: int = -1, null_cond: dict | None = None,
+                 label_key: str = "class_labels"):
+        self.model, self.scale, self.null_label = model, float(scale), null_label
+        self.null_cond, self.label_key = dict(null_cond or {}), label_key
+        # a Denoiser in, a Denoiser out; the sampler looks this attribute up on the instance
+        self.is_denoiser = bool(getattr(model, "is_denoiser", False))
+
+    def _null(self, cond: dict, batch: int) -> dict:
+        if self.label_key not in cond and not self.null_cond:
+            raise ValueError(f"classifier-free guidance needs a condition to drop: pass {self.label_key}=... "
+                             f"(got keys {sorted(cond)}), or give null_cond={{key: unconditional value}}.")
+        missing = sorted(set(self.null_cond) - set(cond))
+        if missing:
+            raise ValueError(f"null_cond has keys {missing} that the sampling condition lacks (it has "
+                             f"{sorted(cond)}); pass the conditional values too, e.g. {missing[0]}=...")
+        null = dict(cond)
+        if self.label_key in cond and self.label_key not in self.null_cond:
+            null[self.label_key] = torch.full_like(torch.as_tensor(cond[self.label_key]), self.null_label)
+        null.update({k: _expand_batch(v, batch) for k, v in self.null_cond.items()})
+        return null
+
+    def __call__(self, x: torch.Tensor, t, *abar, **cond):
+        # abar is passed only when the wrapped model is a Denoiser: denoiser(x_t, t, abar, **cond)
+        B = x.shape[0]
+        if self.label_key in cond:  # one label for the whole batch is allowed
+            labels = torch.as_tensor(cond[self.label_key], dtype=torch.long, device=x.device)
+            cond = {**cond, self.label_key: labels.expand(B) if labels.ndim == 0 else labels}
+        null = self._null(cond, B)
+        # one call on the batch [cond; uncond]: (B, ...) -> (2B, ...)
+        both = {k: _cat_pair(cond[k], null[k], B) for k in null}
+        out = self.model(torch.cat([x, x]), _cat_pair(t, t, B), *[_cat_pair(a, a, B) for a in abar], **both)
+        if isinstance(out, Prediction):
+            return Prediction(*(self._mix(f[B:], f[:B]) for f in out))
+        return self._mix(out[B:], out[:B])
+
+    def _mix(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # eps~ = eps_u + w (eps_c - eps_u) = (1 - w) eps_u + w eps_c   (CFG, Ho & Salimans 2021, eq. 6)
+        # Written as an affine combination so w = 0 and w = 1 return exactly one branch.
+        # The same mix is right for v and x0 outputs: at fixed x_t, eps, x0 and v are affine functions of
+        # one another (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), v = sqrt(abar) eps - sqrt(1 - abar) x0),
+        # and an affine map commutes with a combination whose weights (1 - w) + w sum to one.
+        w = self.scale
+        return (1 - w) * uncond + w * cond
+
+
+def _cat_pair(a, b, batch: int):
+    """Stack the conditional and unconditional values along the batch, or pass shared values through."""
+    if isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == batch:
+        return torch.cat([a, torch.as_tensor(b, device=a.device, dtype=a.dtype).expand_as(a)])
+    if isinstance(b, torch.Tensor) and b.ndim > 0 and b.shape[0] == batch:
+        return torch.cat([torch.as_tensor(a, device=b.device, dtype=b.dtype).expand_as(b), b])
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b):
+        return a  # scalar timestep or abar shared by all samples
+    if a is b or (not isinstance(a, torch.Tensor) and a == b):
+        return a
+    raise ValueError("classifier-free guidance can only batch per-sample tensors (leading dimension = batch "
+                     f"size {batch}) or values shared by both branches; got {type(a).__name__} and "
+                     f"{type(b).__name__}.")
+
+
+def _expand_batch(v, batch: int):
+    # a null value given for one sample (e.g. one empty-prompt embedding) serves the whole batch
+    if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == 1 and batch != 1:
+        return v.expand(batch, *v.shape[1:])
+    return v
+
+
+# --- gradient guidance from a loss on x0_pred ----------------------------------------------
+
+def _weighting_fn(weighting) -> Callable:
+    if callable(weighting):
+        return weighting
+    if weighting == "sqrt_abar":
+        return lambda t, abar: abar.sqrt()
+    if weighting == "constant":
+        return lambda t, abar: torch.ones_like(abar)
+    if weighting == "one_minus_abar":
+        return lambda t, abar: 1 - abar
+    raise ValueError(f"weighting={weighting!r} is not allowed; choose one of {list(WEIGHTINGS)} "
+                     "or pass a callable weight(t, abar) -> tensor broadcastable to x.")
+
+
+def _require_denoiser(denoiser, who: str):
+    if not getattr(denoiser, "is_denoiser", False):
+        raise TypeError(f"{who} wraps a Denoiser (it needs abar to scale the gradient); got "
+                        f"{type(denoiser).__name__}. Wrap the network first: "
+                        "diffusekit.Denoiser(model, prediction_type=...).")
+
+
+def _grad_context():
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("gradient guidance needs autograd, which torch.inference_mode() disables; "
+                           "sample under torch.no_grad() instead (the guidance re-enables grad locally).")
+    return torch.enable_grad()
+
+
+def _in_window(t, t_window) -> bool:
+    if t_window is None:
+        return True
+    t_min, t_max = t_window
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    return bool(((tt >= t_min) & (tt <= t_max)).any())
+
+
+class GradientGuidance:
+    """Steer sampling down the gradient of a loss on x0_pred ("universal guidance", Bansal et al. 2023).
+
+    At each call: x0_pred(x_t) with autograd on, L = loss_fn(x0_pred, **cond) summed over the batch,
+    g = dL/dx_t (through the denoiser), and the guided prediction
+        eps~ = eps + scale * weight(t) * sqrt(1 - abar) * g,   x0~ = x0_pred - scale * weight(t) * (1 - abar) / sqrt(abar) * g
+    i.e. the score -eps / sqrt(1 - abar) gains -scale * weight(t) * g, the score of p(x_t) exp(-scale w L).
+    Guidance is off (plain prediction, no gradient) at steps whose t is outside t_window = (t_min, t_max).
+    weighting: "sqrt_abar" (weak at high noise, where x0_pred is a blur), "constant", "one_minus_abar",
+    or a callable weight(t, abar) with abar shaped (B, 1, ..., 1).
+    """
+
+    is_denoiser = True
+
+    def __init__(self, denoiser, loss_fn: Callable, scale: float, weighting="sqrt_abar",
+                 t_window: tuple[float, float] | None = None):
+        _require_denoiser(denoiser, "GradientGuidance")
+        if t_window is not None and (len(t_window) != 2 or t_window[0] > t_window[1]):
+            raise ValueError(f"t_window={t_window!r}; expected (t_min, t_max) with t_min <= t_max, "
+                             "in training-timestep units.")
+        self.denoiser, self.loss_fn, self.scale = denoiser, loss_fn, float(scale)
+        self.weight, self.t_window = _weighting_fn(weighting), t_window
+
+    def __call__(self, x_t: torch.Tensor, t, abar, **cond) -> Prediction:
+        if self.scale == 0 or not _in_window(t, self.t_window):
+            return self.denoiser(x_t, t, abar, **cond)
+        with _grad_context():
+            x = x_t.detach().requires_grad_(True)
+            pred = self.denoiser(x, t, abar, **cond)
+            loss = self.loss_fn(pred.x0, **cond).sum()
+            (grad,) = torch.autograd.grad(loss, x)
+        abar_b = as_batch(abar, x_t)
+        weight = torch.as_tensor(self.weight(t, abar_b), dtype=x_t.dtype, device=x_t.device)
+        # eps~ = eps + scale * w(t) * sqrt(1 - abar) * grad_{x_t} L(x0_pred(x_t))   (Bansal et al. 2023, forward
+        # universal guidance; the same gradient through x0_pred as DPS, Chung et al. 2023). In x terms a DDIM
+        # step moves by -scale * w(t) * (...) * grad: the course's "x <- x - scale * grad * weight(t)".
+        eps = pred.eps.detach() + self.scale * weight * (1 - abar_b).sqrt() * grad
+        # keep x0 and eps consistent: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)   (DDPM eq. 4)
+        return Prediction(x0_from_eps(x_t, eps, abar_b), eps)
+
+
+def mean_intensity_loss(target: float | Sequence[float]) -> Callable:
+    """A guide: squared distance of each sample's mean intensity (or per-channel means: a colour) to target.
+
+    target a float: the mean over all non-batch dims; a sequence of C floats: per-channel means of
+    (B, C, ...) images. Returns loss_fn(x0, **cond) -> (B,) for GradientGuidance.
+    """
+    def loss_fn(x0: torch.Tensor, **cond) -> torch.Tensor:
+        tgt = torch.as_tensor(target, dtype=x0.dtype, device=x0.device)
+        if tgt.ndim == 0:
+            return (x0.reshape(x0.shape[0], -1).mean(1) - tgt) ** 2
+        if x0.ndim < 2 or x0.shape[1] != tgt.numel():
+            raise ValueError(f"colour target has {tgt.numel()} channels but x0 has shape {tuple(x0.shape)}; "
+                             "give one value per channel (dim 1), or a single float.")
+        means = x0.reshape(x0.shape[0], x0.shape[1], -1).mean(2)      # (B, C, ...) -> (B, C)
+        return ((means - tgt) ** 2).sum(1)
+    return loss_fn
+
+
+def classifier_loss(classifier: Callable, target_class: int | torch.Tensor | None = None,
+                    label_key: str = "class_labels") -> Callable:
+    """A guide: cross-entropy of classifier(x0_pred, t=0) against target_class.
+
+    classifier is any callable (x, t) -> logits (B, K), e.g. diffusekit.nn.NoiseAwareClassifier;
+    it sees the clean estimate, so an ordinary (t = 0) classifier works. target_class None takes
+    the labels from the sampling condition cond[label_key].
+    """
+    def loss_fn(x0: torch.Tensor, **cond) -> torch.Tensor:
+        y = _labels(target_class, cond, label_key, x0)
+        logits = classifier(x0, torch.zeros(x0.shape[0], device=x0.device))
+        return F.cross_entropy(logits, y, reduction="none")
+    return loss_fn
+
+
+def _labels(target_class, cond: dict, label_key: str, x: torch.Tensor) -> torch.Tensor:
+    if target_class is None:
+        if label_key not in cond:
+            raise ValueError(f"no target class: pass target_class=..., or sample with {label_key}=... "
+                             f"(the condition has keys {sorted(cond)}).")
+        target_class = cond[label_key]
+    y = torch.as_tensor(target_class, dtype=torch.long, device=x.device)
+    return y.expand(x.shape[0]) if y.ndim == 0 else y
+
+
+# --- classifier guidance -------------------------------------------------------------------
+
+class ClassifierGuidance:
+    """Classifier guidance with a noise-aware classifier p(y | x_t, t) (Dhariwal & Nichol 2021, sec. 4).
+
+    eps~ = eps - scale * sqrt(1 - abar) * grad_{x_t} log p(y | x_t, t); the same correction works for
+    DDPM (Alg. 1, a mean shift) and DDIM (Alg. 2). classifier is any callable (x_t, t) -> logits with
+    t a (B,) float tensor in training-timestep units. The labels are target_class, or cond[label_key].
+    """
+
+    is_denoiser = True
+
+    def __init__(self, denoiser, classifier: Callable, scale: float,
+                 target_class: int | torch.Tensor | None = None, label_key: str = "class_labels"):
+        _require_denoiser(denoiser, "ClassifierGuidance")
+        self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
+        self.target_class, self.label_key = target_class, label_key
+
+    def __call__(self, x_t: torch.Tensor, t, abar, **cond) -> Prediction:
+        pred = self.denoiser(x_t, t, abar, **cond)
+        if self.scale == 0:
+            return pred
+        y = _labels(self.target_class, cond, self.label_key, x_t)
+        t_batch = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        if t_batch.ndim == 0:
+            t_batch = t_batch.expand(x_t.shape[0])
+        with _grad_context():
+            x = x_t.detach().requires_grad_(True)
+            log_probs = F.log_softmax(self.classifier(x, t_batch), dim=-1)
+            selected = log_probs[torch.arange(x.shape[0], device=x.device), y].sum()
+            (grad,) = torch.autograd.grad(selected, x)
+        abar_b = as_batch(abar, x_t)
+        # eps~ = eps - s * sqrt(1 - abar) * grad_{x_t} log p_phi(y | x_t)   (Dhariwal & Nichol 2021, Alg. 2)
+        eps = pred.eps - self.scale * (1 - abar_b).sqrt() * grad.to(x_t.dtype)
+        return Prediction(x0_from_eps(x_t, eps, abar_b), eps)
