@@ -260,3 +260,20 @@ def test_closed_form_of_mean_intensity_loss():
     img = torch.stack([torch.full((2, 2), 0.5), torch.full((2, 2), -0.5)])[None]   # (1, 2, 2, 2)
     torch.testing.assert_close(mean_intensity_loss([0.0, 0.0])(img), torch.tensor([0.5]))
     assert math.isclose(float(mean_intensity_loss([0.5, -0.5])(img)), 0.0)
+
+
+def test_gradient_guides_work_under_no_grad_and_refuse_inference_mode():
+    toy = TwoClassToy(torch.tensor([0.5, 0.5]), 0.5)
+    clf = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))       # a random classifier(x, t)
+    classifier = lambda x, t: clf(x.float()).to(x.dtype)                   # noqa: E731
+    sampler = dk.get_sampler("euler", SCHED)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        plain = sampler.sample(toy.uncond, x_T, 5)
+        for guided in (ClassifierGuidance(dk.Denoiser(toy.uncond), classifier, 5.0, target_class=1),
+                       GradientGuidance(dk.Denoiser(toy.uncond), classifier_loss(classifier, 1), 5.0)):
+            out = sampler.sample(guided, x_T, 5)
+            assert bool(torch.isfinite(out).all()) and not torch.allclose(out, plain)
+    assert all(p.grad is None for p in clf.parameters())                   # only x_t was differentiated
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="no_grad"):
+        sampler.sample(ClassifierGuidance(dk.Denoiser(toy.uncond), classifier, 1.0, target_class=1), x_T, 5)

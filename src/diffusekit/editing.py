@@ -170,7 +170,8 @@ def inpaint(sampler: Sampler, model, image: torch.Tensor, mask: torch.Tensor, nu
                 x = put_back(_one_step(sampler, model, x_i, num_steps, i, generator, cond), abar_next)
                 if u == resample - 1 or abar_next >= 1.0:
                     break  # RePaint does not resample the final step
-                # x_i ~ q(x_i | x_{i+1}) = N(sqrt(abar_i / abar_{i+1}) x_{i+1}, (1 - abar_i / abar_{i+1}) I)   (DDPM eq. 2)
+                # x_i ~ q(x_i | x_{i+1}) = N(sqrt(abar_i / abar_{i+1}) x_{i+1}, (1 - abar_i / abar_{i+1}) I)
+                # (DDPM eq. 2 over the skipped training steps; RePaint Alg. 1, line 11)
                 ratio = abar / abar_next
                 x_i = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * randn_like(x, generator)
     # the known pixels exactly, whatever rounding the last blend did

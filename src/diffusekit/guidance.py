@@ -139,7 +139,8 @@ class GradientGuidance:
 
     At each call: x0_pred(x_t) with autograd on, L = loss_fn(x0_pred, **cond) summed over the batch,
     g = dL/dx_t (through the denoiser), and the guided prediction
-        eps~ = eps + scale * weight(t) * sqrt(1 - abar) * g,   x0~ = x0_pred - scale * weight(t) * (1 - abar) / sqrt(abar) * g
+        eps~ = eps + scale * weight(t) * sqrt(1 - abar) * g
+        x0~  = x0_pred - scale * weight(t) * (1 - abar) / sqrt(abar) * g
     i.e. the score -eps / sqrt(1 - abar) gains -scale * weight(t) * g, the score of p(x_t) exp(-scale w L).
     Guidance is off (plain prediction, no gradient) at steps whose t is outside t_window = (t_min, t_max).
     weighting: "sqrt_abar" (weak at high noise, where x0_pred is a blur), "constant", "one_minus_abar",
