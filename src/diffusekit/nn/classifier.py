@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from diffusekit.config import Config, check_range
 from diffusekit.nn.embeddings import TimestepEmbedding, as_timestep_batch
-from diffusekit.nn.unet import Encoder, validate_layout
+from diffusekit.nn.unet import Encoder, GroupNorm, validate_layout
 
 
 @dataclass
@@ -64,7 +64,7 @@ class NoiseAwareClassifier(nn.Module):
         self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim, cfg.max_period)
         self.encoder = Encoder(cfg, cfg.in_channels, emb_dim, ctx_dim=None)
         ch = self.encoder.out_channels
-        self.out_norm = nn.GroupNorm(cfg.groups, ch)
+        self.out_norm = GroupNorm(cfg.groups, ch)
         self.head = nn.Linear(ch, cfg.num_classes)
         self.num_features = ch
 

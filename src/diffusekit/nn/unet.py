@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusekit.config import Config, ConfigError, check_range
 from diffusekit.nn.embeddings import ClassEmbedding, TimestepEmbedding, as_timestep_batch
@@ -124,6 +125,19 @@ def zero_module(m: nn.Module) -> nn.Module:
     return m
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises a contiguous (NCHW) copy of a channels_last input on CPU.
+
+    PyTorch's CPU group_norm kernel is several times slower on channels_last tensors (about 10x
+    in bf16 at 64x32x28x28, torch 2.13) than a memory-format copy plus the NCHW kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and not x.is_contiguous():
+            x = x.contiguous()
+        return super().forward(x)
+
+
 class ResBlock(nn.Module):
     """Residual block: GN-SiLU-conv, time embedding (add or scale-shift), class scale, GN-SiLU-dropout-conv."""
 
@@ -131,11 +145,11 @@ class ResBlock(nn.Module):
                  dropout: float, use_scale_shift_norm: bool):
         super().__init__()
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch * (2 if use_scale_shift_norm else 1))
         self.ctx_proj = zero_module(nn.Linear(ctx_dim, out_ch)) if ctx_dim else None
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
@@ -162,7 +176,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, groups: int):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm(groups, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_module(nn.Linear(channels, channels))
 
@@ -172,7 +186,13 @@ class AttentionBlock(nn.Module):
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
         # (B, HW, 3C) -> 3 x (B, heads, HW, C / heads)
         q, k, v = self.qkv(tokens).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)                  # softmax(q k^T / sqrt(d)) v
+        # softmax(q k^T / sqrt(d)) v.  On CPU in bf16 the flash kernel is ~5x slower than the math
+        # one at these short sequences (<= 256 tokens), so pick the math backend there.
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            with sdpa_kernel(SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))
         return x + out.reshape(B, H, W, C).permute(0, 3, 1, 2)       # back to (B, C, H, W)
 
@@ -283,7 +303,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                     res *= 2
                 self.up.append(EmbedSequential(*layers))
-        self.out_norm = nn.GroupNorm(cfg.groups, ch)
+        self.out_norm = GroupNorm(cfg.groups, ch)
         self.out_conv = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
