@@ -157,15 +157,22 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor, cemb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         emb = self.emb_proj(F.silu(temb))[:, :, None, None]          # (B, C or 2C, 1, 1)
+        # context UNet: h * (1 + c_emb); zero-initialised, so it starts as the unconditioned block
+        ctx = None
+        if self.ctx_proj is not None and cemb is not None:
+            ctx = 1 + self.ctx_proj(F.silu(cemb))[:, :, None, None]   # (B, C, 1, 1)
         if self.use_scale_shift_norm:
-            # AdaGN: norm(h) * (1 + scale) + shift   (ADM, Dhariwal & Nichol 2021, sec. 3)
+            # AdaGN: norm(h) * (1 + scale) + shift   (ADM, Dhariwal & Nichol 2021, sec. 3), times ctx:
+            # (norm(h) * (1 + scale) + shift) * ctx, folded on the (B, C, 1, 1) factors into one addcmul
             scale, shift = emb.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
+            scale = 1 + scale
+            if ctx is not None:
+                scale, shift = scale * ctx, shift * ctx
+            h = torch.addcmul(shift, self.norm2(h), scale)
         else:
             h = self.norm2(h + emb)                                   # DDPM: h + time embedding
-        if self.ctx_proj is not None and cemb is not None:
-            # context UNet: h * (1 + c_emb); zero-initialised, so it starts as the unconditioned block
-            h = h * (1 + self.ctx_proj(F.silu(cemb))[:, :, None, None])
+            if ctx is not None:
+                h = h * ctx
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -182,7 +189,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # (B, C, H, W) -> (B, H*W, C); a free view when x is channels_last
+        # (B, C, H, W) -> (B, H*W, C)
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
         # (B, HW, 3C) -> 3 x (B, heads, HW, C / heads)
         q, k, v = self.qkv(tokens).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
