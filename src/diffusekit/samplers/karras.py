@@ -16,7 +16,9 @@ def _step_callback(callback, i, t, abar_next, x, x0_pred):
     if callback is None:
         return x
     scale = math.sqrt(abar_next)
-    return run_callback(callback, i, t, abar_next, x * scale, x0_pred) / scale
+    x_vp = x * scale
+    out = run_callback(callback, i, t, abar_next, x_vp, x0_pred)
+    return x if out is x_vp else out / scale
 
 
 @register("euler", style="karras")

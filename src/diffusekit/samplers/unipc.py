@@ -36,6 +36,7 @@ def sample_unipc(denoiser, x, ts, abars, *, generator=None, callback=None, cond=
             h = lambdas[k] - lambdas[k - 1]
             h_phi_1, b_h, (b1, b2) = _phi_coefficients(-h)
             m0 = x0s[-1]
+            x_given = x  # what the previous step returned (a callback may have changed it)
             x = sigmas[k] / sigmas[k - 1] * x_last - alphas[k] * h_phi_1 * m0
             if order_last == 1:
                 x = x - alphas[k] * b_h * 0.5 * (pred.x0 - m0)
@@ -45,6 +46,8 @@ def sample_unipc(denoiser, x, ts, abars, *, generator=None, callback=None, cond=
                 rho_d = (b1 - b2) / (1 - r1)
                 rho_t = b1 - rho_d
                 x = x - alphas[k] * b_h * (rho_d * (x0s[-2] - m0) / r1 + rho_t * (pred.x0 - m0))
+            # keep any change the callback made to the predicted x (inpainting, editing)
+            x = x + (x_given - x_predicted)
         x0s.append(pred.x0)
         order = min(2, n - k, k + 1)  # warm up with order 1, and end with order 1
         x_last, order_last = x, order
@@ -58,5 +61,6 @@ def sample_unipc(denoiser, x, ts, abars, *, generator=None, callback=None, cond=
             if order == 2:
                 r1 = (lambdas[k - 1] - lambdas[k]) / h
                 x = x - alphas[k + 1] * b_h * 0.5 * (x0s[-2] - pred.x0) / r1
+        x_predicted = x
         x = run_callback(callback, k, ts[k], float(abars[k + 1]), x, pred.x0)
     return x
