@@ -11,7 +11,9 @@ import torch
 from ..config import ConfigError, check_choice
 from ..schedule import PREDICTION_TYPES, NoiseSchedule, as_batch, eps_from_x0, to_x0_eps
 
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' spacings, placed exactly as diffusers does
+# plus spacings of our own, placed the same way for every sampler style (see Sampler.plan)
+SAMPLER_SPACINGS = TIMESTEP_SPACINGS + ("logsnr",)
 
 
 class Prediction(NamedTuple):
@@ -84,6 +86,25 @@ def spaced_timesteps(T: int, n: int, spacing: str, style: str) -> torch.Tensor:
     return torch.tensor(ts.copy(), dtype=torch.float64)
 
 
+def logsnr_timesteps(schedule: NoiseSchedule, n: int, style: str = "ddim") -> torch.Tensor:
+    """n fractional model-call timesteps, descending, uniform in log-SNR over the schedule's range.
+
+    DPM-Solver (Lu et al. 2022, sec. 3.4) steps uniformly in lambda = log(alpha / sigma), which is
+    -log(sigma_k) for k-diffusion's sigma. The grid runs from t = T - 1 to t = 0 and, as in
+    spaced_timesteps, style "solver" takes n + 1 points and drops t = 0 (its last step goes to
+    sigma = 0 and lands on x0_pred, so a call at t = 0 would be nearly wasted); the other styles
+    take n points, t = 0 included. Unlike diffusers' use_lu_lambdas the times are not rounded:
+    with abar = schedule.alpha_bar_at(t) the model sees exactly the noise level the solver uses.
+    """
+    sigmas = schedule.sigmas
+    points = n + 1 if style == "solver" else n
+    if points == 1:
+        return schedule.sigma_to_t(sigmas[-1:])
+    # log sigma_i = log sigma_max + i / (points - 1) (log sigma_min - log sigma_max)
+    log_sigmas = torch.linspace(float(sigmas[-1].log()), float(sigmas[0].log()), points, dtype=torch.float64)
+    return schedule.sigma_to_t(log_sigmas.exp())[:n]
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> torch.Tensor:
     """Noise levels spaced uniformly in sigma^(1/rho) (Karras et al. 2022, eq. 5), descending."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
@@ -124,7 +145,7 @@ class Sampler:
             raise ConfigError(f"unknown sampler {name!r}; available: {sorted(SAMPLERS)}"
                               + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("timestep_spacing", timestep_spacing, SAMPLER_SPACINGS)
         self.spec = SAMPLERS[name]
         allowed = dict(self.spec.options)
         if self.spec.karras:
@@ -134,6 +155,9 @@ class Sampler:
                 raise ConfigError(f"sampler {name!r} has no option {key!r}; its options are "
                                   f"{sorted(allowed) or 'none'}.")
         self.options = {**allowed, **options}
+        if timestep_spacing == "logsnr" and self.options.get("use_karras_sigmas"):
+            raise ConfigError("timestep_spacing='logsnr' and use_karras_sigmas=True both place the noise levels; "
+                              "choose one (logsnr: uniform in log-SNR; Karras: uniform in sigma^(1/7)).")
         if "eta" in self.options and not 0.0 <= float(self.options["eta"]) <= 1.0:
             raise ConfigError(f"eta={self.options['eta']!r} is out of range; eta must lie in [0, 1] "
                               "(0 = deterministic DDIM, 1 = DDPM-like ancestral noise).")
@@ -153,6 +177,9 @@ class Sampler:
         then the final one (abar = 1: a clean sample)."""
         n = self._check_steps(num_steps)
         sched = self.schedule
+        if self.timestep_spacing == "logsnr":
+            ts = logsnr_timesteps(sched, n, self.spec.style)
+            return ts, torch.cat([sched.alpha_bar_at(ts), torch.ones(1, dtype=torch.float64)])
         ts = spaced_timesteps(sched.num_train_timesteps, n, self.timestep_spacing, self.spec.style)
         if self.options.get("use_karras_sigmas"):
             # Karras et al. 2022: sigmas between the schedule's extremes, times from log-sigma interpolation
