@@ -393,8 +393,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: _D
     tc, rank0 = cfg.train, dist.rank == 0
     dataset = load_dataset(cfg.data)
     use_labels = cfg.model.num_classes > 0
-    cfg = RunConfig.from_dict({**cfg.to_dict(), "class_names": list(dataset.class_names) if use_labels else []})
     check_data_fits(cfg, dataset)
+    cfg = RunConfig.from_dict({**cfg.to_dict(), "class_names": list(dataset.class_names) if use_labels else []})
     if tc.batch_size % dist.world_size:
         raise ConfigError(f"batch_size={tc.batch_size} is the global batch and must split evenly over "
                           f"{dist.world_size} processes; use a multiple of {dist.world_size}.")
