@@ -377,5 +377,121 @@ def plot_schedule(out, timesteps, image, seed, dry_run):
     click.echo(f"wrote {out}")
 
 
+
+# --- classifier and evaluation -----------------------------------------------------------------
+@main.command("train-classifier")
+@click.option("--data", "source", default="digits", show_default=True,
+              help="Labelled data: 'digits', an image folder with class sub-folders, an MNIST-format IDX "
+                   "folder or file, or a .npy/.npz file with labels.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option("--image-size", type=click.IntRange(0), default=0, show_default=True,
+              help="Resize/crop images to this size (0 = native); match the diffusion run's size.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True, help="Image channels.")
+@click.option("--noise-aware", is_flag=True,
+              help="Train on noised x_t at random t (for classifier guidance) instead of clean images.")
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Take the noise schedule (and image size/channels) from this diffusion run.")
+@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimiser steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--base-channels", type=click.IntRange(1), default=16, show_default=True, help="Classifier width.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@seed_option
+@dry_run_option
+@friendly_errors
+def train_classifier(source, out, image_size, channels, noise_aware, run_dir, steps, batch_size, lr,
+                     base_channels, device, seed, dry_run):
+    """Train a classifier: a judge for `eval --features classifier:OUT`, or (--noise-aware) a guide.
+
+    Writes OUT/config.json, OUT/classifier.safetensors and OUT/metrics.json (held-out accuracy on
+    the IDX t10k split, otherwise on a seeded 10% of the data).
+
+    \b
+    Example (an MNIST judge, ~99% test accuracy in a few CPU minutes):
+      diffusekit train-classifier --data ../shared/data/mnist --out runs/judge
+      diffusekit train-classifier --data digits --run runs/digits --noise-aware --out runs/guide
+    """
+    from .classifier_train import ClassifierTrainConfig, default_classifier_config, train_classifier as fit
+    from .data import DataConfig, load_dataset
+    from .schedule import ScheduleConfig
+
+    schedule = ScheduleConfig()
+    channels = int(channels)
+    if run_dir:
+        from .train import read_run_config
+        run_cfg = read_run_config(run_dir)
+        schedule, image_size, channels = run_cfg.schedule, run_cfg.model.image_size, run_cfg.model.in_channels
+    data_cfg = DataConfig(source=source, image_size=image_size, channels=channels)
+    train_cfg = ClassifierTrainConfig(steps=steps, batch_size=batch_size, lr=lr, noise_aware=noise_aware,
+                                      schedule=schedule, seed=seed, device=device)
+    dataset = load_dataset(data_cfg)
+    if dataset.labels is None:
+        raise click.ClickException(f"{source} has no labels; a classifier needs class sub-folders, IDX labels "
+                                   f"or 'labels' in the .npz.")
+    classifier_cfg = default_classifier_config(dataset.image_size, dataset.channels, dataset.num_classes,
+                                               base_channels=base_channels, groups=min(8, base_channels))
+    if dry_run:
+        _dump({"classifier": classifier_cfg.to_dict(), "data": data_cfg.to_dict(), "train": train_cfg.to_dict()})
+        return
+    result = fit(data_cfg, out, classifier_cfg, train_cfg, progress=True)
+    click.echo(f"trained {steps} steps in {result.seconds:.0f} s; held-out accuracy {result.accuracy:.4f} "
+               f"({result.metrics['heldout']}); wrote {out}/classifier.safetensors")
+
+
+@main.command("eval")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--ref", "ref_source", default="digits", show_default=True,
+              help="Reference data (as --data of train), brought to the run's image size and channels.")
+@click.option("--ref-split", type=click.Choice(["train", "t10k"]), default="train", show_default=True,
+              help="IDX split of the reference data.")
+@click.option("--n", "n", type=click.IntRange(2), default=5000, show_default=True, help="Samples to generate.")
+@sampler_options
+@click.option("--features", default="raw", show_default=True,
+              help="'raw' (pixels), 'classifier:PATH' (a train-classifier folder) or 'inception:WEIGHTS' "
+                   "(pt_inception-2015-12-05-6726825d.pth, for FID).")
+@click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--classes", type=click.Choice(["uniform", "none"]), default="uniform", show_default=True,
+              help="Class-conditional runs: balanced labels, or none (unconditional).")
+@click.option("--batch-size", type=click.IntRange(1), default=250, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=".cache/diffusekit", show_default=True,
+              help="Where reference statistics are cached.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here.")
+@seed_option
+@dry_run_option
+@friendly_errors
+def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras, features, guidance, classes,
+             batch_size, cache_dir, out, seed, dry_run):
+    """Score a run's samples: Frechet distance, KID, precision/recall, NFE and time.
+
+    \b
+    Example:
+      diffusekit eval runs/mnist --ref ../shared/data/mnist --ref-split t10k --n 5000 \
+        --sampler dpmpp_2m --steps 20 --features classifier:runs/judge --out eval.json
+    """
+    from .data import DataConfig
+    from .evaluation import evaluate_run
+    from .train import read_run_config
+    model_cfg = read_run_config(run).model
+    ref = DataConfig(source=ref_source, split=ref_split, image_size=model_cfg.image_size,
+                     channels=model_cfg.in_channels)
+    kw = _sampler_kwargs(spacing, eta, karras)
+    settings = dict(run=run, ref=ref.to_dict(), n=n, sampler=sampler, steps=steps, features=features,
+                    guidance=guidance, classes=classes, batch_size=batch_size, cache_dir=cache_dir, seed=seed,
+                    out=out, **kw)
+    if dry_run:
+        _dump(settings)
+        return
+    pipe = _load_pipeline(run)
+    result = evaluate_run(pipe, ref, n, sampler, steps, features, cache_dir, seed, batch_size, guidance,
+                          "uniform" if classes == "uniform" else None, progress=True, **kw)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        click.echo(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if out:
+        from .checkpoint import write_text_atomic
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps({**result, "settings": settings}, indent=2) + "\n")
+        click.echo(f"wrote {out}")
+
 if __name__ == "__main__":
     sys.exit(main())
