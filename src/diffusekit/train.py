@@ -42,9 +42,13 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.save_every", "trai
 
 @dataclass
 class TrainConfig(Config):
-    """Optimisation, EMA, precision and logging of a run. Defaults suit 8x8 digits on a 2-core CPU."""
+    """Optimisation, EMA, precision and logging of a run. Defaults suit 8x8 digits on a 2-core CPU.
 
-    steps: int = 3000
+    With the tiny8 UNet on digits, the defaults give recognisable class-conditional digits by step
+    1000 (loss ~0.07); 2000 steps take about 2-5 minutes on a 2-core CPU.
+    """
+
+    steps: int = 2000
     batch_size: int = 64                # global batch (split across torchrun ranks)
     lr: float = 2e-3
     lr_schedule: Literal["constant", "cosine"] = "cosine"   # after the linear warm-up
@@ -62,8 +66,8 @@ class TrainConfig(Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA if available
     log_every: int = 50
-    save_every: int = 1000              # also at the last step
-    sample_every: int = 1000            # also at the last step; 0 = never
+    save_every: int = 500               # also at the last step
+    sample_every: int = 500             # also at the last step; 0 = never
     num_sample_images: int = 100
     sample_sampler: str = "dpmpp_2m"
     sample_steps: int = 25
@@ -259,11 +263,10 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, step: int, what: str, value: float, run_dir: Path, saved_step: int | None):
         self.step, self.saved_step = step, saved_step
         self.checkpoint = run_dir if saved_step is not None else None
-        where = (f"the last good checkpoint is {run_dir} (step {saved_step}); it was kept. Resume from it "
-                 f"with a lower lr or grad_clip > 0 (resume=True; lr may not change on resume, so "
-                 f"start a new run from its weights or lower lr from scratch)"
+        where = (f"the last good checkpoint is {run_dir} (step {saved_step}) and was kept"
                  if saved_step is not None else "no checkpoint had been saved yet")
-        super().__init__(f"training diverged: {what} is {value} at step {step}; {where}.")
+        super().__init__(f"training diverged: {what} is {value} at step {step}; {where}. Lower lr, "
+                         f"raise warmup_steps or set grad_clip > 0, and start a new run.")
 
 
 @dataclass
