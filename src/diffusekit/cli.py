@@ -393,7 +393,8 @@ def plot_schedule(out, timesteps, image, seed, dry_run):
               help="Take the noise schedule (and image size/channels) from this diffusion run.")
 @click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True,
+              help="Peak learning rate.")
 @click.option("--base-channels", type=click.IntRange(1), default=16, show_default=True, help="Classifier width.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @seed_option

@@ -110,7 +110,7 @@ def _share(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def _labels(pipe, class_labels, start: int, count: int) -> torch.Tensor | None:
-    num_classes = getattr(getattr(getattr(pipe, "config", None), "model", None), "num_classes", 0) or 0
+    num_classes = int(getattr(pipe, "num_classes", 0) or 0)
     if class_labels is None or num_classes == 0:
         return None
     if isinstance(class_labels, str):
@@ -139,7 +139,8 @@ def generate_features(pipe, extractor: M.FeatureExtractor, n: int, sampler: str,
     try:
         for first in range(start, start + n, batch_size):
             b = min(batch_size, start + n - first)
-            g = torch.Generator(getattr(pipe, "device", "cpu")).manual_seed(derive_seed(seed, "eval", first))
+            # a CPU generator: Pipeline.sample draws the starting noise on the CPU whatever the device
+            g = torch.Generator().manual_seed(derive_seed(seed, "eval", first))
             y = _labels(pipe, class_labels, first, b)
             cond = {} if y is None else {"class_labels": y}
             x = pipe.sample(b, sampler=sampler, num_steps=num_steps, generator=g, guidance_scale=guidance_scale,
@@ -203,6 +204,12 @@ def evaluate_run(pipe, ref: DataConfig, n: int, sampler: str = "dpmpp_2m", num_s
     device = device if device is not None else getattr(pipe, "device", "cpu")
     extractor = feature_extractor(features, device) if isinstance(features, str) else features
     judge = extractor.model if isinstance(extractor, M.ClassifierFeatures) else None
+    judge_size = getattr(getattr(judge, "config", None), "image_size", None)
+    image_shape = getattr(pipe, "image_shape", None)
+    if judge_size is not None and image_shape is not None and judge_size != image_shape[-1]:
+        raise ValueError(f"the classifier in features={features!r} was trained on {judge_size}x{judge_size} "
+                         f"images but the run makes {image_shape[-1]}x{image_shape[-1]}; train the judge with "
+                         f"--image-size {image_shape[-1]} (or on the run's data).")
     start, count = _share(n, rank, world)
     t0 = time.time()
     local = generate_features(pipe, extractor, count, sampler, num_steps, derive_seed(seed, "rank", rank),
@@ -210,7 +217,7 @@ def evaluate_run(pipe, ref: DataConfig, n: int, sampler: str = "dpmpp_2m", num_s
                               progress=progress and rank == 0, **sampler_options)
     wall = time.time() - t0
     if world > 1:
-        local = _gather(local, wall)
+        local = _gather({**local, "wall_time_s": wall})
         if rank != 0:
             return {"rank": rank, "n_local": count}
         wall = local["wall_time_s"]
@@ -229,20 +236,30 @@ def evaluate_run(pipe, ref: DataConfig, n: int, sampler: str = "dpmpp_2m", num_s
 def _nfe(pipe, sampler, num_steps, guidance_scale, local, n, options) -> tuple[float, str]:
     if local["model_images"]:
         # images through the network / samples: CFG's batched cond+uncond pass counts twice
-        return local["model_images"] / n, "counted"
+        nfe = local["model_images"] / n
+        return (int(nfe) if nfe == int(nfe) else nfe), "counted"
     nfe = pipe.sampler_for(sampler, **options).nfe(num_steps)
     if guidance_scale != 1.0 and local["labels"] is not None:
         nfe *= 2
     return nfe, "sampler.nfe"
 
 
-def _gather(local: dict, wall: float) -> dict:
-    """All ranks' features, labels and counts concatenated in rank order (torch.distributed)."""
+def _gather(local: dict) -> dict:
+    """All ranks' features, labels and counts concatenated in rank order (torch.distributed).
+
+    Joins the torchrun process group if nobody has yet (gloo: the payload is CPU numpy/tensors),
+    and leaves it again afterwards in that case.
+    """
     import torch.distributed as dist
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("gloo")
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, {**local, "wall_time_s": wall})
+    try:
+        dist.all_gather_object(parts, local)
+    finally:
+        if created:
+            dist.destroy_process_group()
     labels = [p["labels"] for p in parts if p["labels"] is not None]
     return {"features": np.concatenate([p["features"] for p in parts]),
             "labels": torch.cat(labels) if labels else None,
