@@ -22,13 +22,6 @@ from diffusekit.train import RunConfig, TrainConfig, train
 RESULT_KEYS = {"fd", "kid_mean", "kid_std", "precision", "recall", "sampler", "steps", "nfe", "wall_time_s", "n"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tensors: one thread is faster and keeps timings stable on a shared machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

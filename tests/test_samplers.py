@@ -14,13 +14,6 @@ SPACINGS = ["leading", "trailing", "linspace"]
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these tensors are tiny: one thread is faster and keeps timings stable on a shared machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,6 @@ from diffusekit.train import (EMA, RunConfig, TrainConfig, TrainingDiverged, dif
                               loss_weights, lr_at, train)
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny models gain nothing from intra-op threads, and threads thrash on a busy 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")      # for the subprocesses
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_run(num_classes: int = 10, **train_kw) -> RunConfig:

@@ -1,0 +1,11 @@
+"""Shared test set-up: one intra-op thread per test process.
+
+The suite's tensors are tiny, so threads only add overhead, and on a busy 2-core machine they
+thrash badly; scripts/test.sh runs two pytest workers (pytest-xdist) to use both cores instead.
+"""
+import os
+
+import torch
+
+os.environ["OMP_NUM_THREADS"] = "1"   # inherited by subprocesses (torchrun, the killed trainer)
+torch.set_num_threads(1)
