@@ -6,11 +6,17 @@ from .samplers import SAMPLERS, Denoiser, Sampler, ddim_invert, get_sampler
 __version__ = "0.1.0"
 
 
+_LAZY_MODULES = ("guidance", "editing", "metrics", "evaluation", "data", "viz", "train", "pipeline", "toy",
+                 "checkpoint", "classifier_train", "nn")
+
+
 def __getattr__(name):
     # heavier pieces load on first use so `import diffusekit` stays light
+    import importlib
     if name == "Pipeline":
-        from .pipeline import Pipeline
-        return Pipeline
+        return importlib.import_module(".pipeline", __name__).Pipeline
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'diffusekit' has no attribute {name!r}")
 
 
