@@ -275,6 +275,7 @@ def plot(results, path):
         ax.set(xscale="log", yscale="log", xlabel="model evaluations (NFE)", ylabel="sliced Wasserstein to truth",
                title=f"{dataset} Gaussian mixture, exact denoiser")
         ax.set_xticks(list(NFE_BUDGETS), [str(b) for b in NFE_BUDGETS])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=6.5, loc="upper right")
         ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
