@@ -17,7 +17,7 @@ timestep; Euler/Heun's initial noise is scaled into sigma space by sqrt(1 + sigm
 as ours. beta_start/beta_end are passed explicitly (Heun's defaults differ); clip_sample=False for
 DDIM/DDPM (their default True would clamp x0 to [-1, 1], wrong for these data).
 
-Usage:  .venv/bin/python bench/samplers.py [--n 4000] [--seeds 3] [--schedule linear]
+Usage:  .venv/bin/python bench/samplers.py [--n 2000] [--seeds 3] [--schedule linear] [--jobs 2]
             [--json out.json] [--plot docs/img/samplers_nfe.png]
 """
 from __future__ import annotations
