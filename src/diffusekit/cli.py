@@ -11,9 +11,10 @@ import click
 import torch
 
 from .samplers import SAMPLERS
+from .samplers.base import SAMPLER_SPACINGS
 
 SAMPLER_CHOICE = click.Choice(sorted(SAMPLERS))
-SPACING_CHOICE = click.Choice(["leading", "trailing", "linspace"])
+SPACING_CHOICE = click.Choice(list(SAMPLER_SPACINGS))
 
 
 def friendly_errors(fn):
@@ -43,7 +44,7 @@ def sampler_options(fn):
     fn = click.option("--eta", type=click.FloatRange(0, 1), default=None,
                       help="DDIM noise: 0 deterministic, 1 DDPM-like (ddim only).")(fn)
     fn = click.option("--spacing", type=SPACING_CHOICE, default="trailing", show_default=True,
-                      help="Timestep spacing (as diffusers defines it).")(fn)
+                      help="Timestep spacing: diffusers' leading/trailing/linspace, or logsnr (uniform in log-SNR).")(fn)
     fn = click.option("--steps", type=click.IntRange(1, 10_000), default=20, show_default=True,
                       help="Sampler steps.")(fn)
     fn = click.option("--sampler", type=SAMPLER_CHOICE, default="dpmpp_2m", show_default=True,
