@@ -143,13 +143,16 @@ def bench_cfg(pipe, judge, real, args, res):
 
 # --- 2. DDIM inversion ---------------------------------------------------------------------
 
-def bench_invert(pipe, test, args, res):
+def bench_invert(pipe, test, args, res, pipe32=None):
     labels, images = test
     x, y = images[:args.n_invert], labels[:args.n_invert]
     rows, examples = [], {}
     cells = [(st, r) for st in args.invert_steps for r in args.invert_refine]
-    cells += [tuple(int(v) for v in c.split(":")) for c in args.invert_extra]
-    for steps, refine in cells:
+    cells = [(st, r, pipe, args.precision) for st, r in cells]
+    cells += [(*(int(v) for v in c.split(":")), pipe, args.precision) for c in args.invert_extra]
+    if pipe32 is not None:
+        cells += [(*(int(v) for v in c.split(":")), pipe32, "fp32") for c in args.invert_fp32]
+    for steps, refine, pipe, prec in cells:
         if True:
             t0 = time.perf_counter()
             recs = []
@@ -160,10 +163,11 @@ def bench_invert(pipe, test, args, res):
             rec = torch.cat(recs)
             secs = time.perf_counter() - t0
             p = [psnr(rec[i], x[i]) for i in range(len(x))]
-            rows.append(dict(steps=steps, refine=refine, mean=float(np.mean(p)), median=float(np.median(p)),
+            rows.append(dict(steps=steps, refine=refine, precision=prec, mean=float(np.mean(p)), median=float(np.median(p)),
                              min=float(np.min(p)), share_40=float(np.mean(np.array(p) >= 40)), seconds=secs))
-            examples[(steps, refine)] = rec[:8]
-            log(f"invert steps={steps} refine={refine}: mean={np.mean(p):.2f} min={np.min(p):.2f} dB ({secs:.0f}s)")
+            if prec == args.precision:
+                examples[(steps, refine)] = rec[:8]
+            log(f"invert {prec} steps={steps} refine={refine}: mean={np.mean(p):.2f} min={np.min(p):.2f} dB ({secs:.0f}s)")
     res["invert"] = dict(rows=rows, n=len(x))
     if args.img_dir:
         keys = list(examples)
@@ -173,7 +177,7 @@ def bench_invert(pipe, test, args, res):
                   f"{args.img_dir}/guidance_inversion.png")
         series = {}
         for r in sorted({row["refine"] for row in rows}):
-            pts = [row for row in rows if row["refine"] == r]
+            pts = [row for row in rows if row["refine"] == r and row["precision"] == args.precision]
             series[f"refine {r} (mean)"] = ([p["steps"] for p in pts], [p["mean"] for p in pts])
             series[f"refine {r} (min)"] = ([p["steps"] for p in pts], [p["min"] for p in pts])
         plot_curves(series, f"{args.img_dir}/guidance_inversion_psnr.png", xlabel="DDIM steps",
@@ -212,26 +216,32 @@ def bench_sdedit(pipe, judge, test, args, res):
             f"acc_target={rows[-1]['acc_target']:.3f} acc_source={rows[-1]['acc_source']:.3f} ({secs:.0f}s)")
     res["sdedit"] = dict(rows=rows, n=len(x), w=args.edit_w)
     if args.img_dir:
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=(6, 4.5), layout="constrained")
-        ax = fig.add_subplot()
-        ax.plot([r["rmse"] for r in rows], [r["conf_target"] for r in rows], marker="o", label="P_judge(target)")
-        ax.plot([r["rmse"] for r in rows], [r["acc_target"] for r in rows], marker="s", ls="--",
-                label="judge accuracy (target)")
-        for r in rows:
-            ax.annotate(f"s={r['strength']:.1f}", (r["rmse"], r["conf_target"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=8)
-        ax.set_xlabel("RMSE to the input (pixels in [-1, 1]; lower = more faithful)")
-        ax.set_ylabel("realism / edit success")
-        ax.set_title(f"SDEdit d -> (d+1) % 10, CFG w={args.edit_w}, n={len(x)}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.savefig(f"{args.img_dir}/guidance_sdedit_curve.png", dpi=110)
+        plot_sdedit(rows, len(x), args.edit_w, f"{args.img_dir}/guidance_sdedit_curve.png")
         # columns: input, s = ...; rows: 8 examples
         stack = torch.stack([x[:8]] + outs, dim=1).reshape(-1, *x.shape[1:])
         fig_grids([make_grid(stack, nrow=1 + len(outs), upscale=2)],
                   ["input | strength " + " ".join(f"{s}" for s in args.strengths) + " (target (d+1)%10)"],
                   f"{args.img_dir}/guidance_sdedit_examples.png")
+
+
+def plot_sdedit(rows: list[dict], n: int, w: float, path: str) -> None:
+    """The realism/faithfulness curve: judge P(target) and accuracy against RMSE to the input."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([r["rmse"] for r in rows], [r["conf_target"] for r in rows], marker="o", label="P_judge(target)")
+    ax.plot([r["rmse"] for r in rows], [r["acc_target"] for r in rows], marker="s", ls="--",
+            label="judge accuracy (target)")
+    for k, r in enumerate(rows):
+        ax.annotate(f"s={r['strength']:.1f}", (r["rmse"], r["conf_target"]), textcoords="offset points",
+                    xytext=(-8, -14 if k % 2 == 0 else 8), fontsize=8)
+    ax.set_xlabel("RMSE to the input (pixels in [-1, 1]; lower = more faithful)")
+    ax.set_ylabel("realism / edit success")
+    ax.set_title(f"SDEdit d -> (d+1) % 10, CFG w={w:g}, n={n}")
+    ax.set_ylim(-0.08, 1.1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left")
+    fig.savefig(path, dpi=110)
 
 
 # --- 4. inpainting -------------------------------------------------------------------------
@@ -282,14 +292,16 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--n-per-class", type=int, default=50)
     ap.add_argument("--cfg-scales", type=float, nargs="+", default=[0, 1, 2, 3, 5])
-    ap.add_argument("--n-invert", type=int, default=100)
+    ap.add_argument("--n-invert", type=int, default=50)
     ap.add_argument("--invert-steps", type=int, nargs="+", default=[20, 50, 100])
     ap.add_argument("--invert-refine", type=int, nargs="+", default=[0, 3])
-    ap.add_argument("--invert-extra", nargs="*", default=["20:10"], help="extra STEPS:REFINE cells")
+    ap.add_argument("--invert-extra", nargs="*", default=["20:10", "50:10"], help="extra STEPS:REFINE cells")
+    ap.add_argument("--invert-fp32", nargs="*", default=["20:10"],
+                    help="STEPS:REFINE cells repeated with an fp32 network (is bf16 the limit?)")
     ap.add_argument("--n-edit", type=int, default=100)
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8, 1.0])
     ap.add_argument("--edit-w", type=float, default=2.0)
-    ap.add_argument("--n-inpaint", type=int, default=100)
+    ap.add_argument("--n-inpaint", type=int, default=200)
     ap.add_argument("--inpaint-sampler", default="ddim")
     ap.add_argument("--inpaint-steps", type=int, default=20)
     ap.add_argument("--resample", type=int, nargs="+", default=[1, 3])
@@ -323,7 +335,8 @@ def main():
     if "cfg" in only:
         bench_cfg(pipe, judge, test, args, res)
     if "invert" in only:
-        bench_invert(pipe, test, args, res)
+        pipe32 = dk.Pipeline.load(args.run, precision="fp32") if args.invert_fp32 else None
+        bench_invert(pipe, test, args, res, pipe32)
     if "sdedit" in only:
         bench_sdedit(pipe, judge, test, args, res)
     if "inpaint" in only:
@@ -354,9 +367,10 @@ def markdown(res: dict) -> str:
     if "invert" in res:
         c = res["invert"]
         out += [f"DDIM inversion: n = {c['n']} t10k digits.", "",
-                "| steps | refine | mean PSNR (dB) | median | min | share >= 40 dB | s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+                "| steps | refine | network | mean PSNR (dB) | median | min | share >= 40 dB | s |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in c["rows"]:
-            out.append(f"| {r['steps']} | {r['refine']} | {r['mean']:.2f} | {r['median']:.2f} | {r['min']:.2f} | "
+            out.append(f"| {r['steps']} | {r['refine']} | {r['precision']} | {r['mean']:.2f} | {r['median']:.2f} | {r['min']:.2f} | "
                        f"{100 * r['share_40']:.0f}% | {r['seconds']:.0f} |")
         out.append("")
     if "sdedit" in res:
@@ -366,15 +380,15 @@ def markdown(res: dict) -> str:
                 "| strength | RMSE to input | mean P(target) | judge -> target | judge -> source | s |",
                 "| --- | --- | --- | --- | --- | --- |"]
         for r in c["rows"]:
-            out.append(f"| {r['strength']:.1f} | {r['rmse']:.3f} | {r['conf_target']:.3f} | {100 * r['acc_target']:.0f}% | "
-                       f"{100 * r['acc_source']:.0f}% | {r['seconds']:.0f} |")
+            out.append(f"| {r['strength']:.1f} | {r['rmse']:.3f} | {r['conf_target']:.3f} | {100 * r['acc_target']:.1f}% | "
+                       f"{100 * r['acc_source']:.1f}% | {r['seconds']:.0f} |")
         out.append("")
     if "inpaint" in res:
         c = res["inpaint"]
         out += [f"Inpainting (lower half): n = {c['n']} t10k digits, {c['sampler']} {c['steps']} steps.", "",
                 "| conditioning | resample | judge accuracy (true label) | s |", "| --- | --- | --- | --- |"]
         for r in c["rows"]:
-            out.append(f"| {r['cond']} | {r['resample']} | {100 * r['acc']:.0f}% | {r['seconds']:.0f} |")
+            out.append(f"| {r['cond']} | {r['resample']} | {100 * r['acc']:.1f}% | {r['seconds']:.0f} |")
         out.append("")
     out.append(f"Total {res['total_seconds'] / 60:.1f} min.")
     return "\n".join(out)
