@@ -171,7 +171,8 @@ def _load_pipeline(run, precision="fp32"):
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @sampler_options
 @click.option("--n", "n", type=click.IntRange(1), default=64, help="Number of images.")
-@click.option("--class", "class_label", default=None, help="Class index or name (class-conditional runs).")
+@click.option("--class", "class_label", default=None,
+              help="Class index or name (class-conditional runs); 'each' gives one class per grid column.")
 @click.option("--guidance", type=float, default=1.0, help="Classifier-free guidance scale w (1 = none).")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", help="Grid image to write.")
 @click.option("--nrow", type=click.IntRange(1), default=None, help="Images per grid row.")
@@ -199,6 +200,12 @@ def sample(run, sampler, steps, spacing, eta, karras, n, class_label, guidance, 
         return
     pipe = _load_pipeline(run, precision)
     label = _parse_class(class_label)
+    if label == "each":
+        if not pipe.num_classes:
+            raise click.ClickException("--class each needs a class-conditional run; this one has no classes.")
+        # image k gets class k mod K, so a grid with K images per row shows one class per column
+        label = torch.arange(n) % pipe.num_classes
+        nrow = nrow or pipe.num_classes
     kw = _sampler_kwargs(spacing, eta, karras)
     start = time.perf_counter()
     images = pipe.sample(n, sampler=sampler, num_steps=steps, generator=_generator(seed), class_labels=label,
@@ -208,8 +215,9 @@ def sample(run, sampler, steps, spacing, eta, karras, n, class_label, guidance, 
     nfe = pipe.sampler_for(sampler, **kw).nfe(steps)
     click.echo(f"wrote {out}: {n} images, {sampler} with {steps} steps ({nfe} model evaluations), {seconds:.1f} s")
     if trajectory:
-        _, xs, x0s, ts = pipe.trajectory(min(n, 4), sampler, steps, _generator(seed), label if label is None or
-                                         isinstance(label, (int, str)) else None, guidance)
+        k = min(n, 4)
+        traj_labels = label[:k] if isinstance(label, torch.Tensor) else label
+        _, xs, x0s, ts = pipe.trajectory(k, sampler, steps, _generator(seed), traj_labels, guidance)
         save_trajectory(xs, x0s, trajectory, timesteps=ts)
         click.echo(f"wrote {trajectory}: x_t (top) and predicted x0 (bottom) along {steps} steps")
 
