@@ -72,6 +72,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def write_weights_atomic(path: str | Path, state_dict: dict[str, torch.Tensor],
+                         metadata: dict[str, str] | None = None) -> Path:
+    """Write one safetensors file through a temporary file and os.replace (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(_cpu_contiguous(state_dict), str(tmp), metadata=metadata)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def _cpu_contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors wants contiguous tensors that share no memory; channels_last weights are not contiguous
     return {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}

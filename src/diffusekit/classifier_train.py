@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from diffusekit import checkpoint as ckpt
 from diffusekit.config import Config, ConfigError, check_range
@@ -272,17 +270,11 @@ def save_classifier(out_dir: str | Path, model: NoiseAwareClassifier, cfg: Class
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text_atomic(out_dir / ckpt.CONFIG_FILE, cfg.to_json() + "\n")
-    path = out_dir / WEIGHTS_FILE
-    tmp = path.with_name(path.name + ".tmp")
     meta = {"classifier_config": json.dumps(cfg.classifier.to_dict()), "noise_aware": str(cfg.train.noise_aware),
             "schedule_config": json.dumps(cfg.train.schedule.to_dict())}
     if step is not None:
         meta["step"] = str(int(step))
-    # write beside the target and rename: a failed save never leaves a half-written file in its place
-    save_file(ckpt._cpu_contiguous(model.state_dict()), str(tmp), metadata=meta)
-    ckpt._fsync_file(tmp)
-    os.replace(tmp, path)
-    return path
+    return ckpt.write_weights_atomic(out_dir / WEIGHTS_FILE, model.state_dict(), meta)
 
 
 def _weights_path(path_or_dir: str | Path) -> Path:

@@ -15,7 +15,6 @@ Conditioning:
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass
 

@@ -28,6 +28,7 @@ def sample_unipc(denoiser, x, ts, abars, *, generator=None, callback=None, cond=
     lambdas = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
     x0s: list[torch.Tensor] = []   # x0 predictions so far, the multistep memory
     x_last, order_last = None, 0
+    x_predicted = x  # the last predictor output, before any callback change
     n = len(ts)
     for k in range(n):
         pred = denoiser(x, ts[k], float(abars[k]), **cond)
