@@ -55,10 +55,13 @@ def test_sdedit_strength_out_of_range(strength):
 def test_ddim_inversion_reconstructs_and_refinement_is_near_exact(prediction_type):
     model, images = gmm_setup(prediction_type=prediction_type)
     scores = {}
+    ddim = dk.get_sampler("ddim", SCHED, prediction_type=prediction_type, eta=0.0)
     for refine in (0, 4):
-        x_T = invert(model, SCHED, images, 20, prediction_type, refine_steps=refine)
+        seen = []
+        x_T = invert(ddim, model, images, 20, refine_steps=refine, callback=lambda info: seen.append(info.i))
         assert x_T.shape == images.shape and bool(torch.isfinite(x_T).all())
-        scores[refine] = psnr(reconstruct(model, SCHED, x_T, 20, prediction_type), images)
+        assert seen == list(range(20))      # one StepInfo per inverse step, like sampling
+        scores[refine] = psnr(reconstruct(ddim, model, x_T, 20), images)
     assert scores[0] > 20, scores
     assert scores[4] > 40 and scores[4] > scores[0] + 10, scores
 
@@ -66,7 +69,7 @@ def test_ddim_inversion_reconstructs_and_refinement_is_near_exact(prediction_typ
 def test_inverted_latent_is_noise_like():
     # the probability-flow ODE maps the data distribution to N(0, I); the data have std ~0.4 per coordinate
     model, images = gmm_setup(n=256)
-    x_T = invert(model, SCHED, images, 50)
+    x_T = invert(dk.get_sampler("ddim", SCHED), model, images, 50)
     assert abs(float(x_T.mean())) < 0.1 and abs(float(x_T.std()) - 1) < 0.1
 
 
@@ -134,3 +137,28 @@ def test_inpainting_bad_inputs():
         inpaint(sampler, model, images, torch.full((1, 1, 4, 4), 2.0), 10)
     with pytest.raises(ValueError, match="resample"):
         inpaint(sampler, model, images, torch.zeros(1, 1, 4, 4), 10, resample=0)
+
+
+def test_inversion_refuses_a_non_ddim_sampler():
+    model, images = gmm_setup()
+    with pytest.raises(ValueError, match="deterministic DDIM"):
+        invert(dk.get_sampler("ddim", SCHED, eta=0.5), model, images, 10)
+    with pytest.raises(ValueError, match="deterministic DDIM"):
+        invert(dk.get_sampler("euler", SCHED), model, images, 10)
+
+
+@pytest.mark.parametrize("name", sorted(dk.SAMPLERS))
+def test_stop_step_returns_vp_x_at_that_level_and_continuing_matches(name):
+    # running steps [0, k) then [k, n) equals one run of [0, n) for one-step samplers; every sampler
+    # returns x in the VP convention at abars[k] (checked via the deterministic samplers' first step)
+    model, images = gmm_setup()
+    s = dk.get_sampler(name, SCHED)
+    x_T = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    seen = []
+    full = s.sample(model, x_T, 6, generator=g1, callback=lambda info: seen.append(info.x.clone()))
+    part = s.sample(model, x_T, 6, generator=g2, stop_step=1)
+    torch.testing.assert_close(part, seen[0])       # the callback sees VP x; stop_step returns the same
+    if not s.spec.stochastic and name in ("ddim", "euler", "heun"):
+        rest = s.sample(model, part, 6, start_step=1)
+        torch.testing.assert_close(rest, full, rtol=1e-5, atol=1e-5)

@@ -10,9 +10,8 @@ import math
 
 import torch
 
-from .samplers.base import Denoiser, Sampler, StepInfo, get_sampler, randn_like
+from .samplers.base import Denoiser, Sampler, randn_like
 from .samplers.ddim import ddim_invert
-from .schedule import NoiseSchedule
 
 
 def _noised(x0: torch.Tensor, abar: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -52,37 +51,33 @@ def sdedit(sampler: Sampler, model, image: torch.Tensor, strength: float, num_st
 
 # --- DDIM inversion ------------------------------------------------------------------------
 
-def _ddim_plan(schedule: NoiseSchedule, num_steps: int, prediction_type: str, timestep_spacing: str):
-    sampler = get_sampler("ddim", schedule, prediction_type=prediction_type,
-                          timestep_spacing=timestep_spacing, eta=0.0)
-    return sampler, *sampler.plan(num_steps)
+def _check_ddim(sampler: Sampler) -> Sampler:
+    if sampler.name != "ddim" or float(sampler.options.get("eta", 0.0)) != 0.0:
+        raise ValueError(f"DDIM inversion needs a deterministic DDIM sampler (get_sampler('ddim', schedule, "
+                         f"eta=0.0, ...)); got {sampler!r}.")
+    return sampler
 
 
-def _as_denoiser(model, prediction_type: str):
-    return model if getattr(model, "is_denoiser", False) else Denoiser(model, prediction_type)
-
-
-def invert(model, schedule: NoiseSchedule, image: torch.Tensor, num_steps: int,
-           prediction_type: str = "epsilon", refine_steps: int = 0, timestep_spacing: str = "trailing",
-           **cond) -> torch.Tensor:
+def invert(sampler: Sampler, model, image: torch.Tensor, num_steps: int, refine_steps: int = 0,
+           callback=None, **cond) -> torch.Tensor:
     """DDIM inversion x0 -> x_T (Song et al. 2021, sec. 4.3; Mokady et al. 2023): the eta = 0 update backwards.
 
-    reconstruct(model, schedule, x_T, num_steps, ...) with the same settings maps x_T back to the image.
-    refine_steps > 0 solves each inverse step as a fixed point, which makes that round trip near-exact.
-    model is a network of prediction_type or a Denoiser (e.g. a guidance wrapper).
+    sampler is a DDIM sampler (eta = 0) bound to the schedule, prediction type and spacing;
+    reconstruct(sampler, model, x_T, num_steps) maps x_T back to the image. refine_steps > 0 solves
+    each inverse step as a fixed point, which makes that round trip near-exact. model is a network of
+    the sampler's prediction type or a Denoiser (e.g. a guidance wrapper). callback(StepInfo) as for sampling.
     """
     if refine_steps < 0:
         raise ValueError(f"refine_steps={refine_steps!r}; use 0 (plain inversion) or a positive count.")
-    _, ts, abars = _ddim_plan(schedule, num_steps, prediction_type, timestep_spacing)
-    return ddim_invert(_as_denoiser(model, prediction_type), image, ts, abars, refine_steps=refine_steps,
-                       cond=cond)
+    ts, abars = _check_ddim(sampler).plan(num_steps)
+    denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sampler.prediction_type,
+                                                                  sampler.clip_sample)
+    return ddim_invert(denoiser, image, ts, abars, refine_steps=refine_steps, callback=callback, cond=cond)
 
 
-def reconstruct(model, schedule: NoiseSchedule, x_T: torch.Tensor, num_steps: int,
-                prediction_type: str = "epsilon", timestep_spacing: str = "trailing", **cond) -> torch.Tensor:
+def reconstruct(sampler: Sampler, model, x_T: torch.Tensor, num_steps: int, callback=None, **cond) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) sampling from an inverted x_T: the decoder half of invert."""
-    sampler, _, _ = _ddim_plan(schedule, num_steps, prediction_type, timestep_spacing)
-    return sampler.sample(model, x_T, num_steps, **cond)
+    return _check_ddim(sampler).sample(model, x_T, num_steps, callback=callback, **cond)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
@@ -96,28 +91,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
 
 # --- inpainting ----------------------------------------------------------------------------
 
-class _StepDone(Exception):
-    """Carries x out of a sampler after its first step (see _one_step)."""
-
-    def __init__(self, x: torch.Tensor):
-        super().__init__()
-        self.x = x
-
-
 def _one_step(sampler: Sampler, model, x: torch.Tensor, num_steps: int, i: int, generator, cond) -> torch.Tensor:
     """Step i of the num_steps plan alone: x at abars[i] -> x at abars[i + 1], in the VP convention.
 
-    Runs the sampler from start_step = i and stops it in the callback after one step, so it works
-    with every registered sampler through the public contract. A multistep solver starts fresh
-    here, so its step is first order (its history would be stale after re-noising anyway).
+    A multistep solver starts fresh here, so its step is first order (its history would be stale
+    after re-noising anyway).
     """
-    def stop(info: StepInfo):
-        raise _StepDone(info.x)
-    try:
-        sampler.sample(model, x, num_steps, generator=generator, callback=stop, start_step=i, **cond)
-    except _StepDone as done:
-        return done.x
-    raise RuntimeError(f"sampler {sampler.name!r} finished without calling its per-step callback.")
+    return sampler.sample(model, x, num_steps, generator=generator, start_step=i, stop_step=i + 1, **cond)
 
 
 def _check_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

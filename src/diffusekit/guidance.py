@@ -1,21 +1,25 @@
 """Guidance as wrappers around the model call: classifier-free, gradient (loss) and classifier guidance.
 
 Every wrapper is called exactly like what it wraps, so any sampler takes it unchanged:
-ClassifierFreeGuidance wraps a raw network `model(x, t, **cond)` (or a Denoiser), while
-GradientGuidance and ClassifierGuidance wrap a `Denoiser` (they need abar to turn gradients into
-an eps correction) and are Denoisers themselves (`is_denoiser = True`).
+ClassifierFreeGuidance wraps a raw network `model(x, t, **cond)` (or a Denoiser, and is then a
+Denoiser itself), while GradientGuidance and ClassifierGuidance wrap a `Denoiser` (they need abar
+to turn gradients into an eps correction) and are Denoisers themselves. `guided_denoiser` stacks
+them in one place; `SourceGuidance` is the one rule that acts on x after each step instead.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .samplers.base import Prediction
-from .schedule import as_batch, x0_from_eps
+from .samplers.base import Denoiser, Prediction, StepInfo
+from .schedule import NoiseSchedule, as_batch, x0_from_eps
 
 WEIGHTINGS = ("sqrt_abar", "constant", "one_minus_abar")
+GUIDE_WEIGHTINGS = WEIGHTINGS + ("source",)   # "source": the post-step rule of SourceGuidance
 
 
 # --- classifier-free guidance ----------------------------------------------------------------
@@ -30,12 +34,18 @@ class ClassifierFreeGuidance:
     Denoiser, x0 and eps are mixed alike and the wrapper is a Denoiser too.
     """
 
+    def __new__(cls, model: Callable, *args, **kwargs):
+        # a Denoiser in, a Denoiser out: samplers tell the two apart with one isinstance check
+        if cls is ClassifierFreeGuidance and isinstance(model, Denoiser):
+            cls = GuidedDenoiser
+        return super().__new__(cls)
+
     def __init__(self, model: Callable, scale: float, null_label: int = -1, null_cond: dict | None = None,
                  label_key: str = "class_labels"):
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"guidance scale {scale!r} is not a finite number; use e.g. 1 (none) to 5.")
         self.model, self.scale, self.null_label = model, float(scale), null_label
         self.null_cond, self.label_key = dict(null_cond or {}), label_key
-        # a Denoiser in, a Denoiser out; the sampler looks this attribute up on the instance
-        self.is_denoiser = bool(getattr(model, "is_denoiser", False))
 
     def _null(self, cond: dict, batch: int) -> dict:
         if self.label_key not in cond and not self.null_cond:
@@ -73,6 +83,10 @@ class ClassifierFreeGuidance:
         # and an affine map commutes with a combination whose weights (1 - w) + w sum to one.
         w = self.scale
         return (1 - w) * uncond + w * cond
+
+
+class GuidedDenoiser(ClassifierFreeGuidance, Denoiser):
+    """Classifier-free guidance around a Denoiser: mixes x0 and eps alike (see ClassifierFreeGuidance)."""
 
 
 def _cat_pair(a, b, batch: int):
@@ -113,7 +127,7 @@ def _weighting_fn(weighting) -> Callable:
 
 
 def _require_denoiser(denoiser, who: str):
-    if not getattr(denoiser, "is_denoiser", False):
+    if not isinstance(denoiser, Denoiser):
         raise TypeError(f"{who} wraps a Denoiser (it needs abar to scale the gradient); got "
                         f"{type(denoiser).__name__}. Wrap the network first: "
                         "diffusekit.Denoiser(model, prediction_type=...).")
@@ -134,7 +148,7 @@ def _in_window(t, t_window) -> bool:
     return bool(((tt >= t_min) & (tt <= t_max)).any())
 
 
-class GradientGuidance:
+class GradientGuidance(Denoiser):
     """Steer sampling down the gradient of a loss on x0_pred ("universal guidance", Bansal et al. 2023).
 
     At each call: x0_pred(x_t) with autograd on, L = loss_fn(x0_pred, **cond) summed over the batch,
@@ -146,8 +160,6 @@ class GradientGuidance:
     weighting: "sqrt_abar" (weak at high noise, where x0_pred is a blur), "constant", "one_minus_abar",
     or a callable weight(t, abar) with abar shaped (B, 1, ..., 1).
     """
-
-    is_denoiser = True
 
     def __init__(self, denoiser, loss_fn: Callable, scale: float, weighting="sqrt_abar",
                  t_window: tuple[float, float] | None = None):
@@ -221,15 +233,13 @@ def _labels(target_class, cond: dict, label_key: str, x: torch.Tensor) -> torch.
 
 # --- classifier guidance -------------------------------------------------------------------
 
-class ClassifierGuidance:
+class ClassifierGuidance(Denoiser):
     """Classifier guidance with a noise-aware classifier p(y | x_t, t) (Dhariwal & Nichol 2021, sec. 4).
 
     eps~ = eps - scale * sqrt(1 - abar) * grad_{x_t} log p(y | x_t, t); the same correction works for
     DDPM (Alg. 1, a mean shift) and DDIM (Alg. 2). classifier is any callable (x_t, t) -> logits with
     t a (B,) float tensor in training-timestep units. The labels are target_class, or cond[label_key].
     """
-
-    is_denoiser = True
 
     def __init__(self, denoiser, classifier: Callable, scale: float,
                  target_class: int | torch.Tensor | None = None, label_key: str = "class_labels"):
@@ -254,3 +264,100 @@ class ClassifierGuidance:
         # eps~ = eps - s * sqrt(1 - abar) * grad_{x_t} log p_phi(y | x_t)   (Dhariwal & Nichol 2021, Alg. 2)
         eps = pred.eps - self.scale * (1 - abar_b).sqrt() * grad.to(x_t.dtype)
         return Prediction(x0_from_eps(x_t, eps, abar_b), eps)
+
+
+# --- the source's post-step rule and the stack of guides ------------------------------------
+
+@dataclass(frozen=True)
+class Guide:
+    """A differentiable loss to steer sampling with: loss_fn(x, **cond) -> (B,), its scale and weighting.
+
+    weighting "source" applies SourceGuidance (x <- x - scale sqrt(abar_t) grad L(x) after each step,
+    with L on x itself); the other weightings apply GradientGuidance (an eps correction from the
+    gradient of L on x0_pred). t_window = (t_min, t_max) limits the steps it acts on.
+    """
+    loss_fn: Callable
+    scale: float
+    weighting: str | Callable = "sqrt_abar"
+    t_window: tuple[float, float] | None = None
+    name: str = "guide"
+
+    def __post_init__(self):
+        if not math.isfinite(float(self.scale)):
+            raise ValueError(f"{self.name}: scale {self.scale!r} is not a finite number.")
+        if not callable(self.weighting) and self.weighting not in GUIDE_WEIGHTINGS:
+            raise ValueError(f"{self.name}: weighting={self.weighting!r}; choose one of {list(GUIDE_WEIGHTINGS)}.")
+
+
+def brightness_guide(value: float, scale: float, weighting="sqrt_abar", t_window=None) -> Guide:
+    """Pull each sample's mean intensity toward `value` (data units, e.g. [-1, 1])."""
+    return Guide(mean_intensity_loss(float(value)), scale, weighting, t_window, name=f"brightness={value}")
+
+
+def color_guide(rgb: Sequence[float], scale: float, weighting="sqrt_abar", t_window=None) -> Guide:
+    """Pull each sample's per-channel means toward the colour `rgb` (data units, one value per channel)."""
+    return Guide(mean_intensity_loss(list(rgb)), scale, weighting, t_window, name=f"color={tuple(rgb)}")
+
+
+class SourceGuidance:
+    """The source's guidance rule, exactly as written: after each sampler step,
+        x <- x - scale * sqrt(abar_t) * grad_x L(x)
+    with abar_t the noise level the model was called at in that step and L evaluated on x itself.
+
+    Relation to the eps-space form (GradientGuidance, eps~ = eps + s' w(t) sqrt(1 - abar_t) g with
+    g = grad_{x_t} L(x0_pred(x_t))): a DDIM step (eta = 0) from abar_t to abar_prev moves x_prev by
+    d x_prev / d eps = sqrt(1 - abar_prev) - sqrt(abar_prev / abar_t) sqrt(1 - abar_t) =: -k_t per unit
+    of eps, so the eps form moves x_prev by -s' w(t) sqrt(1 - abar_t) k_t g. For a loss with constant
+    gradient G and x0_pred = x_t / sqrt(abar_t) (g = G / sqrt(abar_t)) the two rules agree when
+        s' w(t) = s * abar_t / (sqrt(1 - abar_t) * k_t)            (see eps_scale_for_source)
+    k_t shrinks with the step size, so at equal nominal scale the eps form is weaker by a factor
+    that depends on the number of steps; tests/test_guidance.py checks the identity.
+    """
+
+    def __init__(self, guides: Sequence[Guide], schedule: NoiseSchedule):
+        self.guides, self.schedule = list(guides), schedule
+
+    def callback(self, cond: dict, then: Callable | None = None) -> Callable[[StepInfo], torch.Tensor]:
+        """A per-step callback applying every guide (then `then`, e.g. a progress or record hook)."""
+        def step(info: StepInfo):
+            x = self.apply(info.x, info.t, cond)
+            if then is not None:
+                out = then(StepInfo(info.i, info.t, info.abar_next, x, info.x0_pred))
+                x = x if out is None else out
+            return x
+        return step
+
+    def apply(self, x: torch.Tensor, t: float, cond: dict) -> torch.Tensor:
+        abar_t = float(self.schedule.alpha_bar_at(torch.tensor([float(t)], dtype=torch.float64))[0])
+        for guide in self.guides:
+            if guide.scale == 0 or not _in_window(t, guide.t_window):
+                continue
+            with _grad_context():
+                xg = x.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(guide.loss_fn(xg, **cond).sum(), xg)
+            # x <- x - s * sqrt(abar_t) * grad L(x)   (the source's rule)
+            x = x.detach() - guide.scale * math.sqrt(abar_t) * grad
+        return x
+
+
+def eps_scale_for_source(scale: float, abar_t: float, abar_prev: float) -> float:
+    """s' w(t) that makes one DDIM step of GradientGuidance equal SourceGuidance at `scale` (see its docstring)."""
+    k = math.sqrt(abar_prev / abar_t) * math.sqrt(1 - abar_t) - math.sqrt(1 - abar_prev)
+    return scale * abar_t / (math.sqrt(1 - abar_t) * k)
+
+
+def guided_denoiser(denoiser: Denoiser, *, guidance_scale: float = 1.0, null_label: int = -1,
+                    null_cond: dict | None = None, guides: Sequence[Guide] = (), classifier: Callable | None = None,
+                    classifier_scale: float = 0.0, target_class=None) -> Denoiser:
+    """Stack guidance around a Denoiser: classifier-free guidance (scale != 1), then each eps-space
+    gradient guide, then classifier guidance. Source-weighted guides act after each step instead
+    (SourceGuidance) and are skipped here."""
+    out = denoiser
+    if guidance_scale != 1.0:
+        out = ClassifierFreeGuidance(out, guidance_scale, null_label=null_label, null_cond=null_cond)
+    for guide in guides:
+        if guide.weighting != "source":
+            out = GradientGuidance(out, guide.loss_fn, guide.scale, guide.weighting, guide.t_window)
+    if classifier is not None and classifier_scale != 0:
+        out = ClassifierGuidance(out, classifier, classifier_scale, target_class=target_class)
+    return out

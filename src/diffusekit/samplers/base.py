@@ -28,9 +28,9 @@ class Denoiser:
     x_t is in the variance-preserving convention x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, abar is
     a float or a per-sample tensor, and t is in training-timestep units (fractional allowed).
     This is the one place where "epsilon", "sample" and "v_prediction" are told apart.
+    Guidance wrappers (diffusekit.guidance) subclass Denoiser: anything that is an instance of it is
+    called as denoiser(x_t, t, abar, **cond) -> Prediction; anything else is a raw network.
     """
-
-    is_denoiser = True
 
     def __init__(self, model: Callable, prediction_type: str = "epsilon", clip_sample: bool = False,
                  clip_sample_range: float = 1.0):
@@ -53,12 +53,16 @@ class Denoiser:
 
 @dataclass
 class StepInfo:
-    """What a per-step callback sees: x after step i, in the VP convention at noise level abar_next."""
+    """What a per-step callback sees: x after step i, in the VP convention at noise level abar_next.
+
+    The one callback type of the library: samplers and DDIM inversion (where x is the noisier
+    point reached by step i, walking the plan backwards) report through it.
+    """
     i: int
     t: float              # the timestep the model was called at for this step
-    abar_next: float      # noise level of x (1.0 after the final step)
+    abar_next: float      # noise level of x (1.0 after the final sampling step)
     x: torch.Tensor
-    x0_pred: torch.Tensor
+    x0_pred: torch.Tensor | None = None   # None where the step has no clean estimate (inversion)
 
 
 def spaced_timesteps(T: int, n: int, spacing: str, style: str) -> torch.Tensor:
@@ -212,19 +216,24 @@ class Sampler:
 
     def sample(self, model, x_T: torch.Tensor, num_steps: int = 50, generator: torch.Generator | None = None,
                callback: Callable[[StepInfo], torch.Tensor | None] | None = None, progress: bool = False,
-               start_step: int = 0, **cond) -> torch.Tensor:
+               start_step: int = 0, stop_step: int | None = None, **cond) -> torch.Tensor:
         """Run the sampler from x_T (N(0, I) noise, or a VP x_t at timesteps[start_step]) to x0.
 
         model(x, t, **cond) returns the sampler's prediction type, or model is already a Denoiser.
         callback(StepInfo) runs after every step; a tensor it returns replaces x.
-        start_step > 0 skips the first steps (SDEdit, img2img).
+        start_step > 0 skips the first steps (SDEdit, img2img); stop_step < num_steps ends early and
+        returns x at the noise level abars[stop_step], in the VP convention like every result.
+        Multistep solvers start their history afresh at start_step.
         """
         ts, abars = self.plan(num_steps)
-        if not 0 <= start_step < len(ts):
-            raise ConfigError(f"start_step={start_step} must be in [0, {len(ts) - 1}] for num_steps={num_steps}.")
-        ts, abars = ts[start_step:], abars[start_step:]
-        denoiser = model if getattr(model, "is_denoiser", False) else \
-            Denoiser(model, self.prediction_type, self.clip_sample)
+        stop = len(ts) if stop_step is None else stop_step
+        if not 0 <= start_step < stop <= len(ts):
+            raise ConfigError(f"start_step={start_step}, stop_step={stop_step}: need 0 <= start_step < stop_step "
+                              f"<= {len(ts)} for num_steps={num_steps}.")
+        # a two-evaluation method (Heun) also needs the time of the level it stops at
+        ts = ts[start_step:stop + (self.spec.evals_per_step == 2)]
+        abars = abars[start_step:stop + 1]
+        denoiser = model if isinstance(model, Denoiser) else Denoiser(model, self.prediction_type, self.clip_sample)
         opts = {k: v for k, v in self.options.items() if k != "use_karras_sigmas"}
         if progress:
             callback = _with_progress(callback, len(ts), self.name)
@@ -257,8 +266,10 @@ def run_callback(callback, i, t, abar_next, x, x0_pred):
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Standard normal noise shaped like x from an explicit generator (never the global RNG state
-    when a generator is given)."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    when a generator is given), drawn on the generator's device and moved to x's: a CPU generator
+    drives a CUDA sample reproducibly."""
+    source = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=source, dtype=x.dtype).to(x.device)
 
 
 def get_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon",

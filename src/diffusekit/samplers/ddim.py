@@ -42,8 +42,6 @@ def ddim_invert(denoiser, x0, ts, abars, *, refine_steps: int = 0, callback=None
             eps = denoiser(guess, ts[i], abar, **cond).eps
             # invert x_next = sqrt(abar_next) (x_i - sqrt(1 - abar) eps) / sqrt(abar) + sqrt(1 - abar_next) eps
             guess = math.sqrt(abar / abar_next) * (x_next - math.sqrt(1 - abar_next) * eps) + math.sqrt(1 - abar) * eps
-        x = guess
-        if callback is not None:
-            out = callback(i, ts[i], x)
-            x = x if out is None else out
+        # report x at the noisier level abars[i] reached by this inverse step
+        x = run_callback(callback, len(ts) - 1 - i, ts[i], abar, guess, None)
     return x

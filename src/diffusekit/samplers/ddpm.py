@@ -22,7 +22,7 @@ def sample_ddpm(denoiser, x, ts, abars, *, generator=None, callback=None, cond=N
         # written as the posterior mean at x0_pred (DDPM eq. 7), which is the same unless x0 is clipped
         mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * pred.x0 + \
                (math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)) * x
-        if i < n - 1:  # no noise at the last step
+        if abar_prev < 1.0:  # no noise at the last step (the one to the clean sample)
             var = beta if variance_type == "fixed_large" else max((1 - abar_prev) / (1 - abar) * beta, 1e-20)
             x = mean + math.sqrt(var) * randn_like(x, generator)
         else:

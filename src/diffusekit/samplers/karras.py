@@ -11,6 +11,11 @@ def _to_sigma_space(x_vp, abar):
     return x_vp / math.sqrt(abar)
 
 
+def _to_vp(x, abars):
+    # back to the VP convention at the last noise level (a no-op after a full run, where abar = 1)
+    return x * math.sqrt(float(abars[-1]))
+
+
 def _step_callback(callback, i, t, abar_next, x, x0_pred):
     """Run the callback in the VP convention and bring any replacement back to sigma space."""
     if callback is None:
@@ -33,7 +38,7 @@ def sample_euler(denoiser, x, ts, abars, *, generator=None, callback=None, cond=
         # x_next = x + (sigma_next - sigma) * d,  d = (x - x0_pred) / sigma = eps
         x = x + (sigmas[i + 1] - sigmas[i]) * pred.eps
         x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
-    return x
+    return _to_vp(x, abars)
 
 
 @register("euler_ancestral", style="karras", stochastic=True)
@@ -52,7 +57,7 @@ def sample_euler_ancestral(denoiser, x, ts, abars, *, generator=None, callback=N
         if sigma_up > 0:
             x = x + sigma_up * randn_like(x, generator)
         x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
-    return x
+    return _to_vp(x, abars)
 
 
 @register("heun", style="karras", evals_per_step=2)
@@ -61,7 +66,7 @@ def sample_heun(denoiser, x, ts, abars, *, generator=None, callback=None, cond=N
     cond = cond or {}
     sigmas = [sigma_of(float(a)) for a in abars]
     x = _to_sigma_space(x, float(abars[0]))
-    for i in range(len(ts)):
+    for i in range(len(abars) - 1):   # ts holds one more time when the run stops early
         s, s_next = sigmas[i], sigmas[i + 1]
         pred = denoiser(x / math.sqrt(1 + s**2), ts[i], float(abars[i]), **cond)
         d = pred.eps
@@ -73,4 +78,4 @@ def sample_heun(denoiser, x, ts, abars, *, generator=None, callback=None, cond=N
             pred = denoiser(x_euler / math.sqrt(1 + s_next**2), ts[i + 1], float(abars[i + 1]), **cond)
             x = x + (s_next - s) * 0.5 * (d + pred.eps)
         x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
-    return x
+    return _to_vp(x, abars)
