@@ -125,16 +125,17 @@ class SamplerSpec:
     stochastic: bool = False
     karras: bool = True           # whether use_karras_sigmas is allowed
     options: dict = field(default_factory=dict)  # option name -> default
+    first_step_evals: int = 1     # PLMS: 2 (a pseudo improved Euler start, so NFE = n + 1 for n > 1)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = False,
-             karras: bool = True, **options):
+             karras: bool = True, first_step_evals: int = 1, **options):
     """Decorator: add a sampler function to the registry under name."""
     def wrap(fn):
-        SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options)
+        SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options, first_step_evals)
         return fn
     return wrap
 
@@ -208,6 +209,10 @@ class Sampler:
         ts, _ = self.plan(num_steps)
         if self.spec.evals_per_step == 2:
             ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
+        elif self.spec.first_step_evals == 2 and len(ts) > 1:
+            # the first step also calls the model at the next time, so that time comes twice (as in
+            # diffusers' PNDM with skip_prk_steps)
+            ts = torch.cat([ts[:2], ts[1:]])
         return ts
 
     def nfe(self, num_steps: int) -> int:
