@@ -185,3 +185,27 @@ def test_config_json_round_trip(tmp_path):
     assert ClassifierConfig.from_dict(ccfg.to_dict()) == ccfg
     with pytest.raises(ConfigError, match="did you mean 'num_heads'"):
         UNetConfig.from_dict({"num_head": 4})
+
+
+def test_unchanged_config_keeps_v1_parameters_and_outputs():
+    """A text-free UNet loads weights saved by the first release and gives its outputs exactly.
+
+    tests/data/unet_v1_golden.safetensors was written by the UNet of commit a14d05b (before text
+    conditioning): two small class-conditional configs (AdaGN and additive time embedding), their
+    perturbed weights, an input batch and the outputs that code computed for it.
+    """
+    from pathlib import Path
+    from safetensors.torch import load_file
+    golden = load_file(Path(__file__).parent / "data" / "unet_v1_golden.safetensors")
+    for tag, scale_shift in (("adagn", True), ("add", False)):
+        cfg = UNetConfig(image_size=8, in_channels=1, base_channels=4, channel_mult=(1, 2), num_res_blocks=1,
+                         attention_resolutions=(4,), num_heads=2, groups=2, num_classes=3,
+                         use_scale_shift_norm=scale_shift)
+        model = UNet(cfg).eval()
+        prefix = f"{tag}.weights."
+        weights = {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+        assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in model.state_dict().items()}
+        model.load_state_dict(weights, strict=True)
+        with torch.no_grad():
+            y = model(golden[f"{tag}.x"], golden[f"{tag}.t"], golden[f"{tag}.labels"])
+        torch.testing.assert_close(y, golden[f"{tag}.y"], rtol=0, atol=1e-6)

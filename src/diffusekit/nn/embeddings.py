@@ -1,4 +1,4 @@
-"""Time and class embeddings: the sinusoidal timestep code and the class (context) MLP."""
+"""Time, class and pooled-text embeddings: the sinusoidal timestep code and the context MLPs."""
 from __future__ import annotations
 
 import math
@@ -93,3 +93,18 @@ class ClassEmbedding(nn.Module):
             labels = self.normalize_labels(labels, batch_size, device)
             one_hot = F.one_hot(labels, self.num_classes + 1).float()   # (B, num_classes + 1)
         return self.mlp(one_hot)
+
+
+class TextEmbedding(nn.Module):
+    """Pooled text embedding (B, context_dim) through a two-layer MLP: -> (B, emb_dim).
+
+    The UNet's "multiply" text conditioning uses it as the class embedding is used: its output is
+    projected per block and multiplied into the feature maps as h * (1 + c).
+    """
+
+    def __init__(self, context_dim: int, emb_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+    def forward(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        return self.mlp(text_embeds)

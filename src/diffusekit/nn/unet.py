@@ -1,4 +1,4 @@
-"""The denoising UNet: residual blocks with time and class embeddings, low-resolution self-attention.
+"""The denoising UNet: residual blocks with time, class and text conditioning, low-resolution attention.
 
 Layout follows DDPM / improved-diffusion (ADM): an encoder of residual blocks with stride-2
 downsampling, a middle block (res, attention, res), and a decoder that concatenates the
@@ -11,20 +11,31 @@ Conditioning:
   * class ("context UNet"): one-hot class vector (index num_classes = learned null class) -> MLP ->
     per-block linear, MULTIPLIED into the feature maps as h * (1 + c). The "1 +" form with a
     zero-initialised projection starts every block as the unconditioned one, so conditioning
-    can never zero out a feature map early in training (plain h * c can, and is unstable).
+    can never zero out a feature map early in training (plain h * c can, and is unstable);
+  * text (`text_conditioning`): "cross_attention" puts spatial transformers (self-attention,
+    cross-attention to the token embeddings with their padding mask, GEGLU feed-forward; LDM sec. 3.3)
+    at `cross_attention_resolutions` and in the middle block, where they replace the plain
+    self-attention; "multiply" projects the pooled text embedding by an MLP and multiplies it in as the
+    class embedding is (added to it when both are on); "both" does both. Every text path starts at
+    zero (proj_out, ctx_proj), so a fresh text UNet computes what the text-free one does.
+With text_conditioning="none" the parameters (names and shapes) and outputs are those of the
+text-free UNet of earlier versions, so its checkpoints keep loading.
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusekit.config import Config, ConfigError, check_range
-from diffusekit.nn.embeddings import ClassEmbedding, TimestepEmbedding, as_timestep_batch
+from diffusekit.schedule import PredictionType
+from diffusekit.nn.attention import AttentionBlock, SpatialTransformer
+from diffusekit.nn.embeddings import ClassEmbedding, TextEmbedding, TimestepEmbedding, as_timestep_batch
+from diffusekit.nn.layers import Downsample, GroupNorm, Upsample, zero_module
 
 PRESETS: dict[str, dict] = {
     # 8x8 sklearn digits, 1 channel: fast on a 2-core CPU
@@ -61,6 +72,11 @@ class UNetConfig(Config):
     use_scale_shift_norm: bool = True      # AdaGN time conditioning instead of plain addition
     groups: int = 32                       # GroupNorm groups
     max_period: float = 10000.0            # longest period of the sinusoidal time code
+    text_conditioning: Literal["none", "cross_attention", "multiply", "both"] = "none"
+    context_dim: int = 0                   # D of the text encoder (token and pooled embeddings); 0 = no text
+    cross_attention_resolutions: tuple[int, ...] | None = None   # None = attention_resolutions
+    transformer_depth: int = 1             # transformer blocks per cross-attention layer
+    prediction_type: PredictionType = "epsilon"   # what the network outputs: eps, x0 ("sample") or v
 
     def validate(self) -> None:
         if self.out_channels is None:
@@ -70,7 +86,32 @@ class UNetConfig(Config):
         check_range("num_res_blocks", self.num_res_blocks, lo=0)
         check_range("num_classes", self.num_classes, lo=0)
         check_range("dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        self._validate_text()
         validate_layout(self)
+
+    def _validate_text(self) -> None:
+        if self.cross_attention_resolutions is None:
+            self.cross_attention_resolutions = self.attention_resolutions
+        self.cross_attention_resolutions = tuple(self.cross_attention_resolutions)   # JSON gives a list
+        check_range("context_dim", self.context_dim, lo=0)
+        check_range("transformer_depth", self.transformer_depth, lo=1)
+        if self.text_conditioning != "none" and self.context_dim < 1:
+            raise ConfigError(f"text_conditioning={self.text_conditioning!r} needs context_dim = the text "
+                              f"encoder's embedding size (its `dim`, e.g. 384 for all-MiniLM-L6-v2); got "
+                              f"context_dim={self.context_dim}.")
+        if self.text_conditioning == "none" and self.context_dim:
+            raise ConfigError(f"context_dim={self.context_dim} is set but text_conditioning='none'; choose "
+                              "text_conditioning='cross_attention', 'multiply' or 'both', or set context_dim=0.")
+
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the UNet cross-attends to token embeddings."""
+        return self.text_conditioning in ("cross_attention", "both")
+
+    @property
+    def multiply_text(self) -> bool:
+        """Whether the pooled text embedding is multiplied into the feature maps."""
+        return self.text_conditioning in ("multiply", "both")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "UNetConfig":
@@ -93,17 +134,36 @@ def validate_layout(cfg) -> None:
         raise ConfigError(f"image_size={cfg.image_size} is not divisible by {factor} (the UNet downsamples "
                           f"{n_down} times); use a multiple of {factor}, such as {ok}.")
     resolutions = [cfg.image_size // 2 ** i for i in range(len(cfg.channel_mult))]
-    for r in cfg.attention_resolutions:
-        if r not in resolutions:
-            raise ConfigError(f"attention_resolutions contains {r}, but the feature maps have sizes "
-                              f"{resolutions}; pick from those.")
+    cross = _cross_resolutions(cfg)
+    for name, rs in (("attention_resolutions", cfg.attention_resolutions), ("cross_attention_resolutions", cross)):
+        for r in rs:
+            if r not in resolutions:
+                raise ConfigError(f"{name} contains {r}, but the feature maps have sizes "
+                                  f"{resolutions}; pick from those.")
     for mult, res in zip(cfg.channel_mult, resolutions):
         ch = cfg.base_channels * mult
         if ch % cfg.groups:
             raise ConfigError(f"groups={cfg.groups} does not divide {ch} channels (base_channels="
                               f"{cfg.base_channels} * {mult}); use a divisor of {ch}, such as 8.")
-        if res in cfg.attention_resolutions or res == resolutions[-1]:
+        if res in cfg.attention_resolutions or res in cross or res == resolutions[-1]:
             heads_for(cfg, ch)
+
+
+def _cross_resolutions(cfg) -> tuple[int, ...]:
+    """Feature-map sizes of the encoder and decoder levels that cross-attend to text (none if off)."""
+    if getattr(cfg, "text_conditioning", "none") not in ("cross_attention", "both"):
+        return ()
+    return tuple(cfg.cross_attention_resolutions)
+
+
+def _attention(cfg, channels: int, res: int, middle: bool = False) -> nn.Module | None:
+    """The attention layer at a level: a spatial transformer where text is cross-attended, else self-attention."""
+    heads = heads_for(cfg, channels)
+    if _cross_resolutions(cfg) and (middle or res in _cross_resolutions(cfg)):
+        return SpatialTransformer(channels, heads, cfg.context_dim, cfg.groups, cfg.transformer_depth)
+    if middle or res in cfg.attention_resolutions:
+        return AttentionBlock(channels, heads, cfg.groups)
+    return None
 
 
 def heads_for(cfg, channels: int) -> int:
@@ -115,26 +175,6 @@ def heads_for(cfg, channels: int) -> int:
     if cfg.num_heads < 1 or channels % cfg.num_heads:
         raise ConfigError(f"num_heads={cfg.num_heads} does not divide {channels} channels; use a divisor.")
     return cfg.num_heads
-
-
-def zero_module(m: nn.Module) -> nn.Module:
-    """Zero a module's parameters, so a residual branch starts as the identity (ADM)."""
-    for p in m.parameters():
-        nn.init.zeros_(p)
-    return m
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that normalises a contiguous (NCHW) copy of a channels_last input on CPU.
-
-    PyTorch's CPU group_norm kernel is several times slower on channels_last tensors (about 10x
-    in bf16 at 64x32x28x28, torch 2.13) than a memory-format copy plus the NCHW kernel.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and not x.is_contiguous():
-            x = x.contiguous()
-        return super().forward(x)
 
 
 class ResBlock(nn.Module):
@@ -176,61 +216,17 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, with a fused qkv projection and a residual."""
-
-    def __init__(self, channels: int, num_heads: int, groups: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm = GroupNorm(groups, channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = zero_module(nn.Linear(channels, channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        # (B, C, H, W) -> (B, H*W, C)
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
-        # (B, HW, 3C) -> 3 x (B, heads, HW, C / heads)
-        q, k, v = self.qkv(tokens).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        # softmax(q k^T / sqrt(d)) v.  On CPU in bf16 the flash kernel is ~5x slower than the math
-        # one at these short sequences (<= 256 tokens), so pick the math backend there.
-        if x.device.type == "cpu" and q.dtype == torch.bfloat16:
-            with sdpa_kernel(SDPBackend.MATH):
-                out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, H * W, C))
-        return x + out.reshape(B, H, W, C).permute(0, 3, 1, 2)       # back to (B, C, H, W)
-
-
-class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour upsampling then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class EmbedSequential(nn.Sequential):
-    """A sequence of layers where residual blocks also receive the time and class embeddings."""
+    """Layers where residual blocks also receive the time and context embeddings, transformers the text."""
 
-    def forward(self, x, temb, cemb=None):
+    def forward(self, x, temb, cemb=None, context=None, context_mask=None):
         for layer in self:
-            x = layer(x, temb, cemb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, temb, cemb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, context_mask)
+            else:
+                x = layer(x)
         return x
 
 
@@ -257,8 +253,9 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 layers = [_res_block(cfg, ch, cfg.base_channels * mult, emb_dim, ctx_dim)]
                 ch = cfg.base_channels * mult
-                if res in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(ch, heads_for(cfg, ch), cfg.groups))
+                attn = _attention(cfg, ch, res)
+                if attn is not None:
+                    layers.append(attn)
                 self.down.append(EmbedSequential(*layers))
                 self.skip_channels.append(ch)
             if level < len(cfg.channel_mult) - 1:
@@ -266,24 +263,85 @@ class Encoder(nn.Module):
                 self.skip_channels.append(ch)
                 res //= 2
         self.middle = EmbedSequential(_res_block(cfg, ch, ch, emb_dim, ctx_dim),
-                                      AttentionBlock(ch, heads_for(cfg, ch), cfg.groups),
+                                      _attention(cfg, ch, res, middle=True),
                                       _res_block(cfg, ch, ch, emb_dim, ctx_dim))
         self.out_channels = ch
 
-    def forward(self, x, temb, cemb=None):
+    def forward(self, x, temb, cemb=None, context=None, context_mask=None):
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:
-            h = block(h, temb, cemb)
+            h = block(h, temb, cemb, context, context_mask)
             skips.append(h)
-        return self.middle(h, temb, cemb), skips
+        return self.middle(h, temb, cemb, context, context_mask), skips
+
+
+TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "text_embeds")
+
+
+def check_text_inputs(cfg, batch: int, x: torch.Tensor, encoder_hidden_states=None, encoder_attention_mask=None,
+                      text_embeds=None):
+    """The text keywords a UNet config uses, checked and expanded to the batch: (context, mask, pooled).
+
+    Each is None where the mode does not use it. Raises ValueError naming the fix for a missing,
+    misshaped or unexpected keyword, or a mask row that hides every token.
+    """
+    values = dict(zip(TEXT_KEYS, (encoder_hidden_states, encoder_attention_mask, text_embeds)))
+    mode, D = cfg.text_conditioning, cfg.context_dim
+    if mode == "none":
+        given = [k for k, v in values.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} was given but this UNet has no text conditioning (text_conditioning="
+                             "'none'); drop the prompt, or build the UNet with text_conditioning='cross_attention' "
+                             "(or 'multiply', 'both') and context_dim = the text encoder's dim.")
+        return None, None, None
+    context = mask = pooled = None
+    if cfg.cross_attention:
+        context = _text_tensor(values, "encoder_hidden_states", batch, (None, D), mode)
+        if encoder_attention_mask is not None:
+            mask = torch.as_tensor(encoder_attention_mask, device=context.device)
+            if mask.ndim != 2 or mask.shape[0] not in (1, batch) or mask.shape[1] != context.shape[1]:
+                raise ValueError(f"encoder_attention_mask has shape {tuple(mask.shape)}; expected ({batch}, "
+                                 f"{context.shape[1]}) to match encoder_hidden_states (True = token, False = padding).")
+            mask = (mask if mask.dtype == torch.bool else mask != 0).expand(batch, -1)
+            empty = (~mask.any(dim=1)).nonzero()
+            if len(empty):
+                raise ValueError(f"encoder_attention_mask row {empty[0].item()} masks every token, so cross-attention "
+                                 "has nothing to attend to; keep at least one token (the text encoders keep a start "
+                                 "token even for the empty prompt).")
+        context = context.to(x.dtype)
+    if cfg.multiply_text:
+        pooled = _text_tensor(values, "text_embeds", batch, (D,), mode).to(x.dtype)
+    return context, mask, pooled
+
+
+def _text_tensor(values: dict, name: str, batch: int, tail: tuple, mode: str) -> torch.Tensor:
+    """values[name] as a tensor (batch, *tail) (None in tail = any size); a batch of 1 is expanded."""
+    v = values[name]
+    if v is None:
+        raise ValueError(f"this UNet is text-conditioned (text_conditioning={mode!r}) but {name} is missing; pass "
+                         "the text encoder's output, model(x, t, **text_encoder.encode(prompts)) (the empty prompt "
+                         "\"\" gives the unconditional encoding).")
+    v = torch.as_tensor(v)
+    ok = v.ndim == 1 + len(tail) and v.shape[0] in (1, batch) and all(
+        want is None or have == want for have, want in zip(v.shape[1:], tail))
+    if not ok:
+        want = ", ".join("L" if d is None else str(d) for d in tail)
+        raise ValueError(f"{name} has shape {tuple(v.shape)}; expected ({batch}, {want}) (or a batch of 1). "
+                         f"The UNet was built with context_dim={tail[-1]}: use a text encoder whose dim is "
+                         f"{tail[-1]}, or rebuild the UNet with context_dim = the encoder's dim.")
+    return v.expand(batch, *v.shape[1:])
 
 
 class UNet(nn.Module):
-    """Denoising UNet: `forward(x, t, class_labels=None)` -> a tensor shaped like x with out_channels.
+    """Denoising UNet: `forward(x, t, class_labels=None, **text)` -> a tensor shaped like x with out_channels.
 
     t: timesteps in training-timestep units, a (B,) float or int tensor or a scalar (fractional
     values allowed). class_labels: (B,) ints; None, -1 or num_classes mean the null class.
+    Text (what `TextEncoder.encode(prompts)` returns; batch 1 serves the whole batch):
+    encoder_hidden_states (B, L, context_dim) and encoder_attention_mask (B, L) bool (True = token,
+    None = all tokens) for cross-attention; text_embeds (B, context_dim) for "multiply". Keywords the
+    configured mode does not use are ignored; the empty prompt's encoding is the unconditional one.
     Works in fp32 and under `torch.autocast(..., dtype=torch.bfloat16)`, in either memory format.
     """
 
@@ -293,7 +351,11 @@ class UNet(nn.Module):
         emb_dim = 4 * cfg.base_channels
         self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim, cfg.max_period)
         self.class_embed = ClassEmbedding(cfg.num_classes, emb_dim) if cfg.num_classes > 0 else None
-        ctx_dim = emb_dim if cfg.num_classes > 0 else None
+        if cfg.multiply_text:
+            self.text_embed = TextEmbedding(cfg.context_dim, emb_dim)
+        else:
+            self.text_embed = None
+        ctx_dim = emb_dim if cfg.num_classes > 0 or cfg.multiply_text else None
         self.encoder = Encoder(cfg, cfg.in_channels, emb_dim, ctx_dim)
         skips = list(self.encoder.skip_channels)
         ch = self.encoder.out_channels
@@ -303,8 +365,9 @@ class UNet(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [_res_block(cfg, ch + skips.pop(), cfg.base_channels * mult, emb_dim, ctx_dim)]
                 ch = cfg.base_channels * mult
-                if res in cfg.attention_resolutions:
-                    layers.append(AttentionBlock(ch, heads_for(cfg, ch), cfg.groups))
+                attn = _attention(cfg, ch, res)
+                if attn is not None:
+                    layers.append(attn)
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     res *= 2
@@ -312,7 +375,8 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm(cfg.groups, ch)
         self.out_conv = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, class_labels=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, text_embeds=None) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {cfg.in_channels}, H, W).")
@@ -325,12 +389,17 @@ class UNet(nn.Module):
                              "build it with num_classes > 0 or drop class_labels.")
         else:
             cemb = None
+        context, context_mask, pooled = check_text_inputs(cfg, B, x, encoder_hidden_states,
+                                                          encoder_attention_mask, text_embeds)
+        if pooled is not None:
+            temb_text = self.text_embed(pooled)                        # (B, 4 * base)
+            cemb = temb_text if cemb is None else cemb + temb_text
         w = self.encoder.middle[0].conv1.weight                       # (C, C, 3, 3), C > 1
         if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
             x = x.contiguous(memory_format=torch.channels_last)      # match the weights' memory format
-        h, skips = self.encoder(x, temb, cemb)
+        h, skips = self.encoder(x, temb, cemb, context, context_mask)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), temb, cemb)
+            h = block(torch.cat([h, skips.pop()], dim=1), temb, cemb, context, context_mask)
         return self.out_conv(F.silu(self.out_norm(h)))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
