@@ -151,8 +151,8 @@ def minilm():
 
 def test_minilm_similar_captions_are_closer(minilm):
     assert (minilm.dim, minilm.max_length) == (384, 32)
-    prompts = ["a large red circle on the left", "a big red circle on the left side", "a small blue triangle at the top",
-               ""]
+    prompts = ["a large red circle on the left", "a big red circle on the left side",
+               "a small blue triangle at the top", ""]
     pooled = torch.nn.functional.normalize(minilm.encode(prompts)["text_embeds"], dim=-1)
     cos = pooled @ pooled.T
     assert cos[0, 1] > cos[0, 2] + 0.1

@@ -274,6 +274,7 @@ def load_diffusers_autoencoder(path: str | Path, scaling_factor: float | None = 
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
-        raise ImportError("loading a diffusers autoencoder needs the `diffusers` package: pip install diffusers.") from e
+        raise ImportError("loading a diffusers autoencoder needs the `diffusers` package; "
+                          "pip install diffusers.") from e
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True).eval()
     return DiffusersAutoencoder(vae, scaling_factor)
