@@ -57,8 +57,8 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
     with pytest.raises(OSError, match="simulated"):
         _save(tmp_path, 4, 2.0)
     monkeypatch.undo()
-    assert (tmp_path / ckpt.TMP_DIR).exists()      # the half-written save is left behind ...
-    _assert_checkpoint(tmp_path, 3, 1.0)           # ... and discarded on the next read
+    assert not (tmp_path / ckpt.TMP_DIR).exists()  # the half-written save is cleaned up ...
+    _assert_checkpoint(tmp_path, 3, 1.0)           # ... and the previous checkpoint is intact
     _save(tmp_path, 5, 3.0)
     _assert_checkpoint(tmp_path, 5, 3.0)
 
