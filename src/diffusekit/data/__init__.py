@@ -1,0 +1,34 @@
+"""Image data sets as tensors in [-1, 1]: folders, MNIST IDX, .npy/.npz, parquet, built-in `digits` and `shapes`.
+
+One home per concept:
+  config.py     DataConfig (what the data are and how they are shaped), resolve_kind
+  images.py     one image: files, pixels <-> tensors, channels, resize, crop and flip transforms
+  metadata.py   metadata.jsonl / metadata.csv (Hugging Face imagefolder): labels, captions, attributes
+  folder.py     image folders indexed before decoding: splits, classes, captions, channels, sizes
+  arrays.py     digits, IDX and numpy readers
+  shapes.py     the built-in captioned `shapes` set and write_shapes_folder
+  dataset.py    ImageDataset (in memory) and load_dataset
+  streaming.py  StreamingImageFolder (decoded per item) and open_dataset (memory or disk)
+  batches.py    BatchSource: the batch of each training step, the same in memory or streamed
+  hf.py         local Hugging Face `datasets` folders and parquet files (optional extra)
+"""
+from diffusekit.data.arrays import read_idx
+from diffusekit.data.batches import Batch, BatchSource
+from diffusekit.data.config import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, DataConfig, resolve_kind
+from diffusekit.data.dataset import DataInfo, ImageDataset, load_dataset, load_folder
+from diffusekit.data.folder import FolderIndex, index_folder
+from diffusekit.data.images import (LUMA_WEIGHTS, augment_item, center_crop, fit_image, from_pixels,
+                                    load_image, random_crop, random_hflip, read_image, read_image_array,
+                                    resize_center_crop, save_image, to_pixels)
+from diffusekit.data.shapes import generate_shapes, write_shapes_folder
+from diffusekit.data.streaming import StreamingImageFolder, open_dataset
+
+# the old private name, until classifier_train imports resolve_kind
+_resolve_kind = resolve_kind
+
+__all__ = ["ARRAY_EXTENSIONS", "IMAGE_EXTENSIONS", "LUMA_WEIGHTS", "Batch", "BatchSource", "DataConfig",
+           "DataInfo", "FolderIndex", "ImageDataset", "StreamingImageFolder", "augment_item", "center_crop",
+           "fit_image", "from_pixels", "generate_shapes", "index_folder", "load_dataset", "load_folder",
+           "load_image", "open_dataset", "random_crop", "random_hflip", "read_idx", "read_image",
+           "read_image_array", "resize_center_crop", "resolve_kind", "save_image", "to_pixels",
+           "write_shapes_folder"]

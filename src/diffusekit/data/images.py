@@ -1,0 +1,242 @@
+"""One image: reading and writing files, pixels <-> tensors, and the transforms every source shares.
+
+The transforms are the configured ones and nothing else:
+  - channels: grayscale is repeated to RGB; RGB becomes grayscale by ITU-R 601-2 luma
+    (L = 0.299 R + 0.587 G + 0.114 B, as Pillow's convert("L")); an alpha channel is composited
+    onto a background (black by default, so transparent areas read as background like MNIST);
+  - size: the shorter side is resized to `size` (bicubic, antialiased), then the longer side is
+    cropped to a square, at the centre or at a random offset drawn from a torch.Generator;
+  - flips: a random horizontal flip drawn from a torch.Generator;
+  - values: uint8 0-255 (or 16-bit 0-65535) and float [0, 1] are mapped linearly to [-1, 1].
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffusekit.config import check_choice
+
+# ITU-R 601-2 luma, the weights Pillow uses for convert("L")
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+BACKGROUNDS = {"black": 0.0, "white": 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# pixels <-> tensors
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (..., C, H, W), to uint8 pixels (..., H, W, C)."""
+    x = x.detach().to("cpu", torch.float32)
+    # round((x + 1) / 2 * 255), clamped: the inverse of from_pixels up to rounding
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
+def from_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 pixels (..., H, W, C) or (H, W) to float32 images in [-1, 1], (..., C, H, W)."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"from_pixels expects uint8 pixels, got dtype {pixels.dtype}; "
+                         "convert floats in [0, 1] with (x * 255).round().astype(np.uint8).")
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    x = torch.from_numpy(pixels.astype(np.float32)).movedim(-1, -3)
+    return x / 127.5 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def read_image_array(path: str | Path) -> np.ndarray:
+    """Read an image file as float32 (H, W, c) in [0, 1]; c = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        img.load()
+        return pil_to_array(img)
+
+
+def pil_to_array(img) -> np.ndarray:
+    """A PIL image as float32 (H, W, c) in [0, 1]; c = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."""
+    mode = img.mode
+    if mode.startswith("I;16"):  # 16-bit grayscale PNG
+        return (np.asarray(img, dtype=np.float32) / 65535.0)[:, :, None]
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        gray = "L" if mode in ("1", "I", "F") else "RGB"
+        img = img.convert("RGBA" if "A" in mode else gray)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def probe_image(path: str | Path) -> tuple[int, int, int]:
+    """(c, height, width) of an image file from its header alone; c as read_image_array returns it."""
+    from PIL import Image
+    with Image.open(path) as img:
+        return pil_channels(img), img.size[1], img.size[0]
+
+
+def pil_channels(img) -> int:
+    """The channels pil_to_array gives a PIL image: 1, 2 (LA), 3 or 4 (RGBA); read from its mode."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("L", "1", "I", "F"):
+        return 1
+    if mode == "LA":
+        return 2
+    if mode == "P":
+        return 4 if "transparency" in img.info else 3
+    return 4 if "A" in mode else 3  # RGB, RGBA, PA, CMYK, YCbCr, ...: converted to RGB(A)
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as float32 (c, H, W) in [0, 1], channels as stored (see read_image_array)."""
+    return torch.from_numpy(read_image_array(path)).movedim(-1, 0)
+
+
+def color_channels(c: int) -> int:
+    """Colour channels of a stored channel count: an alpha channel (c = 2 or 4) is not colour."""
+    return c - 1 if c in (2, 4) else c
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms of images in [0, 1]
+
+
+def to_channels(x: torch.Tensor, channels: int, background: float = 0.0) -> torch.Tensor:
+    """Convert (..., c, H, W) values in [0, 1] with c in {1, 2, 3, 4} (alpha last) to `channels`."""
+    c = x.shape[-3]
+    if c in (2, 4):  # composite onto the background: out = a * colour + (1 - a) * background
+        alpha = x[..., -1:, :, :]
+        x = alpha * x[..., :-1, :, :] + (1 - alpha) * background
+        c -= 1
+    if c == channels:
+        return x
+    if channels == 3:
+        return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype).view(3, 1, 1)
+    return (x * weights).sum(dim=-3, keepdim=True)
+
+
+def resize_shorter_side(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (N, C, H, W) or (C, H, W) in [0, 1] so that the shorter side is `size`."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if (new_h, new_w) == (h, w):
+        return x
+    batch = x if x.ndim == 4 else x[None]
+    # antialias matters when shrinking; bicubic overshoots, hence the clamp
+    out = F.interpolate(batch, size=(new_h, new_w), mode="bicubic", align_corners=False,
+                        antialias=True).clamp(0, 1)
+    return out if x.ndim == 4 else out[0]
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centred size x size window of (..., H, W)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def random_crop(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One size x size window of (..., H, W) at an offset drawn uniformly from `generator`."""
+    h, w = x.shape[-2:]
+    top = int(torch.randint(h - size + 1, (1,), generator=generator))
+    left = int(torch.randint(w - size + 1, (1,), generator=generator))
+    return x[..., top:top + size, left:left + size]
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of a batch (B, C, H, W) left-right with probability 1/2, drawn from `generator`."""
+    device = generator.device if generator is not None else x.device
+    flip = (torch.rand(x.shape[0], generator=generator, device=device) < 0.5).to(x.device)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize (N, C, H, W) in [0, 1] so the shorter side is `size`, then centre-crop to a square."""
+    if size == 0 or x.shape[-2:] == (size, size):
+        return x
+    return center_crop(resize_shorter_side(x, size), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# single images (for the edit commands)
+
+
+def load_image(path: str | Path, image_size: int = 0, channels: int = 3,
+               alpha_background: Literal["black", "white"] = "black") -> torch.Tensor:
+    """Read one image file as (1, C, H, W) in [-1, 1], warning about each conversion it makes.
+
+    image_size=0 keeps the native size (the image must then be square); channels=0 keeps the
+    image's own colour (1 for grayscale, 3 for colour).
+    """
+    check_choice("channels", channels, (0, 1, 3))
+    x = read_image(path)[None]  # (1, c, h, w)
+    c, (h, w) = x.shape[1], x.shape[-2:]
+    channels = channels or (1 if color_channels(c) == 1 else 3)
+    if c in (2, 4):
+        warnings.warn(f"{path}: composited its alpha channel onto {alpha_background}", stacklevel=2)
+    if color_channels(c) != channels:
+        warnings.warn(f"{path}: converted {color_channels(c)} channel(s) to {channels}", stacklevel=2)
+    x = to_channels(x, channels, BACKGROUNDS[alpha_background])
+    if image_size and (h, w) != (image_size, image_size):
+        warnings.warn(f"{path}: resized {h}x{w} to {image_size}x{image_size} (shorter side to "
+                      f"{image_size}, bicubic, then centre crop)", stacklevel=2)
+        x = resize_center_crop(x, image_size)
+    elif not image_size and h != w:
+        raise ValueError(f"{path} is {h}x{w}, not square; pass image_size to resize and crop it.")
+    return x * 2 - 1
+
+
+def save_image(x: torch.Tensor, path: str | Path) -> Path:
+    """Write one image (C, H, W) or (1, C, H, W) in [-1, 1] to path (format from the suffix)."""
+    from PIL import Image
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"save_image writes one image but got a batch of {x.shape[0]}; "
+                             "use diffusekit.viz.save_grid for several.")
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"save_image expects (C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
+    pixels = to_pixels(x)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels).save(path)
+    return path
+
+
+def fit_image(x: torch.Tensor, channels: int, size: int, crop: str = "center",
+              background: float = 0.0) -> torch.Tensor:
+    """Bring (..., c, H, W) in [0, 1] to `channels` and, when size > 0, its shorter side to `size`.
+
+    crop='center' then crops the centre square; crop='random' leaves the longer side for a
+    random crop when batches are drawn (see `augment_item`).
+    """
+    x = to_channels(x, channels, background)
+    if size and x.shape[-2:] != (size, size):
+        x = resize_shorter_side(x, size)
+        if crop == "center":
+            x = center_crop(x, size)
+    return x
+
+
+def augment_item(x: torch.Tensor, seed: int, size: int, crop: bool, hflip: bool) -> torch.Tensor:
+    """One image (C, H, W) randomly cropped to size x size and/or flipped, all drawn from its own seed.
+
+    A seed per item (not per batch) is what makes a batch the same whether it was assembled in
+    memory or by DataLoader workers that each see only some of its items.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if crop:
+        x = random_crop(x, size, g)
+    if hflip:
+        x = random_hflip(x[None], g)[0]
+    return x

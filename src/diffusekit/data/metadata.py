@@ -1,0 +1,142 @@
+"""`metadata.jsonl` / `metadata.csv` beside images, in the Hugging Face imagefolder convention.
+
+Each row names an image by `file_name` (relative to the metadata file's folder) and may give a
+`label` (a class name or a class index), a `text` caption, and any other scalar columns, which
+become per-image attributes. Problems are errors that name the file and the line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+EXAMPLE_ROW = '{"file_name": "0001.png", "text": "a photo of a cat", "label": "cat"}'
+
+
+@dataclass
+class MetadataRow:
+    """One row: the image it names, where it was written (for messages), its other columns."""
+    path: Path
+    where: str  # "metadata.jsonl line 3"
+    columns: dict = field(default_factory=dict)
+
+
+def find_metadata(root: Path) -> list[Path]:
+    """Every metadata file under root, in path order; two in one folder is an error."""
+    found = sorted(p for name in METADATA_FILES for p in root.rglob(name) if p.is_file())
+    folders = [p.parent for p in found]
+    twice = next((f for f in folders if folders.count(f) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice} holds both metadata.jsonl and metadata.csv; keep one of them.")
+    return found
+
+
+def read_metadata(path: Path) -> list[MetadataRow]:
+    """The rows of one metadata file, with each file_name resolved and checked to exist."""
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    out, seen = [], {}
+    for line, columns in rows:
+        where = f"{path} line {line}"
+        name = columns.pop("file_name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where} has no file_name; every row names its image, e.g. {EXAMPLE_ROW}.")
+        image = (path.parent / name)
+        if not image.is_file():
+            raise FileNotFoundError(f"{where}: file_name {name!r} does not exist (looked for {image}); "
+                                    "fix the name or remove the line.")
+        if image in seen:
+            raise ValueError(f"{where}: {name!r} is listed twice (also at line {seen[image]}); "
+                             "list each image once.")
+        seen[image] = line
+        out.append(MetadataRow(image, where, columns))
+    if not out:
+        raise ValueError(f"{path} lists no images; add one row per image, e.g. {EXAMPLE_ROW}.")
+    return out
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {line} is not JSON ({err.msg} at column {err.colno}); "
+                             f"each line is one JSON object, e.g. {EXAMPLE_ROW}.") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {line} is a JSON {type(row).__name__}, not an object; "
+                             f"each line is one JSON object, e.g. {EXAMPLE_ROW}.")
+        rows.append((line, row))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "file_name" not in reader.fieldnames:
+            raise ValueError(f"{path} line 1 has columns {reader.fieldnames}, without file_name; the "
+                             "first line names the columns, e.g. file_name,text,label.")
+        # reader.line_num is the physical line the row ended on (the header is line 1)
+        return [(reader.line_num, {k: v for k, v in row.items() if k is not None}) for row in reader]
+
+
+def column_values(rows: list[MetadataRow], name: str) -> list | None:
+    """The values of one column for every row, or None if no row has it; a gap is an error."""
+    if not any(name in r.columns for r in rows):
+        return None
+    for r in rows:
+        value = r.columns.get(name)
+        if value is None or (value == "" and name != "text"):
+            hint = ' (an empty caption is "")' if name == "text" else ""
+            raise ValueError(f"{r.where} has no {name!r} while other rows do; give every row a {name}{hint}.")
+        if name == "text" and not isinstance(value, str):
+            raise ValueError(f"{r.where}: text is {value!r}, not a string; write the caption in quotes.")
+    return [r.columns[name] for r in rows]
+
+
+def labels_from_column(rows: list[MetadataRow]) -> tuple[list[int], list[str]] | None:
+    """Class indices and names from the `label` column: all names, or all indices 0..K-1."""
+    values = column_values(rows, "label")
+    if values is None:
+        return None
+    from_csv = rows[0].where.split(" line ")[0].endswith(".csv")
+    kinds = [_label_kind(v, from_csv) for v in values]
+    if len(set(kinds)) > 1 or "other" in kinds:
+        first = {k: i for i, k in reversed(list(enumerate(kinds)))}
+        shown = "; ".join(f"{k} at {rows[i].where}: {values[i]!r}" for k, i in sorted(first.items()))
+        raise ValueError(f"the label column mixes types ({shown}); use class names (strings) throughout "
+                         "or class indices (integers 0..K-1) throughout.")
+    if kinds[0] == "int":
+        indices = [int(v) for v in values]
+        if min(indices) < 0:
+            i = indices.index(min(indices))
+            raise ValueError(f"{rows[i].where}: label {indices[i]} is negative; class indices are 0..K-1.")
+        return indices, [str(i) for i in range(max(indices) + 1)]
+    names = sorted(set(values))
+    index = {n: i for i, n in enumerate(names)}
+    return [index[v] for v in values], names
+
+
+def _label_kind(value, from_csv: bool) -> str:
+    if isinstance(value, bool):
+        return "other"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, str):
+        # a CSV holds only text: a cell that reads as an integer is a class index
+        return "int" if from_csv and value.strip().lstrip("-").isdigit() else "str"
+    return "other"
+
+
+def attribute_columns(rows: list[MetadataRow]) -> dict[str, list] | None:
+    """Every other column whose values are scalars, as {name: values}; None if there are none."""
+    names = sorted({k for r in rows for k in r.columns} - {"label", "text"})
+    out = {}
+    for name in names:
+        values = [r.columns.get(name) for r in rows]
+        if all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
+            out[name] = values
+    return out or None
