@@ -31,6 +31,20 @@ def test_digits():
     assert image.shape == (1, 8, 8) and label == ds.labels[5]
 
 
+def test_gray_sources_stay_one_channel(tmp_path):
+    # channels=0 (the default) keeps what the images are: digits and IDX are grayscale
+    ds = load_dataset(DataConfig(source="digits", limit=5))
+    assert ds.channels == 1 and ds.config.channels == 1
+    assert "channels: 1 (grayscale), as the images are" in ds.notes
+    images = np.zeros((3, 4, 4), np.uint8)
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(_idx_bytes(images))
+    with pytest.warns(UserWarning, match="no labels file"):
+        assert load_dataset(DataConfig(source=str(tmp_path / "x-images-idx3-ubyte"))).channels == 1
+    rgb = np.zeros((5, 6, 6, 3), np.float32)
+    np.save(tmp_path / "rgb.npy", rgb)
+    assert load_dataset(DataConfig(source=str(tmp_path / "rgb.npy"))).channels == 3
+
+
 def test_digits_options():
     ds = load_dataset(DataConfig(source="digits", image_size=16, channels=3, limit=20,
                                  class_labels=False))
@@ -242,8 +256,10 @@ def test_load_and_save_image(tmp_path):
         warnings.simplefilter("error")  # already RGB and 8x8: nothing to convert, no warning
         y = load_image(out, image_size=8, channels=3)
     torch.testing.assert_close(y, x)
+    assert load_image(out, channels=0).shape == (1, 3, 8, 8)   # channels=0: as the file is
     save_image(x[:, :1], tmp_path / "gray.png")
     with Image.open(tmp_path / "gray.png") as img:
         assert img.mode == "L"
+    assert load_image(tmp_path / "gray.png", channels=0).shape == (1, 1, 8, 8)
     with pytest.raises(ValueError, match="save_grid"):
         save_image(torch.zeros(2, 3, 4, 4), tmp_path / "two.png")
