@@ -109,6 +109,8 @@ def test_unlabelled_uncaptioned_and_errors(tmp_path):
         BatchSource(stream, 5, 0)
     with pytest.raises(ValueError, match="multiple of 3"):
         BatchSource(stream, 2, 0, world_size=3)
+    with pytest.raises(ValueError, match="rank=2"):
+        BatchSource(stream, 2, 0, rank=2, world_size=2)
     # a file broken after indexing stops the run with its name
     (tmp_path / "2.png").write_bytes((tmp_path / "2.png").read_bytes()[:40])
     with pytest.raises(RuntimeError, match=r"2\.png"):

@@ -44,6 +44,8 @@ class BatchSource:
         if batch_size % world_size:
             raise ValueError(f"batch_size={batch_size} is the global batch and must split evenly over "
                              f"{world_size} processes; use a multiple of {world_size}.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not one of the {world_size} processes (0..{world_size - 1}).")
         self.dataset, self.seed, self.device = dataset, seed, torch.device(device)
         self.order = DataOrder(len(dataset), batch_size, seed)
         self.per_rank, self.rank = batch_size // world_size, rank
