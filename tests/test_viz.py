@@ -1,6 +1,8 @@
-"""Plots and grids: files are valid PNGs of the promised size and images land in the right cells."""
+"""Plots and grids: files are valid PNGs of the promised size and images land in the right cells;
+the process pictures' claims hold (the chain and the jump agree; one naive jump is not sampling)."""
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,8 +10,10 @@ import torch
 from PIL import Image
 
 from diffusekit.data import to_pixels
-from diffusekit.viz import (ema_smooth, make_grid, plot_curves, plot_loss, plot_schedule,
-                            save_grid, save_trajectory)
+from diffusekit.viz import (_column_label, ema_smooth, make_grid, plot_curves, plot_loss,
+                            plot_schedule, save_grid, save_trajectory)
+from diffusekit.viz_process import (forward_chain, forward_jump, max_stat_differences,
+                                    naive_vs_sampling, plot_process)
 
 
 class StandInSchedule:
@@ -136,3 +140,151 @@ def test_ema_smooth_debiased():
     out = ema_smooth([0.0, 1.0], decay=0.5)
     # avg1 = 0, avg2 = 0.5; debiased: 0 / 0.5, 0.5 / 0.75
     np.testing.assert_allclose(out, [0.0, 2 / 3])
+
+
+# --- the trajectory strip's labels ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler"])
+def test_trajectory_columns_are_labelled_with_the_level_of_the_x_shown(name):
+    import diffusekit as dk
+    sched = dk.NoiseSchedule.create("linear", 1000)
+    seen = []
+    zero_eps = lambda x, t, **cond: torch.zeros_like(x)  # noqa: E731
+    dk.get_sampler(name, sched).sample(zero_eps, torch.randn(1, 1, 4, 4), 6, callback=seen.append)
+    ts, steps = [info.t for info in seen], len(seen)
+    for j, info in enumerate(seen):
+        label = _column_label(j, steps, ts)
+        if j == steps - 1:
+            assert label == "x0" and info.abar_next == 1.0  # the final column is the clean sample
+        else:
+            # x after step j sits at the noise level of the timestep the next step is called at
+            assert label == f"t={ts[j + 1]:g}" or label == f"t={ts[j + 1]:.1f}"
+            assert sched.alpha_bar_at(torch.tensor(ts[j + 1])) == pytest.approx(info.abar_next, rel=1e-9)
+
+
+# --- the process pictures -------------------------------------------------------------------------
+
+def _digits(n=16):
+    from sklearn.datasets import load_digits
+    return torch.from_numpy(load_digits().images[:n]).float().div(8).sub(1)[:, None]  # (n, 1, 8, 8)
+
+
+def _tolerances(x0, abar, n):
+    """5 standard errors of the difference of two independent estimates of the pooled mean and std of
+    N = n pixel values v_i = sqrt(abar) x0_i + sqrt(1 - abar) eps_i (x0 fixed, eps independent)."""
+    s2, var_m = 1 - abar, float((abar ** 0.5 * x0).double().var())
+    se_mean = math.sqrt(s2 / n)
+    # Var(sample variance) = (4 s^2 Var(m) + 2 s^4) / N; delta method: SE(std) = SE(var) / (2 std)
+    se_std = math.sqrt((4 * s2 * var_m + 2 * s2 ** 2) / n) / (2 * math.sqrt(var_m + s2))
+    return 5 * math.sqrt(2) * se_mean, 5 * math.sqrt(2) * se_std
+
+
+TS = [0, 100, 250, 500, 999]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_the_step_by_step_chain_and_the_one_jump_agree(kind):
+    import diffusekit as dk
+    sched = dk.NoiseSchedule.create(kind, 1000)
+    x0 = _digits(16).repeat(16, 1, 1, 1).double()  # 16384 pixel values, 16 different images
+    g = torch.Generator().manual_seed(0)
+    chain, jump = forward_chain(sched, x0, TS, g), forward_jump(sched, x0, TS, g)
+    for t in TS:
+        tol_mean, tol_std = _tolerances(x0, float(sched.alphas_cumprod[t]), x0.numel())
+        dmean, dstd = max_stat_differences({t: chain[t]}, {t: jump[t]})
+        assert dmean < tol_mean and dstd < tol_std, (t, dmean, tol_mean, dstd, tol_std)
+    # per pixel too: the chain's mean over copies is sqrt(abar) x0 (each pixel has 16 copies)
+    abar = float(sched.alphas_cumprod[100])
+    per_pixel = chain[100].view(16, 16, 64).mean(0) - abar ** 0.5 * x0[:16].view(16, 64)
+    assert float(per_pixel.abs().max()) < 5 * math.sqrt((1 - abar) / 16)
+
+
+def test_a_chain_without_the_square_root_on_beta_is_caught():
+    import diffusekit as dk
+    sched = dk.NoiseSchedule.create("linear", 1000)
+    # x_t = sqrt(alpha_t) x_{t-1} + beta_t eps: the classic slip, from betas' = betas^2
+    wrong = SimpleNamespace(betas=sched.betas ** 2, alphas=sched.alphas)
+    x0 = _digits(16).repeat(16, 1, 1, 1).double()
+    g = torch.Generator().manual_seed(0)
+    chain, jump = forward_chain(wrong, x0, [250], g), forward_jump(sched, x0, [250], g)
+    _, tol_std = _tolerances(x0, float(sched.alphas_cumprod[250]), x0.numel())
+    assert max_stat_differences(chain, jump)[1] > 10 * tol_std
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    import diffusekit as dk
+    from diffusekit.nn.unet import UNet, UNetConfig
+    from diffusekit.pipeline import Pipeline
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.preset("tiny8", num_classes=0))
+    # a fresh UNet outputs exactly 0 (zero-initialised output layers), and with eps_pred = 0 the naive
+    # jump and DDIM both return x_T / sqrt(abar_T); random weights there make it predict some noise
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(0, 0.05)
+    return Pipeline(model, dk.NoiseSchedule.create("linear", 1000), image_shape=(1, 8, 8),
+                    prediction_type="epsilon", num_classes=0)
+
+
+def _nontrivial_png(path):
+    img = _png(path)
+    arr = np.asarray(img.convert("L"), dtype=float)
+    assert img.size[0] > 300 and img.size[1] > 150 and arr.std() > 10, (path.name, img.size)
+
+
+@pytest.mark.parametrize("which", ["stand-in", "real"])
+def test_plot_process_without_a_model_writes_the_forward_pictures(tmp_path, which):
+    sched = _schedules(which)["linear"]
+    paths = plot_process(tmp_path / "out", sched, _digits(2), ts=[0, 50, 300, 999])
+    assert [p.name for p in paths] == ["forward_process.png", "chain_vs_jump.png"]
+    for p in paths:
+        _nontrivial_png(p)
+
+
+def test_plot_process_with_a_model_writes_four_pictures(tmp_path, tiny_pipe):
+    paths = plot_process(tmp_path, tiny_pipe.schedule, _digits(1)[0], tiny_pipe, num_steps=5, sampler="ddim")
+    assert [p.name for p in paths] == ["forward_process.png", "chain_vs_jump.png", "noise_prediction.png",
+                                       "naive_vs_sampling.png"]
+    for p in paths:
+        _nontrivial_png(p)
+    import diffusekit as dk
+    with pytest.raises(dk.ConfigError, match="does not match the model"):
+        plot_process(tmp_path, tiny_pipe.schedule, torch.zeros(3, 8, 8), tiny_pipe)
+    with pytest.raises(dk.ConfigError, match="ts="):
+        plot_process(tmp_path, tiny_pipe.schedule, _digits(1), ts=[5, 1000])
+    with pytest.raises(dk.ConfigError, match="sampler"):
+        plot_process(tmp_path, tiny_pipe.schedule, _digits(1), tiny_pipe, sampler="dmpp")
+
+
+def test_naive_one_jump_differs_from_sampling(tiny_pipe):
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(8, 1, 8, 8, generator=g)
+    naive, sampled = naive_vs_sampling(tiny_pipe, x_T, sampler="ddim", num_steps=5, generator=g)
+    assert naive.shape == sampled.shape == x_T.shape
+    # an untrained net's eps_pred is far from x_T, and dividing by sqrt(abar_T) ~ 0.006 blows that up
+    assert float(naive.abs().max()) > 10 and float(sampled.abs().max()) <= 1
+    assert not torch.equal(naive.clamp(-1, 1), sampled)
+
+
+def test_naive_one_jump_gives_the_mean_image_and_sampling_gives_the_data_spread():
+    # Gaussian data x0 ~ N(mu, s^2 I) with its exact denoiser: one jump from x_T returns
+    # E[x0 | x_T] ~ mu for every image (almost no spread), sampling returns the data's spread s
+    import diffusekit as dk
+    from diffusekit.pipeline import Pipeline
+    from diffusekit.toy import ExactDenoiserModel, GaussianMixture
+    sched, s, n = dk.NoiseSchedule.create("linear", 1000), 0.3, 256
+    mu = 0.4 * torch.sin(torch.arange(64, dtype=torch.float64))[None]          # (1, 64)
+    pipe = Pipeline(ExactDenoiserModel(GaussianMixture(mu, [s]), sched), sched, image_shape=(1, 8, 8))
+    g = torch.Generator().manual_seed(0)
+    # a second-order solver: first-order DDIM at 50 steps visibly shrinks the spread of narrow data
+    naive, sampled = naive_vs_sampling(pipe, torch.randn(n, 1, 8, 8, generator=g), sampler="dpmpp_2m",
+                                       num_steps=50, generator=g)
+    naive, sampled = naive.double().view(n, 64), sampled.double().view(n, 64)
+    spread = lambda x: float(x.var(0).mean().sqrt())  # noqa: E731  (pooled per-pixel std over images)
+    se = s / math.sqrt(2 * n * 64)
+    assert spread(naive) < 0.05 * s
+    torch.testing.assert_close(naive.mean(0, keepdim=True), mu, atol=0.01, rtol=0)
+    # 5 standard errors plus 3% for the solver's discretisation error at 50 steps
+    assert abs(spread(sampled) - s) < 5 * se + 0.03 * s, spread(sampled)

@@ -110,8 +110,12 @@ def save_trajectory(xs: Sequence[torch.Tensor] | torch.Tensor,
                     upscale: int | None = None) -> Path:
     """Plot x_t and the predicted x0 along a denoising path, one column per step, labelled with t.
 
-    xs, x0_preds: S steps of (B, C, H, W) in [-1, 1] (a list or a (S, B, C, H, W) tensor); each
-    sample gets two rows (x_t above x0_pred). At most max_cols steps are shown, evenly spaced.
+    xs, x0_preds: S steps of (B, C, H, W) in [-1, 1] (a list or a (S, B, C, H, W) tensor), as a
+    sampler's callback reports them: xs[j] is x after step j, x0_preds[j] the prediction made in it;
+    xs[-1] is the final sample. Each sample gets two rows (x_t above x0_pred). timesteps: the S
+    model-call timesteps (StepInfo.t). Column j is labelled with the level of the x it shows, the
+    next step's timestep timesteps[j + 1]; the last column, always shown, is labelled "x0". At most
+    max_cols steps are shown, evenly spaced.
     """
     xs, x0_preds = torch.stack(list(xs)), torch.stack(list(x0_preds))
     if xs.ndim == 4:  # (S, C, H, W): a single sample
@@ -127,15 +131,23 @@ def save_trajectory(xs: Sequence[torch.Tensor] | torch.Tensor,
     cells = rows.flatten(0, 2)
     padding, factor = 2, upscale or _auto_upscale(min(xs.shape[-2:]))
     grid = make_grid(cells, nrow=len(cols), padding=padding, upscale=factor)
-    labels = [f"t={_fmt_t(timesteps[j])}" if timesteps is not None else f"step {j}" for j in cols]
+    labels = [_column_label(j, steps, timesteps) for j in cols]
     row_labels = [name + (f" [{b}]" if batch > 1 else "") for b in range(batch)
                   for name in ("x_t", "x0_pred")]
     h, w = xs.shape[-2] * factor, xs.shape[-1] * factor
     fig = _figure(1.0 + 0.9 * len(cols), 0.4 + 0.9 * len(row_labels))
     ax = fig.add_subplot()
     _show_grid(ax, grid, labels, row_labels, (h, w), padding)
-    ax.set_title("denoising trajectory: x_t and predicted x0", fontsize=9)
+    ax.set_title("denoising trajectory: x after each step (at the t shown) and the x0 predicted in that step",
+                 fontsize=9)
     return _save_figure(fig, path)
+
+
+def _column_label(j: int, steps: int, timesteps: Sequence[float] | None) -> str:
+    """The noise level of xs[j]: step j ends at the timestep step j + 1 is called at; the last is x0."""
+    if j == steps - 1:
+        return "x0"
+    return f"t={_fmt_t(timesteps[j + 1])}" if timesteps is not None else f"after step {j}"
 
 
 def _fmt_t(t) -> str:
