@@ -1,0 +1,222 @@
+"""Local diffusers pipeline folders in diffusekit: DDPMPipeline / DDIMPipeline layouts, loaded as a Pipeline.
+
+A folder holds model_index.json, unet/ (a UNet2DModel: config.json + weights) and scheduler/
+(scheduler_config.json). The UNet is wrapped once (`DiffusersUNet`) to diffusekit's model
+contract model(x, t, **cond); the scheduler config gives the schedule and the prediction type.
+Which sampler runs is the caller's choice, as for any Pipeline; `DiffusersFolder.sampler()`
+converts the folder's own scheduler when its options have a diffusekit counterpart.
+
+Export (`export_diffusers`) lives in interop/export.py and is re-exported here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..schedule import PREDICTION_TYPES
+from .export import ExportResult, export_diffusers  # noqa: F401  (the export half of this interface)
+from .schedulers import sampler_from_diffusers_config, schedule_from_diffusers_config
+
+# the component classes of the layouts we drive
+SUPPORTED_UNETS = ("UNet2DModel",)
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                "diffusion_pytorch_model.bin")
+# components of pipelines we cannot drive yet, with what they are
+_UNSUPPORTED_COMPONENTS = {
+    "vae": "a latent pipeline (vae/)", "vqvae": "a latent pipeline (vqvae/)", "text_encoder": "a text encoder",
+    "transformer": "a transformer denoiser (DiT-style) instead of a UNet", "prior": "a prior model",
+}
+
+
+@dataclass
+class DiffusersFolder:
+    """What a Pipeline loaded from a diffusers folder came from (Pipeline.config for such a pipeline)."""
+    path: str
+    pipeline_class: str
+    unet_class: str
+    unet_config: dict = field(default_factory=dict)
+    scheduler_class: str = ""
+    scheduler_config: dict = field(default_factory=dict)
+
+    def sampler(self) -> tuple[str, dict]:
+        """(sampler name, get_sampler / Pipeline.sample keyword arguments) equivalent to the folder's scheduler.
+
+        Raises ConfigError naming the option when the scheduler has one without a counterpart.
+        """
+        return sampler_from_diffusers_config(self.scheduler_config, self.scheduler_class)
+
+
+class DiffusersUNet(nn.Module):
+    """A diffusers UNet2DModel behind diffusekit's model contract: forward(x, t, class_labels=None) -> prediction.
+
+    t is a (B,) float tensor in training-timestep units (fractional values are fine: the
+    sinusoidal code is continuous). For a class-conditional UNet (num_class_embeds), label -1 is
+    diffusekit's null class; diffusers' UNet2DModel has none unless the model was trained with
+    one, so -1 is mapped to `null_class_label` when given and refused otherwise. A UNet that also
+    outputs variances (out_channels = 2 * in_channels) returns its first half, the prediction.
+    """
+
+    def __init__(self, unet: nn.Module, null_class_label: int | None = None):
+        super().__init__()
+        self.unet = unet
+        cfg = unet.config
+        self.in_channels, self.out_channels = int(cfg.in_channels), int(cfg.out_channels)
+        if self.out_channels not in (self.in_channels, 2 * self.in_channels):
+            raise ConfigError(f"the UNet has in_channels={self.in_channels} and out_channels={self.out_channels}; "
+                              "diffusekit needs a prediction shaped like its input (or twice the channels, "
+                              "prediction then learned variances).")
+        if cfg.get("class_embed_type") is not None:
+            raise ConfigError(f"the UNet has class_embed_type={cfg.class_embed_type!r} (continuous class inputs); "
+                              "diffusekit drives integer class labels only (class_embed_type=None with "
+                              "num_class_embeds).")
+        self.num_classes = int(cfg.get("num_class_embeds") or 0)
+        if null_class_label is not None and not 0 <= null_class_label < self.num_classes:
+            raise ConfigError(f"null_class_label={null_class_label} is not a class of this UNet "
+                              f"(num_class_embeds={self.num_classes}).")
+        self.null_class_label = null_class_label
+
+    def _labels(self, class_labels, batch: int, device) -> torch.Tensor | None:
+        if not self.num_classes:
+            if class_labels is not None:
+                raise ConfigError("class_labels were given but this diffusers UNet is unconditional "
+                                  "(no num_class_embeds); drop the class labels.")
+            return None
+        if class_labels is None:
+            class_labels = -1
+        labels = torch.as_tensor(class_labels, device=device).long()
+        labels = labels.expand(batch) if labels.ndim == 0 else labels
+        if bool((labels < 0).any()):
+            if self.null_class_label is None:
+                raise ConfigError(
+                    f"this diffusers UNet is class-conditional (num_class_embeds={self.num_classes}) and has no null "
+                    "class, so unconditional sampling and classifier-free guidance (guidance_scale != 1) are not "
+                    "available; give class labels with guidance_scale=1, or load with null_class_label=K if the "
+                    "model was trained with label K as its null class.")
+            labels = torch.where(labels < 0, torch.full_like(labels, self.null_class_label), labels)
+        return labels
+
+    def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(x.shape[0]) if t.ndim == 0 else t
+        out = self.unet(x, t, class_labels=self._labels(class_labels, x.shape[0], x.device)).sample
+        return out[:, :self.in_channels]
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} ({what}) is not valid JSON: {e.msg} at line {e.lineno}; repair or re-save "
+                          "the pipeline with save_pretrained.") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} ({what}) holds {type(data).__name__}, not a JSON object.")
+    return data
+
+
+def _not_a_pipeline(path: Path) -> ConfigError:
+    hint = ""
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        hint = " It looks like a diffusekit run: load it with Pipeline.load(path)."
+    elif (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES):
+        hint = (" It looks like a single diffusers model folder: put it in unet/ beside a scheduler/ folder and a "
+                "model_index.json (DDPMPipeline(unet, scheduler).save_pretrained(path) writes all three).")
+    return ConfigError(f"{path} is not a diffusers pipeline folder: it has no model_index.json.{hint}")
+
+
+def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
+    """Check a local diffusers pipeline folder and read its configs; errors name what is missing or unsupported."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder; give the folder a diffusers pipeline was saved to "
+                          "(save_pretrained), holding model_index.json, unet/ and scheduler/.")
+    if not (path / "model_index.json").is_file():
+        raise _not_a_pipeline(path)
+    index = _read_json(path / "model_index.json", "the pipeline index")
+    components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1]}
+    pipeline_class = str(index.get("_class_name", "?"))
+    _check_components(path, pipeline_class, components)
+    unet_class = components["unet"][-1]
+    for name, files in (("unet", ("config.json",)), ("scheduler", ("scheduler_config.json",))):
+        for f in files:
+            if not (path / name / f).is_file():
+                raise ConfigError(f"{path} lists a {name} in model_index.json but {name}/{f} is missing; the folder "
+                                  "is incomplete (copy it again, or re-save the pipeline with save_pretrained).")
+    if not any((path / "unet" / w).is_file() for w in WEIGHT_FILES):
+        raise ConfigError(f"{path}/unet has no weights (none of {list(WEIGHT_FILES)}); the folder is incomplete.")
+    unet_config = _read_json(path / "unet" / "config.json", "the UNet config")
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+    return DiffusersFolder(str(path), pipeline_class, unet_class, unet_config,
+                           str(scheduler_config.get("_class_name", components["scheduler"][-1])), scheduler_config)
+
+
+def _check_components(path: Path, pipeline_class: str, components: dict) -> None:
+    if "unet" in components and components["unet"][-1] == "UNet2DConditionModel" or "text_encoder" in components:
+        raise ConfigError(f"{path} is a text-to-image diffusers pipeline ({pipeline_class}, unet: "
+                          f"{components.get('unet', ['', '?'])[-1]}); text-to-image diffusers pipelines are not "
+                          "supported yet. diffusekit loads DDPMPipeline / DDIMPipeline folders (unet/ with a "
+                          "UNet2DModel, scheduler/).")
+    for name, what in _UNSUPPORTED_COMPONENTS.items():
+        if name in components:
+            raise ConfigError(f"{path} ({pipeline_class}) has {what}, which diffusekit cannot drive yet; it loads "
+                              "DDPMPipeline / DDIMPipeline folders (unet/ with a UNet2DModel, scheduler/).")
+    for name in ("unet", "scheduler"):
+        if name not in components:
+            raise ConfigError(f"{path} ({pipeline_class}) has no {name} component in model_index.json (it has "
+                              f"{sorted(components)}); diffusekit needs unet/ and scheduler/.")
+    if components["unet"][-1] not in SUPPORTED_UNETS:
+        raise ConfigError(f"{path}: unet is a {components['unet'][-1]}, which diffusekit cannot drive; supported: "
+                          f"{list(SUPPORTED_UNETS)}.")
+    others = sorted(set(components) - {"unet", "scheduler"})
+    if others:
+        raise ConfigError(f"{path} ({pipeline_class}) has components {others} besides unet and scheduler; "
+                          "diffusekit does not know what they do, so it will not drive the pipeline without them.")
+
+
+def _check_vp_scheduler(folder: DiffusersFolder) -> None:
+    cfg = folder.scheduler_config
+    if not any(k in cfg for k in ("beta_schedule", "trained_betas", "beta_start")):
+        raise ConfigError(f"{folder.path}: the scheduler {folder.scheduler_class} has no beta schedule (a "
+                          "variance-exploding or continuous-time scheduler); diffusekit drives variance-preserving "
+                          "(beta) schedules only.")
+    prediction_type = cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"{folder.path}: the scheduler says prediction_type={prediction_type!r}; diffusekit's "
+                          f"samplers take {list(PREDICTION_TYPES)}.")
+
+
+def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
+                            null_class_label: int | None = None):
+    """A local DDPMPipeline / DDIMPipeline folder as a diffusekit Pipeline (needs `pip install diffusers`).
+
+    The schedule and prediction type come from scheduler/scheduler_config.json; sampler options
+    there (spacing, clip_sample, ...) are not applied implicitly: pass them to Pipeline.sample, or
+    take them from `pipe.config.sampler()`. A folder written by `export_diffusers` for a model
+    without a UNet2DModel counterpart (diffusekit_unet/ instead of unet/) loads too.
+    """
+    from ..device import resolve_device
+    from ..pipeline import Pipeline
+    path = Path(path)
+    if (path / "diffusekit_unet").is_dir() and not (path / "unet").exists():
+        from .export import load_exported_diffusekit_unet
+        return load_exported_diffusekit_unet(path, device=device, precision=precision)
+    folder = read_diffusers_folder(path)
+    _check_vp_scheduler(folder)
+    schedule = schedule_from_diffusers_config(folder.scheduler_config)
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ConfigError("loading a diffusers folder needs the diffusers package; pip install diffusers.") from e
+    device = resolve_device(device)
+    unet = diffusers.UNet2DModel.from_pretrained(path, subfolder="unet")
+    model = DiffusersUNet(unet, null_class_label=null_class_label).to(device).eval()
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return Pipeline(model, schedule, image_shape=(unet.config.in_channels, height, width),
+                    prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"),
+                    num_classes=model.num_classes, config=folder, device=device, precision=precision,
+                    source=str(path))

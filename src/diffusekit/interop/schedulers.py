@@ -1,0 +1,317 @@
+"""diffusers scheduler configs <-> diffusekit schedules and sampler options.
+
+A diffusers scheduler config mixes two things that diffusekit keeps apart: the forward process
+(betas: `NoiseSchedule`) and how to walk it back (a sampler from the registry with its spacing,
+prediction type and options). Both directions are strict: an option value that selects a
+behaviour diffusekit does not have is a ConfigError naming the option, never dropped.
+
+Deliberate differences that no option selects (so they do not raise), see docs/DESIGN-NOTES.md:
+DDIM with "linspace" spacing steps to the next grid point (diffusers: t - T // n); DEIS's last
+step lands on x0_pred (diffusers stops at sigma(t = 0)).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ConfigError
+from ..samplers import SAMPLERS, Sampler
+from ..schedule import PREDICTION_TYPES, NoiseSchedule, rescale_zero_terminal_snr
+
+# diffusers' beta_schedule names -> NoiseSchedule kinds
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine",
+                  "sigmoid": "sigmoid"}
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr")
+# the class defaults of beta_start / beta_end where they are not DDPM's (a hand-written config may omit them)
+_BETA_DEFAULTS = {"HeunDiscreteScheduler": (0.00085, 0.012), "KDPM2DiscreteScheduler": (0.00085, 0.012)}
+# keys that only act together with an option we require off (thresholding, flow or shifted sigmas)
+_NO_EFFECT = ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type")
+_OFF_SIGMAS = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
+_OFF_SOLVER = dict(thresholding=False, use_flow_sigmas=False, use_dynamic_shifting=False, **_OFF_SIGMAS)
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """How one diffusers scheduler class corresponds to one diffusekit sampler.
+
+    required: diffusers options whose value must be this one (it is the behaviour of our sampler);
+    options: diffusers option -> our sampler option, passed through; defaults: diffusers' class
+    defaults where they differ from `required` (used for keys a config leaves out).
+    """
+    class_name: str
+    sampler: str
+    spacing: str                                   # diffusers' default timestep_spacing for the class
+    required: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    defaults: dict = field(default_factory=dict)
+    clip: bool = False                             # the class has clip_sample, and it means what ours does
+    clip_keeps_eps: bool = False                   # clipping x0_pred leaves the eps in the update unclipped
+    karras: bool = False                           # the class has use_karras_sigmas
+    predictions: tuple = PREDICTION_TYPES          # prediction types diffusers can step with
+    no_effect: tuple = ()                          # keys without effect under `required`
+    rescale: bool = True                           # the class has rescale_betas_zero_snr
+    sigmoid: bool = False                          # the class has beta_schedule="sigmoid"
+
+
+SPECS = [
+    SchedulerSpec("DDPMScheduler", "ddpm", "leading", dict(thresholding=False, steps_offset=0),
+                  options={"variance_type": "variance_type"}, defaults=dict(clip_sample=True), clip=True, sigmoid=True),
+    SchedulerSpec("DDIMScheduler", "ddim", "leading", dict(thresholding=False, steps_offset=0, set_alpha_to_one=True),
+                  defaults=dict(clip_sample=True), clip=True, clip_keeps_eps=True),
+    SchedulerSpec("DPMSolverMultistepScheduler", "dpmpp_2m", "linspace",
+                  dict(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", final_sigmas_type="zero",
+                       use_lu_lambdas=False, lambda_min_clipped=-math.inf, variance_type=None, steps_offset=0,
+                       **_OFF_SOLVER),
+                  karras=True, no_effect=("lower_order_final", "euler_at_final")),  # order 2, final sigma 0
+    SchedulerSpec("DPMSolverMultistepScheduler", "dpmpp_3m", "linspace",
+                  dict(solver_order=3, algorithm_type="dpmsolver++", final_sigmas_type="zero", use_lu_lambdas=False,
+                       lambda_min_clipped=-math.inf, variance_type=None, steps_offset=0, **_OFF_SOLVER),
+                  options={"solver_type": "solver_type", "lower_order_final": "lower_order_final"},
+                  karras=True, no_effect=("euler_at_final",)),
+    SchedulerSpec("EulerDiscreteScheduler", "euler", "linspace",
+                  dict(interpolation_type="linear", sigma_min=None, sigma_max=None, timestep_type="discrete",
+                       final_sigmas_type="zero", steps_offset=0, **_OFF_SIGMAS), karras=True),
+    SchedulerSpec("EulerAncestralDiscreteScheduler", "euler_ancestral", "linspace", dict(steps_offset=0),
+                  predictions=("epsilon", "v_prediction")),
+    SchedulerSpec("HeunDiscreteScheduler", "heun", "linspace", dict(steps_offset=0, **_OFF_SIGMAS),
+                  clip=True, karras=True, rescale=False),
+    SchedulerSpec("UniPCMultistepScheduler", "unipc", "linspace",
+                  dict(solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[],
+                       solver_p=None, final_sigmas_type="zero", sigma_min=None, sigma_max=None, shift_terminal=None,
+                       steps_offset=0, **_OFF_SOLVER), karras=True),
+    SchedulerSpec("DEISMultistepScheduler", "deis", "linspace",
+                  dict(algorithm_type="deis", solver_type="logrho", steps_offset=0, **_OFF_SOLVER),
+                  options={"solver_order": "solver_order", "lower_order_final": "lower_order_final"}, karras=True,
+                  rescale=False),
+    SchedulerSpec("PNDMScheduler", "plms", "leading", dict(skip_prk_steps=True, set_alpha_to_one=True, steps_offset=0),
+                  defaults=dict(skip_prk_steps=False, set_alpha_to_one=False), predictions=("epsilon", "v_prediction"),
+                  rescale=False),
+]
+# the ones whose sampler is registered (plms, deis and dpmpp_3m arrived later than the others)
+SCHEDULER_CLASSES = sorted({s.class_name for s in SPECS if s.sampler in SAMPLERS})
+
+_WHY = {
+    "set_alpha_to_one": "diffusekit's last step always reaches abar = 1 (a clean sample); set_alpha_to_one=False "
+                        "stops at abar_0 instead",
+    "steps_offset": "diffusekit places timesteps without an offset",
+    "thresholding": "diffusekit has no dynamic thresholding (Imagen); use clip_sample=True, or leave it off",
+    "skip_prk_steps": "diffusekit's PLMS starts with one pseudo improved-Euler step (skip_prk_steps=True); the "
+                      "Runge-Kutta warm-up is not implemented",
+    "final_sigmas_type": "diffusekit's last step goes to sigma = 0",
+    "variance_type": "the model's learned variances are not used by diffusekit's samplers",
+    "clip_sample": "diffusers' DDIM clips x0_pred but keeps the unclipped eps in its update unless the call passes "
+                   "use_clipped_model_output=True; diffusekit's clip_sample always re-derives eps from the clipped "
+                   "x0_pred, i.e. it matches use_clipped_model_output=True",
+    "use_lu_lambdas": "diffusekit's nearest option is timestep_spacing='logsnr' (uniform in log-SNR, not "
+                      "rounded to integer timesteps), which is not the same placement",
+}
+
+
+def _class_defaults(cfg: dict) -> tuple[float, float]:
+    return _BETA_DEFAULTS.get(cfg.get("_class_name", ""), (1e-4, 0.02))
+
+
+def schedule_from_diffusers_config(cfg: dict) -> NoiseSchedule:
+    """The NoiseSchedule of a diffusers scheduler config (beta_schedule, trained_betas, zero-SNR rescale)."""
+    T = int(cfg.get("num_train_timesteps", 1000))
+    rescale = bool(cfg.get("rescale_betas_zero_snr", False))
+    if cfg.get("trained_betas") is not None:
+        betas = torch.as_tensor(cfg["trained_betas"], dtype=torch.float64).flatten()
+        if len(betas) != T:
+            raise ConfigError(f"trained_betas has {len(betas)} values but num_train_timesteps={T}; give one beta "
+                              f"per training timestep.")
+        return NoiseSchedule(rescale_zero_terminal_snr(betas) if rescale else betas)
+    kind = cfg.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES:
+        hint = difflib.get_close_matches(str(kind), list(BETA_SCHEDULES), n=1)
+        raise ConfigError(f"beta_schedule={kind!r} has no diffusekit counterpart; supported: {list(BETA_SCHEDULES)}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + ", or give the betas themselves as trained_betas.")
+    start, end = _class_defaults(cfg)
+    return NoiseSchedule.create(BETA_SCHEDULES[kind], T, float(cfg.get("beta_start", start)),
+                                float(cfg.get("beta_end", end)), rescale)
+
+
+def schedule_to_diffusers_config(schedule: NoiseSchedule, rescale_key: bool = True, sigmoid: bool = True) -> dict:
+    """The schedule keys of a diffusers scheduler config; betas that no named schedule gives become trained_betas.
+
+    For scheduler classes without rescale_betas_zero_snr (rescale_key=False: Heun, DEIS, PNDM) or
+    without beta_schedule="sigmoid" (sigmoid=False: all but DDPM), such a schedule is written as
+    its betas (trained_betas), which every class takes.
+    """
+    c = schedule.config
+    try:
+        rebuilt = NoiseSchedule.from_config(c).betas
+        named = rebuilt.shape == schedule.betas.shape and bool(torch.allclose(rebuilt, schedule.betas, rtol=0,
+                                                                              atol=1e-12))
+    except (ConfigError, ValueError):
+        named = False
+    unnamed = (c.rescale_zero_terminal_snr and not rescale_key) or (c.kind == "sigmoid" and not sigmoid)
+    if not named or unnamed:
+        cfg = dict(num_train_timesteps=schedule.num_train_timesteps, beta_start=float(schedule.betas[0]),
+                   beta_end=float(schedule.betas[-1]), beta_schedule="linear", trained_betas=schedule.betas.tolist(),
+                   rescale_betas_zero_snr=False)
+    else:
+        kind = "squaredcos_cap_v2" if c.kind in ("cosine", "squaredcos_cap_v2") else c.kind
+        cfg = dict(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
+                   beta_schedule=kind, trained_betas=None, rescale_betas_zero_snr=c.rescale_zero_terminal_snr)
+    if not rescale_key:
+        del cfg["rescale_betas_zero_snr"]
+    return cfg
+
+
+# --- sampler options ----------------------------------------------------------------------------
+
+_VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+_WHY["algorithm_type"] = ("diffusekit's DPM-Solver samplers are the data-prediction ODE solvers ('dpmsolver++'); "
+                          "its dpmpp_3m_sde follows k-diffusion, whose third-order SDE update is not diffusers' "
+                          "'sde-dpmsolver++'")
+# sampler options that diffusers takes as call arguments, not config keys, with the call's default
+_CALL_ARGS = {"eta": 0.0}
+
+
+def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
+    if not class_name:
+        raise ConfigError("the scheduler config names no class (no '_class_name' key); pass class_name, e.g. "
+                          "'DDIMScheduler'.")
+    specs = [s for s in SPECS if s.class_name == class_name]
+    if not specs:
+        kind = " is a variance-exploding (sigma) scheduler;" if "Ve" in class_name else " has no counterpart;"
+        raise ConfigError(f"diffusers scheduler {class_name!r}{kind} diffusekit drives variance-preserving (beta) "
+                          f"schedules with the samplers of {SCHEDULER_CLASSES}. Save the pipeline with one of "
+                          "those (scheduler.from_config(...)), or load only the model and schedule.")
+    if len(specs) > 1:  # DPMSolverMultistepScheduler: the order picks the sampler
+        order = cfg.get("solver_order", 2)
+        specs = [s for s in specs if s.required.get("solver_order") == order and s.sampler in SAMPLERS]
+        if not specs:
+            raise ConfigError(f"{class_name} with solver_order={order!r} has no diffusekit counterpart; use "
+                              "solver_order=2 (dpmpp_2m) or 3 (dpmpp_3m).")
+    spec = specs[0]
+    if spec.sampler not in SAMPLERS:
+        raise ConfigError(f"{class_name} corresponds to diffusekit's sampler {spec.sampler!r}, which this version "
+                          f"does not have; available samplers: {sorted(SAMPLERS)}.")
+    return spec
+
+
+def _unsupported(class_name: str, key: str, have, want) -> ConfigError:
+    why = _WHY.get(key, f"diffusekit's sampler behaves as {key}={want!r}")
+    return ConfigError(f"{class_name} option {key}={have!r} has no diffusekit counterpart ({why}); set "
+                       f"{key}={want!r} in the scheduler config to use a diffusekit sampler.")
+
+
+def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> tuple[str, dict]:
+    """(sampler name, get_sampler keyword arguments) for a diffusers scheduler config.
+
+    Use as `get_sampler(name, schedule_from_diffusers_config(cfg), **kwargs)`. class_name defaults
+    to cfg["_class_name"]. Every key of cfg is either converted, checked to have the value that our
+    sampler implements, or known to have no effect there; anything else is a ConfigError.
+    """
+    class_name = class_name or cfg.get("_class_name")
+    spec = _spec_for(class_name, cfg)
+    for key, want in spec.required.items():
+        have = cfg.get(key, spec.defaults.get(key, want))
+        if have != want:
+            raise _unsupported(class_name, key, have, want)
+    prediction_type = cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"{class_name} option prediction_type={prediction_type!r} has no diffusekit counterpart; "
+                          f"diffusekit's samplers take {list(PREDICTION_TYPES)}.")
+    kwargs = dict(prediction_type=prediction_type, timestep_spacing=cfg.get("timestep_spacing", spec.spacing))
+    # a class without rescale_betas_zero_snr ignores the key, so it must not reach the schedule
+    schedule_keys = set(SCHEDULE_KEYS) - (set() if spec.rescale else {"rescale_betas_zero_snr"})
+    known = schedule_keys | set(spec.required) | set(spec.options) | set(_NO_EFFECT) | set(spec.no_effect)
+    known |= {"prediction_type", "timestep_spacing"}
+    if spec.clip:
+        kwargs["clip_sample"] = bool(cfg.get("clip_sample", spec.defaults.get("clip_sample", False)))
+        if kwargs["clip_sample"] and spec.clip_keeps_eps:
+            raise _unsupported(class_name, "clip_sample", True, False)
+        if kwargs["clip_sample"] and cfg.get("clip_sample_range", 1.0) != 1.0:
+            raise ConfigError(f"{class_name} option clip_sample_range={cfg['clip_sample_range']!r} has no diffusekit "
+                              "counterpart (diffusekit clips x0_pred to [-1, 1]); set clip_sample_range=1.0.")
+        known |= {"clip_sample", "clip_sample_range"}
+    if spec.karras:
+        kwargs["use_karras_sigmas"] = bool(cfg.get("use_karras_sigmas", False))
+        known.add("use_karras_sigmas")
+    for theirs, ours in spec.options.items():
+        if theirs in cfg:
+            kwargs[ours] = _option_from_diffusers(class_name, theirs, cfg[theirs])
+    _check_combinations(class_name, kwargs)
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ConfigError(f"{class_name} option {unknown[0]}={cfg[unknown[0]]!r} is not known to diffusekit, so it "
+                          f"cannot say whether the sampler honours it; remove it from the config if it is at "
+                          f"diffusers' default (known options: {sorted(known)}).")
+    return spec.sampler, kwargs
+
+
+def _check_combinations(class_name: str, kwargs: dict) -> None:
+    """Option pairs whose diffusers behaviour differs from ours although each option alone matches."""
+    if (class_name == "DDPMScheduler" and kwargs.get("variance_type") == "fixed_large"
+            and kwargs["timestep_spacing"] == "trailing"):
+        raise ConfigError("DDPMScheduler with variance_type='fixed_large' and timestep_spacing='trailing' has no "
+                          "diffusekit counterpart: its last step (t = T/n - 1 > 0) adds noise of variance beta to "
+                          "the final sample, while diffusekit's last step adds none; use variance_type="
+                          "'fixed_small' or another spacing.")
+
+
+def _option_from_diffusers(class_name: str, key: str, value):
+    if key == "variance_type":
+        if value not in _VARIANCE_TYPES:
+            raise ConfigError(f"{class_name} option variance_type={value!r} has no diffusekit counterpart; "
+                              f"supported: {list(_VARIANCE_TYPES)} (learned variances are not used).")
+        return _VARIANCE_TYPES[value]
+    return value
+
+
+def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
+    """(diffusers scheduler class name, config dict) that steps like `sampler` (schedule included).
+
+    The dict pins every option our sampler's behaviour depends on, so that diffusers' defaults
+    (which differ between classes and versions) do not leak in.
+    """
+    specs = [s for s in SPECS if s.sampler == sampler.name]
+    if not specs:
+        raise ConfigError(f"sampler {sampler.name!r} has no diffusers scheduler counterpart "
+                          + (f"({_WHY['algorithm_type']})" if "sde" in sampler.name else "")
+                          + f"; samplers that map: {sorted(s.sampler for s in SPECS if s.sampler in SAMPLERS)}.")
+    spec = specs[0]
+    where = f"sampler {sampler.name!r} -> {spec.class_name}"
+    if sampler.timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise ConfigError(f"{where}: timestep_spacing={sampler.timestep_spacing!r} has no diffusers counterpart; "
+                          "use 'leading', 'trailing' or 'linspace'.")
+    if sampler.prediction_type not in spec.predictions:
+        raise ConfigError(f"{where}: diffusers' {spec.class_name} cannot step with prediction_type="
+                          f"{sampler.prediction_type!r} (it takes {list(spec.predictions)}); pick another sampler.")
+    cfg = schedule_to_diffusers_config(sampler.schedule, rescale_key=spec.rescale, sigmoid=spec.sigmoid)
+    cfg.update(prediction_type=sampler.prediction_type, timestep_spacing=sampler.timestep_spacing, **spec.required)
+    if sampler.clip_sample and spec.clip_keeps_eps:
+        raise ConfigError(f"{where}: clip_sample=True has no exact counterpart in the scheduler config "
+                          f"({_WHY['clip_sample']}); convert with clip_sample=False, or keep the config's "
+                          "clip_sample=True and pass use_clipped_model_output=True to the diffusers call.")
+    if spec.clip:
+        cfg.update(clip_sample=bool(sampler.clip_sample), clip_sample_range=1.0)
+    elif sampler.clip_sample:
+        raise ConfigError(f"{where}: clip_sample=True has no counterpart ({spec.class_name} has no clip_sample); "
+                          "use ddpm, ddim or heun, or sample without clipping.")
+    options = dict(sampler.options)
+    karras = bool(options.pop("use_karras_sigmas", False))
+    if spec.karras:
+        cfg["use_karras_sigmas"] = karras
+    elif karras:
+        raise ConfigError(f"{where}: use_karras_sigmas=True has no counterpart ({spec.class_name} has no "
+                          "use_karras_sigmas); sample without Karras sigmas.")
+    for theirs, ours in spec.options.items():
+        cfg[theirs] = options.pop(ours)
+    _check_combinations(spec.class_name, {**cfg, **{ours: cfg[theirs] for theirs, ours in spec.options.items()}})
+    for key, value in options.items():
+        default = _CALL_ARGS.get(key)
+        if value != default:
+            raise ConfigError(f"{where}: {key}={value!r} is not part of a diffusers scheduler config"
+                              + (f" (diffusers takes {key} as an argument of the pipeline call and of "
+                                 f"scheduler.step); convert with {key}={default!r} and pass {key}={value!r} "
+                                 "to the call." if key in _CALL_ARGS else "."))
+    return spec.class_name, cfg
