@@ -1,0 +1,48 @@
+"""PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"): linear multistep on eps."""
+from __future__ import annotations
+
+import math
+
+from .base import register, run_callback
+
+
+def _transfer(x, eps, abar, abar_next):
+    """PNDM's transfer part phi(x_t, eps, t, t - delta) (PNDM eq. 9); algebraically the eta = 0 DDIM step."""
+    # x_next = sqrt(abar_next / abar) x
+    #          - (abar_next - abar) / (sqrt(abar) (sqrt((1 - abar_next) abar) + sqrt((1 - abar) abar_next))) eps
+    denom = math.sqrt(abar) * (math.sqrt((1 - abar_next) * abar) + math.sqrt((1 - abar) * abar_next))
+    return math.sqrt(abar_next / abar) * x - ((abar_next - abar) / denom) * eps
+
+
+# Adams-Bashforth weights of the last 1-4 eps, newest first (PNDM eq. 12 and its warm-up)
+ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                   4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+@register("plms", style="ddim", karras=False, first_step_evals=2)
+def sample_plms(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None):
+    """PLMS: 4th-order Adams-Bashforth on eps with PNDM's transfer (PNDM eq. 9, 12), started by one
+    pseudo improved Euler step instead of the paper's Runge-Kutta steps (diffusers' skip_prk_steps).
+
+    The first step costs two model calls, so n steps cost n + 1. The eps of the extra call is used
+    for that step only; the multistep memory holds one eps per step, each taken at the step's start.
+    A run of one step that stops short of the clean sample (stop_step) has no next time to call the
+    model at, and takes a first-order step.
+    """
+    cond = cond or {}
+    eps_history = []  # eps at the start of each step, newest last: the multistep memory
+    for i in range(len(abars) - 1):
+        abar, abar_next = float(abars[i]), float(abars[i + 1])
+        pred = denoiser(x, ts[i], abar, **cond)
+        eps_history = (eps_history + [pred.eps])[-4:]
+        if i == 0 and abar_next < 1.0 and len(ts) > 1:
+            # pseudo improved Euler: eps' = (eps(x, t) + eps(phi(x, eps, t, t_next), t_next)) / 2
+            x_euler = _transfer(x, pred.eps, abar, abar_next)
+            eps = 0.5 * (pred.eps + denoiser(x_euler, ts[1], abar_next, **cond).eps)
+        else:
+            # eps' = sum_j w_j eps_{i-j}  (linear multistep of order len(eps_history))
+            weights = ADAMS_BASHFORTH[len(eps_history)]
+            eps = sum(w * e for w, e in zip(weights, reversed(eps_history)))
+        x = _transfer(x, eps, abar, abar_next)
+        x = run_callback(callback, i, ts[i], abar_next, x, pred.x0)
+    return x
