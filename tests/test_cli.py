@@ -19,7 +19,7 @@ def run(*args):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
-    r = run("train", "--data", "digits", "--out", out, "--steps", 40, "--batch-size", 32, "--sample-every", 0,
+    r = run("train", "--data", "digits", "--out", out, "--train-steps", 40, "--batch-size", 32, "--sample-every", 0,
             "--save-every", 40, "--seed", 0)
     assert r.exit_code == 0, r.output
     return out
@@ -89,7 +89,7 @@ def test_edit_invert_inpaint(tiny_run, digit_png, tmp_path):
 def test_plot_schedule_and_dry_run(tmp_path):
     out = tmp_path / "s.png"
     assert run("plot-schedule", "--out", out).exit_code == 0 and out.exists()
-    r = run("train", "--data", "digits", "--out", tmp_path / "x", "--steps", 5, "--dry-run")
+    r = run("train", "--data", "digits", "--out", tmp_path / "x", "--train-steps", 5, "--dry-run")
     assert r.exit_code == 0
     assert json.loads(r.stdout)["train"]["steps"] == 5
     assert not (tmp_path / "x").exists()
@@ -109,3 +109,21 @@ def test_bad_input_gets_a_clear_message(tiny_run, tmp_path):
     r = CliRunner().invoke(main, ["inpaint", str(tiny_run), "--image", str(tmp_path / "i.png"),
                                   "--mask", str(tmp_path / "m.png")])
     assert r.exit_code != 0 and "5x5" in r.output and "8x8" in r.output
+
+
+def test_cli_gradient_guides_make_digits_brighter_and_darker(tiny_run, tmp_path):
+    from diffusekit.data import DataConfig, load_dataset
+    means = {}
+    for name, extra in (("plain", []), ("bright", ["--guide", "brightness=0.9"]), ("dark", ["--guide", "brightness=0.1"]),
+                        ("source", ["--guide", "brightness=0.9", "--guide-weighting", "source"])):
+        out = tmp_path / f"{name}.png"
+        r = run("sample", tiny_run, "--sampler", "ddim", "--steps", 20, "--n", 16, "--seed", 3, "--out", out,
+                "--nrow", 16, *extra)
+        assert r.exit_code == 0, r.output
+        means[name] = load_dataset(DataConfig(str(out), channels=1)).images.mean().item() if False else \
+            float(np.asarray(Image.open(out).convert("L"), dtype=np.float64).mean() / 127.5 - 1)
+    # intensity in [-1, 1]; the grid's padding is the same in every picture, so differences are the images'
+    assert means["bright"] - means["plain"] > 0.2 and means["plain"] - means["dark"] > 0.2, means
+    assert means["source"] > means["plain"] + 0.1, means
+    r = CliRunner().invoke(main, ["sample", str(tiny_run), "--guide", "brightness=2", "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and "[0, 1]" in r.output and "Traceback" not in r.output

@@ -17,7 +17,8 @@ from diffusekit.evaluation import _share, evaluate_run, judge_accuracy, referenc
 from diffusekit.metrics import RawPixelFeatures
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.schedule import ScheduleConfig
-from diffusekit.train import RunConfig, TrainConfig, train
+from diffusekit.run import RunConfig, TrainConfig
+from diffusekit.train import train
 
 RESULT_KEYS = {"fd", "kid_mean", "kid_std", "precision", "recall", "sampler", "steps", "nfe", "wall_time_s", "n"}
 
@@ -156,9 +157,9 @@ def test_evaluate_run_reports_metrics_and_caches_the_reference(tiny_run, tmp_pat
 
 def test_evaluate_run_counts_heun_and_guidance_evaluations(tiny_run, tmp_path):
     _, pipe = tiny_run
-    heun = evaluate_run(pipe, DataConfig(), 20, "heun", 4, "raw", tmp_path, batch_size=20, progress=False)
+    heun = evaluate_run(pipe, DataConfig(), 20, sampler="heun", num_steps=4, features="raw", cache_dir=tmp_path, batch_size=20, progress=False)
     assert heun["nfe"] == pipe.sampler_for("heun").nfe(4) == 7                      # 2n - 1
-    cfg = evaluate_run(pipe, DataConfig(), 20, "ddim", 4, "raw", tmp_path, batch_size=20, guidance_scale=2.0,
+    cfg = evaluate_run(pipe, DataConfig(), 20, sampler="ddim", num_steps=4, features="raw", cache_dir=tmp_path, batch_size=20, guidance_scale=2.0,
                        progress=False)
     assert cfg["nfe"] == 8                                 # conditional and unconditional pass per step
 
@@ -166,7 +167,7 @@ def test_evaluate_run_counts_heun_and_guidance_evaluations(tiny_run, tmp_path):
 def test_evaluate_run_with_the_judge(tiny_run, judge, tmp_path):
     _, pipe = tiny_run
     out, _ = judge
-    result = evaluate_run(pipe, DataConfig(), 30, "ddim", 5, f"classifier:{out}", tmp_path, batch_size=30,
+    result = evaluate_run(pipe, DataConfig(), 30, sampler="ddim", num_steps=5, features=f"classifier:{out}", cache_dir=tmp_path, batch_size=30,
                           progress=False)
     assert result["features"].startswith("classifier-") and 0 <= result["judge_accuracy"] <= 1
     assert math.isfinite(result["fd"])
@@ -187,7 +188,7 @@ def test_cli_train_classifier_and_eval(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     runner = CliRunner()
     judge_dir = tmp_path / "judge"
-    res = runner.invoke(main, ["train-classifier", "--data", "digits", "--out", str(judge_dir), "--steps", "20",
+    res = runner.invoke(main, ["train-classifier", "--data", "digits", "--out", str(judge_dir), "--train-steps", "20",
                                "--batch-size", "32", "--base-channels", "8", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert (judge_dir / "classifier.safetensors").is_file() and (judge_dir / "metrics.json").is_file()
@@ -202,4 +203,4 @@ def test_cli_train_classifier_and_eval(tiny_run, tmp_path):
     res = runner.invoke(main, ["train-classifier", "--out", str(tmp_path / "x"), "--dry-run"])
     assert res.exit_code == 0 and json.loads(res.output)["classifier"]["image_size"] == 8
     res = runner.invoke(main, ["eval", str(run_dir), "--features", "nonsense", "--n", "4"])
-    assert res.exit_code == 1 and "classifier:PATH" in res.output
+    assert res.exit_code == 2 and "classifier:PATH" in res.output   # user errors exit 2

@@ -17,16 +17,18 @@ from diffusekit.config import ConfigError
 from diffusekit.data import DataConfig
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.schedule import NoiseSchedule, ScheduleConfig
-from diffusekit.train import (EMA, RunConfig, TrainConfig, TrainingDiverged, diffusion_loss, load_run,
-                              loss_weights, lr_at, train)
+from diffusekit.loop import EMA, TrainingDiverged, lr_at
+from diffusekit.run import RunConfig, TrainConfig, load_run
+from diffusekit.train import diffusion_loss, loss_weights, train
 
 
 
 
-def tiny_run(num_classes: int = 10, **train_kw) -> RunConfig:
+def tiny_run(num_classes: int = 10, prediction_type: str = "epsilon", **train_kw) -> RunConfig:
     """A UNet with a handful of channels on 8x8 digits; a step takes milliseconds."""
     model = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                       attention_resolutions=(), num_heads=2, groups=4, num_classes=num_classes)
+                       attention_resolutions=(), num_heads=2, groups=4, num_classes=num_classes,
+                       prediction_type=prediction_type)
     kw = dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, log_every=5, save_every=10, sample_every=0,
               num_sample_images=10, sample_steps=4, device="cpu")
     return RunConfig(model=model, schedule=ScheduleConfig(num_train_timesteps=100),
@@ -204,7 +206,7 @@ def test_torchrun_two_processes(tmp_path):
     script.write_text(
         "import os, sys\n"
         "from safetensors.torch import save_file\n"
-        "from diffusekit.train import RunConfig, train\n"
+        "from diffusekit.run import RunConfig\nfrom diffusekit.train import train\n"
         "r = train(RunConfig.from_json(sys.argv[1]), sys.argv[2], progress=False)\n"
         "sd = {k: v.contiguous() for k, v in r.model.state_dict().items()}\n"
         "save_file(sd, os.path.join(sys.argv[2], 'rank%s.safetensors' % os.environ['RANK']))\n")

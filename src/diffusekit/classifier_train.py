@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from diffusekit import checkpoint as ckpt
 from diffusekit.config import Config, ConfigError, check_range
-from diffusekit.data import DataConfig, ImageDataset, _resolve_kind, load_dataset
+from diffusekit.data import DataConfig, ImageDataset, load_dataset, resolve_kind
 from diffusekit.nn.classifier import ClassifierConfig, NoiseAwareClassifier
 from diffusekit.schedule import NoiseSchedule, ScheduleConfig
-from diffusekit.train import DataOrder, derive_seed, lr_at
+from diffusekit.device import DeviceChoice, resolve_device
+from diffusekit.loop import DataOrder, Dist, NonFinite, derive_seed, run_loop
 
 WEIGHTS_FILE = "classifier.safetensors"
 METRICS_FILE = "metrics.json"
@@ -51,7 +52,7 @@ class ClassifierTrainConfig(Config):
     max_shift: int = 2                  # random translation by up to this many pixels; 0 = none
     heldout_fraction: float = 0.1       # kept out of training when the data has no test split
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: DeviceChoice = "auto"
     eval_batch_size: int = 500
 
     def validate(self) -> None:
@@ -105,7 +106,7 @@ def default_classifier_config(image_size: int, in_channels: int, num_classes: in
 def split_heldout(data_cfg: DataConfig, dataset: ImageDataset, fraction: float,
                   seed: int) -> tuple[ImageDataset, ImageDataset, str]:
     """(train, held-out, description): the IDX t10k split for an IDX folder, else a seeded random share."""
-    if data_cfg.split == "train" and _resolve_kind(data_cfg.source, data_cfg.kind) == "idx" \
+    if data_cfg.split == "train" and resolve_kind(data_cfg.source, data_cfg.kind) == "idx" \
             and Path(data_cfg.source).is_dir():
         test = load_dataset(dataclasses.replace(data_cfg, split="t10k", limit=0))
         return dataset, test, f"{data_cfg.source} split t10k ({len(test)} images)"
@@ -139,12 +140,6 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 
 # ---------------------------------------------------------------------------------------------
 # training
-
-
-def _pick_device(pref: str) -> torch.device:
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but CUDA is not available; set device='auto' or 'cpu'.")
-    return torch.device("cuda" if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 @torch.no_grad()
@@ -193,14 +188,13 @@ def train_classifier(data_cfg: DataConfig, out_dir: str | Path, classifier_cfg: 
         raise ConfigError(f"the data has {dataset.num_classes} classes but num_classes={ccfg.num_classes}; "
                           f"set num_classes={dataset.num_classes}.")
     cfg = ClassifierRunConfig(ccfg, data_cfg, tc, list(dataset.class_names))
-    device = _pick_device(tc.device)
+    device = resolve_device(tc.device)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         return _train(cfg, dataset, Path(out_dir), device, progress)
 
 
 def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, out_dir: Path, device: torch.device,
            progress: bool) -> ClassifierTrainResult:
-    from tqdm.auto import tqdm
     tc = cfg.train
     train_set, held_set, held_desc = split_heldout(cfg.data, dataset, tc.heldout_fraction, tc.seed)
     if len(train_set) < tc.batch_size:
@@ -213,36 +207,32 @@ def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, out_dir: Path, devic
     images, labels = train_set.images.to(device), train_set.labels.to(device)
     order = DataOrder(len(train_set), tc.batch_size, tc.seed)
 
-    bar = tqdm(total=tc.steps, disable=not progress, desc="train-classifier", unit="step", dynamic_ncols=True)
-    t_start, smooth, smooth_acc = time.time(), None, None
     model.train()
-    for step in range(tc.steps):
-        # all randomness of a step from (seed, step), as in diffusekit.train
-        g = torch.Generator(device).manual_seed(derive_seed(tc.seed, "step", step))
-        torch.manual_seed(derive_seed(tc.seed, "global", step))
+
+    def step_fn(step: int, g: torch.Generator) -> dict:
         idx = order.batch(step).to(device)
         x, y = random_shift(images[idx], tc.max_shift, g), labels[idx]
         t = None
         if schedule is not None:
+            # x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps at a random t (noise-aware, Dhariwal & Nichol sec. 4.1)
             t = torch.randint(0, schedule.num_train_timesteps, (x.shape[0],), generator=g, device=device)
             x = schedule.add_noise(x, torch.randn(x.shape, generator=g, device=device), t)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(tc, step)
         logits = model(x, t)
         loss = F.cross_entropy(logits, y)
         if not math.isfinite(loss.item()):
-            raise RuntimeError(f"classifier training diverged: the loss is {loss.item()} at step {step + 1}; "
-                               f"lower lr (now {tc.lr}).")
+            raise NonFinite("the loss", loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        acc = (logits.argmax(1) == y).float().mean().item()
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        smooth_acc = acc if smooth_acc is None else 0.98 * smooth_acc + 0.02 * acc
-        bar.update(1)
-        bar.set_postfix(loss=f"{smooth:.3f}", acc=f"{smooth_acc:.3f}", refresh=False)
-    bar.close()
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+    last = {}
+    t_start = time.time()
+    run_loop(step_fn, start=0, total=tc.steps, seed=tc.seed, dist=Dist(), device=device, opt=opt, lr_config=tc,
+             on_step=lambda step, numbers: last.update(numbers), last_checkpoint=lambda: (None, None),
+             progress=progress, desc="train-classifier")
     seconds = time.time() - t_start
+    smooth = last.get("loss")
 
     model.eval()
     accuracy = heldout_accuracy(model, held_set.images, held_set.labels, tc.eval_batch_size)
@@ -277,7 +267,7 @@ def save_classifier(out_dir: str | Path, model: NoiseAwareClassifier, cfg: Class
     return ckpt.write_weights_atomic(out_dir / WEIGHTS_FILE, model.state_dict(), meta)
 
 
-def _weights_path(path_or_dir: str | Path) -> Path:
+def weights_path(path_or_dir: str | Path) -> Path:
     path = Path(path_or_dir)
     if path.is_dir() or path.suffix != ".safetensors":
         path = path / WEIGHTS_FILE
@@ -292,7 +282,7 @@ def load_classifier(path_or_dir: str | Path, device: str | torch.device = "cpu"
     Errors name a missing file, a config that differs from the one the weights were trained with,
     and mismatching keys or shapes.
     """
-    path = _weights_path(path_or_dir)
+    path = weights_path(path_or_dir)
     if not path.is_file():
         hint = "" if Path(path_or_dir).exists() else f" ({path_or_dir} does not exist)"
         raise FileNotFoundError(f"{path} is missing{hint}; point to a folder written by `diffusekit "

@@ -1,24 +1,37 @@
-"""The `diffusekit` command: a thin layer over the library (no math, no training loop here)."""
+"""The `diffusekit` command: a thin layer over the library (no math, no training loop here).
+
+Options parse into library keyword arguments and configs; choices come from the configs' Literal
+types and the sampler registry. Every error a user can cause prints as one line with the fix.
+"""
 from __future__ import annotations
 
 import functools
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 
 import click
 import torch
 
+from . import __version__
 from .samplers import SAMPLERS
 from .samplers.base import SAMPLER_SPACINGS
 
-SAMPLER_CHOICE = click.Choice(sorted(SAMPLERS))
-SPACING_CHOICE = click.Choice(list(SAMPLER_SPACINGS))
+
+def literal_choices(cls, name: str) -> click.Choice:
+    """The allowed values of a config field declared as a Literal, as a click choice."""
+    return click.Choice([str(v) for v in typing.get_args(typing.get_type_hints(cls)[name])])
+
+
+class UserError(click.ClickException):
+    """A mistake in the input: one line on stderr, exit code 2, no traceback."""
+    exit_code = 2
 
 
 def friendly_errors(fn):
-    """Turn the library's input errors into one clean message and exit code 1 (no traceback)."""
+    """Turn the library's input errors into one clean message (no traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .checkpoint import CheckpointError
@@ -26,190 +39,297 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
+            raise UserError(" ".join(str(e).split("\n")[:1]) if len(str(e)) > 2000 else str(e)) from e
+        except OSError as e:
+            raise UserError(f"{e.filename or ''}: {e.strerror or e}; check the path and its permissions, and "
+                            f"that the disk has room.") from e
     return wrapper
 
 
-def seed_option(fn):
-    return click.option("--seed", type=int, default=0, show_default=True,
-                        help="Seed for every random choice; the same seed gives the same result.")(fn)
-
-
-def dry_run_option(fn):
-    return click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")(fn)
+def common_options(fn):
+    """--seed, --dry-run, --device and --precision: every command has them."""
+    from .device import DEVICES, PRECISIONS
+    fn = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                      help="Network precision: fp32, bf16 (autocast; fast on recent CPUs and GPUs) or fp16 "
+                           "(GPU). Default: fp32 (train: the run's setting).")(fn)
+    fn = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                      help="auto = CUDA, then Apple MPS, then CPU.")(fn)
+    fn = click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")(fn)
+    return click.option("--seed", type=int, default=None,
+                        help="Seed for every random choice; the same seed gives the same result [default: 0; "
+                             "train --resume: the run's].")(fn)
 
 
 def sampler_options(fn):
+    fn = click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
+                      help="DDPM only: fixed_small = posterior variance beta_tilde (the default here), "
+                           "fixed_large = beta_t (the source's sigma_t^2 = beta_t).")(fn)
     fn = click.option("--karras", is_flag=True, help="Karras sigmas (where the sampler allows).")(fn)
     fn = click.option("--eta", type=click.FloatRange(0, 1), default=None,
                       help="DDIM noise: 0 deterministic, 1 DDPM-like (ddim only).")(fn)
-    fn = click.option("--spacing", type=SPACING_CHOICE, default="trailing", show_default=True,
+    fn = click.option("--spacing", type=click.Choice(list(SAMPLER_SPACINGS)), default="trailing", show_default=True,
                       help="Timestep spacing: diffusers' leading/trailing/linspace, or logsnr (uniform in log-SNR).")(fn)
     fn = click.option("--steps", type=click.IntRange(1, 10_000), default=20, show_default=True,
                       help="Sampler steps.")(fn)
-    fn = click.option("--sampler", type=SAMPLER_CHOICE, default="dpmpp_2m", show_default=True,
-                      help="Sampler from the registry.")(fn)
-    return fn
+    return click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp_2m", show_default=True,
+                        help="Sampler from the registry.")(fn)
 
 
-def _sampler_kwargs(spacing, eta, karras):
+def guidance_options(fn):
+    from .guidance import GUIDE_WEIGHTINGS
+    fn = click.option("--classifier-scale", type=float, default=1.0, show_default=True,
+                      help="Classifier guidance scale s.")(fn)
+    fn = click.option("--classifier", "classifier_path", type=click.Path(exists=True), default=None,
+                      help="A noise-aware classifier (train-classifier --noise-aware) for classifier guidance "
+                           "toward --class.")(fn)
+    fn = click.option("--guide-window", type=(float, float), default=None,
+                      help="Apply the guides only at timesteps t_min..t_max.")(fn)
+    fn = click.option("--guide-weighting", type=click.Choice(list(GUIDE_WEIGHTINGS)), default="sqrt_abar",
+                      show_default=True, help="sqrt_abar/constant/one_minus_abar: eps-space guidance; source: "
+                                              "x <- x - s sqrt(abar_t) grad L(x) after each step.")(fn)
+    fn = click.option("--guide", "guides", multiple=True,
+                      help="A gradient guide: color=R,G,B[@scale] or brightness=V[@scale], values in [0, 1]; "
+                           "repeatable.")(fn)
+    return click.option("--guidance", type=float, default=1.0, show_default=True,
+                        help="Classifier-free guidance scale w (1 = none).")(fn)
+
+
+def _sampler_kwargs(spacing, eta, karras, variance_type=None):
     kw = {"timestep_spacing": spacing}
     if eta is not None:
         kw["eta"] = eta
     if karras:
         kw["use_karras_sigmas"] = True
+    if variance_type is not None:
+        kw["variance_type"] = variance_type
     return kw
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def parse_guide(spec: str, weighting: str, window):
+    """'color=R,G,B[@scale]' or 'brightness=V[@scale]' (values in [0, 1]) -> a guidance.Guide."""
+    from .guidance import brightness_guide, color_guide
+    kind, _, rest = spec.partition("=")
+    value, _, scale = rest.partition("@")
+    try:
+        numbers = [float(v) for v in value.split(",")]
+        scale = float(scale) if scale else DEFAULT_GUIDE_SCALE[weighting]
+    except ValueError:
+        raise UserError(f"--guide {spec!r}: expected color=R,G,B[@scale] or brightness=V[@scale] with numbers, "
+                        f"e.g. --guide color=1,0,0@{DEFAULT_GUIDE_SCALE[weighting]:g}") from None
+    if any(not 0 <= v <= 1 for v in numbers):
+        raise UserError(f"--guide {spec!r}: colour and brightness values lie in [0, 1] (0 = black, 1 = white).")
+    data_units = [2 * v - 1 for v in numbers]      # [0, 1] pixels -> the model's [-1, 1]
+    if kind == "brightness" and len(numbers) == 1:
+        return brightness_guide(data_units[0], scale, weighting, window)
+    if kind in ("color", "colour") and len(numbers) == 3:
+        return color_guide(data_units, scale, weighting, window)
+    raise UserError(f"--guide {spec!r}: use color=R,G,B (three values) or brightness=V (one value).")
+
+
+# a scale that visibly steers a small model at 20-50 steps (see BENCHMARKS.md, gradient guidance)
+DEFAULT_GUIDE_SCALE = {"sqrt_abar": 20.0, "constant": 20.0, "one_minus_abar": 20.0, "source": 1.0}
+
+
+def _guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path, classifier_scale, label):
+    """Keyword arguments for Pipeline.sample/edit/inpaint/reconstruct from the guidance options."""
+    kw = {"guidance_scale": guidance, "guides": [parse_guide(g, guide_weighting, guide_window) for g in guides]}
+    if classifier_path:
+        from .classifier_train import load_classifier
+        if label is None or isinstance(label, str) and label == "each":
+            raise UserError("--classifier needs a target: pass --class N (the class to guide toward).")
+        clf, _ = load_classifier(classifier_path, device=pipe.device)
+        kw.update(classifier=clf, classifier_scale=classifier_scale,
+                  target_class=torch.as_tensor(label) if not isinstance(label, torch.Tensor) else label)
+    return kw
 
 
 def _dump(settings: dict) -> None:
     click.echo(json.dumps(settings, indent=2, default=str))
 
 
+def _generator(seed):
+    from .device import generator
+    return generator(0 if seed is None else seed)
+
+
+def _load_pipeline(path, device="auto", precision=None):
+    from .pipeline import Pipeline
+    if (Path(path) / "model_index.json").exists():
+        return Pipeline.from_diffusers(path, device=device, precision=precision or "fp32")
+    return Pipeline.load(path, device=device, precision=precision or "fp32")
+
+
+def _parse_class(value):
+    if value is None or value == "each":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        return value  # a class name; the pipeline checks it
+
+
+def _labels(pipe, class_label, classifier_path):
+    """--class for the model (class-conditional) or only as the classifier's target (unconditional)."""
+    label = _parse_class(class_label)
+    if label is not None and classifier_path and not pipe.num_classes:
+        return None, label
+    return label, label
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="diffusekit")
+@click.version_option(version=__version__, prog_name="diffusekit")
 def main():
     """diffusekit: train diffusion models on your images, sample fast, edit with guidance."""
 
 
 # --- train -------------------------------------------------------------------------------------
+def _train_options(fn):
+    from .run import TrainConfig
+    from .schedule import ScheduleConfig
+    from .nn.unet import UNetConfig
+    opts = [
+        click.option("--data", "source", default=None, help="'digits' (built in), an image folder, an MNIST-format "
+                     "IDX file or folder, or a .npy/.npz file [default: digits]."),
+        click.option("--image-size", type=click.IntRange(0, 1024), default=None,
+                     help="Resize/crop images to this size (0 = native)."),
+        click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Image channels."),
+        click.option("--split", default=None, help="Split of the data (IDX: train or t10k)."),
+        click.option("--unconditional", is_flag=True, default=None, help="Ignore class labels."),
+        click.option("--preset", default=None, help="UNet preset (tiny8, small16, mnist28, cifar32, 64); default "
+                     "by image size."),
+        click.option("--train-steps", type=click.IntRange(1), default=None, help="Optimiser steps [default: 2000]."),
+        click.option("--batch-size", type=click.IntRange(1), default=None, help="Global batch size."),
+        click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate."),
+        click.option("--prediction-type", type=literal_choices(UNetConfig, "prediction_type"), default=None,
+                     help="What the network predicts."),
+        click.option("--schedule", "schedule_kind", type=literal_choices(ScheduleConfig, "kind"), default=None,
+                     help="Noise schedule."),
+        click.option("--loss-weighting", type=literal_choices(TrainConfig, "loss_weighting"), default=None),
+        click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format."),
+        click.option("--class-dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Share of null labels, for classifier-free guidance."),
+        click.option("--sample-every", type=click.IntRange(0), default=None, help="Write a sample grid every N steps."),
+        click.option("--save-every", type=click.IntRange(1), default=None, help="Checkpoint every N steps."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _train_overrides(source, image_size, channels, split, unconditional, train_steps, batch_size, lr,
+                     prediction_type, schedule_kind, loss_weighting, channels_last, class_dropout,
+                     sample_every, save_every, seed, device, precision) -> dict:
+    """The dotted config options that were given explicitly (None = not given)."""
+    given = {"data.source": source, "data.image_size": image_size, "data.channels": int(channels) if channels else None,
+             "data.split": split, "data.class_labels": False if unconditional else None,
+             "model.prediction_type": prediction_type, "schedule.kind": schedule_kind,
+             "train.steps": train_steps, "train.batch_size": batch_size, "train.lr": lr,
+             "train.loss_weighting": loss_weighting, "train.channels_last": channels_last,
+             "train.class_dropout": class_dropout, "train.sample_every": sample_every,
+             "train.save_every": save_every, "train.seed": seed, "train.precision": precision,
+             "train.device": device if device != "auto" else None}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @main.command()
-@click.option("--data", "source", default="digits", show_default=True,
-              help="'digits' (built in), an image folder, an MNIST-format IDX file or folder, or a .npy/.npz file.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory to write.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A full run config JSON (e.g. another run's config.json); flags below override it.")
-@click.option("--image-size", type=click.IntRange(0), default=None, help="Resize/crop images to this size (0 = native).")
-@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Image channels (default 1).")
-@click.option("--split", type=click.Choice(["train", "t10k"]), default=None, help="IDX split.")
-@click.option("--unconditional", is_flag=True, help="Ignore class labels (no class conditioning).")
-@click.option("--preset", default=None, help="UNet preset (tiny8, small16, mnist28, cifar32, 64); default by image size.")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Optimiser steps.")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Global batch size.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate.")
-@click.option("--prediction-type", type=click.Choice(["epsilon", "sample", "v_prediction"]), default=None)
-@click.option("--schedule", "schedule_kind", type=click.Choice(["linear", "scaled_linear", "cosine", "sigmoid"]),
-              default=None, help="Noise schedule.")
-@click.option("--loss-weighting", type=click.Choice(["none", "min_snr"]), default=None)
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16"]), default=None, help="bf16 autocast.")
-@click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format.")
-@click.option("--class-dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Share of null labels, for classifier-free guidance.")
-@click.option("--sample-every", type=click.IntRange(0), default=None, help="Write a sample grid every N steps.")
-@click.option("--save-every", type=click.IntRange(1), default=None, help="Checkpoint every N steps.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@seed_option
-@dry_run_option
+              help="A full run config JSON (e.g. another run's config.json); options given override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped, with its settings.")
+@_train_options
+@common_options
 @friendly_errors
-def train(source, out, config_path, image_size, channels, split, unconditional, preset, steps, batch_size, lr,
-          prediction_type, schedule_kind, loss_weighting, mixed_precision, channels_last, class_dropout,
-          sample_every, save_every, device, resume, seed, dry_run):
+def train(out, config_path, resume, preset, seed, dry_run, device, precision, **options):
     """Train a diffusion model and write a run directory.
 
     \b
     Example (about 5 minutes on a 2-core CPU; writes runs/digits/samples/*.png):
       diffusekit train --data digits --out runs/digits
-      diffusekit train --data ../shared/data/mnist --out runs/mnist --mixed-precision bf16
+      diffusekit train --data path/to/mnist --out runs/mnist --precision bf16
+      diffusekit train --out runs/mnist --resume
     """
-    from dataclasses import replace
+    from . import checkpoint as ckpt
+    from .run import read_run_config, resolve_run_config, resume_conflicts
 
-    from .data import DataConfig, load_dataset
-    from .nn.unet import UNetConfig
-    from .train import RunConfig, default_run_config, train as run_training
-
-    if resume and config_path is None and (Path(out) / "config.json").exists():
-        config_path = str(Path(out) / "config.json")
-    if config_path:
-        cfg = RunConfig.from_json(config_path)
-        data_cfg = cfg.data
-    else:
-        data_cfg = DataConfig(source=source)
-    data_over = {k: v for k, v in dict(image_size=image_size, channels=int(channels) if channels else None,
-                                       split=split).items() if v is not None}
-    if unconditional:
-        data_over["class_labels"] = False
-    data_cfg = replace(data_cfg, **data_over)
-    if not config_path:
-        dataset = load_dataset(data_cfg)
-        for note in getattr(dataset, "notes", []):
-            click.echo(f"data: {note}", err=True)
-        cfg = default_run_config(data_cfg, dataset)
-    else:
-        cfg = replace(cfg, data=data_cfg)
-    if preset:
-        cfg = replace(cfg, model=UNetConfig.preset(preset, image_size=cfg.model.image_size,
-                                                   in_channels=cfg.model.in_channels,
-                                                   num_classes=cfg.model.num_classes))
-    train_over = {k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, prediction_type=prediction_type,
-                                        loss_weighting=loss_weighting, mixed_precision=mixed_precision,
-                                        channels_last=channels_last, class_dropout=class_dropout,
-                                        sample_every=sample_every, save_every=save_every, device=device,
-                                        seed=seed).items() if v is not None}
-    cfg = replace(cfg, train=replace(cfg.train, **train_over))
-    if schedule_kind:
-        cfg = replace(cfg, schedule=replace(cfg.schedule, kind=schedule_kind))
-    cfg = type(cfg).from_dict(cfg.to_dict())  # re-validate the combination
+    overrides = _train_overrides(**options, seed=seed, device=device, precision=precision)
+    base = None
+    if resume:
+        if not (Path(out) / ckpt.CONFIG_FILE).exists():
+            raise UserError(f"--resume: {out} has no {ckpt.CONFIG_FILE}, so there is no run to continue; drop "
+                            f"--resume to start one there, or point --out at an existing run.")
+        base = read_run_config(out)
+    elif config_path:
+        from .run import read_config_file
+        base = read_config_file(config_path)
+    cfg, dataset = resolve_run_config(overrides, base=base, preset=preset)
+    if resume:
+        conflicts = resume_conflicts(base, cfg)
+        if conflicts:
+            lines = "; ".join(f"{k}: the run has {a!r}, the command line says {b!r}" for k, (a, b) in conflicts.items())
+            raise UserError(f"--resume keeps the run's settings, but {lines}. Drop those options, or train a new "
+                            f"run with --config {Path(out) / ckpt.CONFIG_FILE} --out NEW.")
     if dry_run:
         _dump(cfg.to_dict())
         return
-    result = run_training(cfg, out, resume=resume, progress=True)
-    click.echo(f"trained {result.step} steps in {result.seconds:.0f} s (final loss {result.loss:.4f}); "
+    from .train import train as run_training
+    if resume and ckpt.has_checkpoint(out) and ckpt.read_trainer_state(out, finish_interrupted=False)["step"] >= cfg.train.steps:
+        click.echo(f"{out} has already finished its {cfg.train.steps} steps; raise --train-steps to train further.")
+        return
+    for note in getattr(dataset, "notes", []) or []:
+        click.echo(f"data: {note}", err=True)
+    result = run_training(cfg, out, resume=resume, progress=True, dataset=dataset)
+    loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
+    click.echo(f"trained {result.step} steps in {result.seconds:.0f} s (final loss {loss}); "
                f"run directory: {result.run_dir}")
 
 
 # --- sample ------------------------------------------------------------------------------------
-def _load_pipeline(run, precision="fp32"):
-    from .pipeline import Pipeline
-    return Pipeline.load(run, precision=precision)
-
-
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @sampler_options
-@click.option("--n", "n", type=click.IntRange(1), default=64, help="Number of images.")
+@guidance_options
+@click.option("--n", "n", type=click.IntRange(1, 100_000), default=64, help="Number of images.")
 @click.option("--class", "class_label", default=None,
-              help="Class index or name (class-conditional runs); 'each' gives one class per grid column.")
-@click.option("--guidance", type=float, default=1.0, help="Classifier-free guidance scale w (1 = none).")
+              help="Class index or name; 'each' gives one class per grid column.")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", help="Grid image to write.")
 @click.option("--nrow", type=click.IntRange(1), default=None, help="Images per grid row.")
 @click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
               help="Also draw x_t and predicted x0 along the way for a few images.")
 @click.option("--batch-size", type=click.IntRange(1), default=256)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32")
-@seed_option
-@dry_run_option
+@common_options
 @friendly_errors
-def sample(run, sampler, steps, spacing, eta, karras, n, class_label, guidance, out, nrow, trajectory,
-           batch_size, precision, seed, dry_run):
-    """Sample images from a trained run and save a grid.
+def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, guides, guide_weighting, guide_window,
+           classifier_path, classifier_scale, n, class_label, out, nrow, trajectory, batch_size, seed, dry_run,
+           device, precision):
+    """Sample images from a trained run (or a diffusers pipeline folder) and save a grid.
 
     \b
     Example:
       diffusekit sample runs/digits --sampler dpmpp_2m --steps 20 --n 64 --seed 0 --out grid.png
       diffusekit sample runs/digits --class 3 --guidance 2 --trajectory strip.png
+      diffusekit sample runs/digits --guide brightness=0.8 --out bright.png
     """
     from .viz import save_grid, save_trajectory
+    kw = _sampler_kwargs(spacing, eta, karras, variance_type)
     settings = dict(run=run, sampler=sampler, steps=steps, n=n, class_label=class_label, guidance=guidance,
-                    seed=seed, out=out, **_sampler_kwargs(spacing, eta, karras))
+                    guides=list(guides), guide_weighting=guide_weighting, classifier=classifier_path,
+                    seed=seed or 0, out=out, device=device, precision=precision or "fp32", **kw)
     if dry_run:
         _dump(settings)
         return
-    pipe = _load_pipeline(run, precision)
-    label = _parse_class(class_label)
+    pipe = _load_pipeline(run, device, precision)
+    label, target = _labels(pipe, class_label, classifier_path)
     if label == "each":
         if not pipe.num_classes:
-            raise click.ClickException("--class each needs a class-conditional run; this one has no classes.")
+            raise UserError("--class each needs a class-conditional run; this one has no classes.")
         # image k gets class k mod K, so a grid with K images per row shows one class per column
-        label = torch.arange(n) % pipe.num_classes
+        label = target = torch.arange(n) % pipe.num_classes
         nrow = nrow or pipe.num_classes
-    kw = _sampler_kwargs(spacing, eta, karras)
+    guide_kw = _guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path, classifier_scale,
+                         target)
     start = time.perf_counter()
     images = pipe.sample(n, sampler=sampler, num_steps=steps, generator=_generator(seed), class_labels=label,
-                         guidance_scale=guidance, batch_size=batch_size, progress=True, **kw)
+                         batch_size=batch_size, progress=True, **guide_kw, **kw)
     seconds = time.perf_counter() - start
     save_grid(images, out, nrow=nrow)
     nfe = pipe.sampler_for(sampler, **kw).nfe(steps)
@@ -217,40 +337,26 @@ def sample(run, sampler, steps, spacing, eta, karras, n, class_label, guidance, 
     if trajectory:
         k = min(n, 4)
         traj_labels = label[:k] if isinstance(label, torch.Tensor) else label
-        _, xs, x0s, ts = pipe.trajectory(k, sampler, steps, _generator(seed), traj_labels, guidance)
+        _, xs, x0s, ts = pipe.trajectory(k, sampler, steps, _generator(seed), traj_labels, **guide_kw, **kw)
         save_trajectory(xs, x0s, trajectory, timesteps=ts)
         click.echo(f"wrote {trajectory}: x_t (top) and predicted x0 (bottom) along {steps} steps")
 
 
-def _parse_class(value):
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        return value  # a class name; the pipeline checks it
-
-
 # --- editing -----------------------------------------------------------------------------------
-def _load_input_image(pipe, path):
-    from .data import load_image
-    c, h, _ = pipe.image_shape
-    return load_image(path, image_size=h, channels=c)
-
-
 @main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), required=True, help="Input image.")
 @click.option("--strength", type=click.FloatRange(0, 1), default=0.5,
               help="How far to noise the input: 0 returns it, 1 samples afresh.")
 @sampler_options
+@guidance_options
 @click.option("--class", "class_label", default=None, help="Edit toward this class.")
-@click.option("--guidance", type=float, default=1.0, help="Classifier-free guidance scale.")
 @click.option("--out", type=click.Path(dir_okay=False), default="edited.png")
-@seed_option
-@dry_run_option
+@common_options
 @friendly_errors
-def edit(run, image, strength, sampler, steps, spacing, eta, karras, class_label, guidance, out, seed, dry_run):
+def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_type, guidance, guides,
+         guide_weighting, guide_window, classifier_path, classifier_scale, class_label, out, seed, dry_run, device,
+         precision):
     """SDEdit: noise an image to t = strength * T and denoise it with any sampler.
 
     \b
@@ -259,13 +365,15 @@ def edit(run, image, strength, sampler, steps, spacing, eta, karras, class_label
     """
     if dry_run:
         _dump(dict(run=run, image=image, strength=strength, sampler=sampler, steps=steps, class_label=class_label,
-                   guidance=guidance, seed=seed, out=out))
+                   guidance=guidance, guides=list(guides), seed=seed or 0, out=out, device=device))
         return
     from .data import save_image
-    pipe = _load_pipeline(run)
-    x = _load_input_image(pipe, image)
-    y = pipe.edit(x, strength, sampler, steps, _generator(seed), _parse_class(class_label), guidance,
-                  **_sampler_kwargs(spacing, eta, karras))
+    pipe = _load_pipeline(run, device, precision)
+    label, target = _labels(pipe, class_label, classifier_path)
+    y = pipe.edit(pipe.load_image(image), strength, sampler, steps, _generator(seed), label,
+                  **_guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
+                              classifier_scale, target),
+                  **_sampler_kwargs(spacing, eta, karras, variance_type))
     save_image(y, out)
     click.echo(f"wrote {out} (strength {strength}, {sampler}, {steps} steps)")
 
@@ -278,12 +386,11 @@ def edit(run, image, strength, sampler, steps, spacing, eta, karras, class_label
               help="Fixed-point refinements per inversion step (0 = plain inversion).")
 @click.option("--class", "class_label", default=None, help="Class the image is inverted under.")
 @click.option("--edit-class", default=None, help="Also re-sample the inverted noise under this class.")
-@click.option("--guidance", type=float, default=1.0, help="Guidance scale for --edit-class.")
+@click.option("--guidance", type=float, default=1.0, help="Classifier-free guidance scale for --edit-class.")
 @click.option("--out", type=click.Path(file_okay=False), default="inversion", help="Folder to write.")
-@seed_option
-@dry_run_option
+@common_options
 @friendly_errors
-def invert(run, image, steps, refine, class_label, edit_class, guidance, out, seed, dry_run):
+def invert(run, image, steps, refine, class_label, edit_class, guidance, out, seed, dry_run, device, precision):
     """DDIM inversion: find the x_T that DDIM maps back to the image; report reconstruction PSNR.
 
     \b
@@ -293,26 +400,25 @@ def invert(run, image, steps, refine, class_label, edit_class, guidance, out, se
     """
     if dry_run:
         _dump(dict(run=run, image=image, steps=steps, refine=refine, class_label=class_label,
-                   edit_class=edit_class, guidance=guidance, out=out, seed=seed))
+                   edit_class=edit_class, guidance=guidance, out=out, seed=seed or 0, device=device))
         return
-    from safetensors.torch import save_file
-
+    from .checkpoint import write_weights_atomic
     from .data import save_image
     from .editing import psnr
-    pipe = _load_pipeline(run)
-    x = _load_input_image(pipe, image)
+    pipe = _load_pipeline(run, device, precision)
+    x = pipe.load_image(image)
     label = _parse_class(class_label)
     x_T = pipe.invert(x, steps, refine, label)
     recon = pipe.reconstruct(x_T, steps, label)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    save_file({"x_T": x_T.contiguous().cpu()}, str(outdir / "noise.safetensors"),
-              metadata={"steps": str(steps), "refine": str(refine), "image": str(image)})
+    write_weights_atomic(outdir / "noise.safetensors", {"x_T": x_T},
+                         {"steps": str(steps), "refine": str(refine), "image": str(image)})
     save_image(recon.clamp(-1, 1), outdir / "reconstruction.png")
     click.echo(f"reconstruction PSNR {psnr(recon, x.cpu()):.2f} dB ({steps} steps, refine {refine}); "
                f"wrote {outdir}/noise.safetensors and reconstruction.png")
     if edit_class is not None:
-        edited = pipe.reconstruct(x_T, steps, _parse_class(edit_class), guidance)
+        edited = pipe.reconstruct(x_T, steps, _parse_class(edit_class), guidance_scale=guidance)
         save_image(edited.clamp(-1, 1), outdir / "edited.png")
         click.echo(f"wrote {outdir}/edited.png (re-sampled under class {edit_class})")
 
@@ -321,15 +427,17 @@ def invert(run, image, steps, refine, class_label, edit_class, guidance, out, se
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), required=True, help="Input image.")
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Mask image: white (1) = fill, black (0) = keep; same size as the image.")
+              help="Mask image: white = fill, black = keep; the model's size.")
 @sampler_options
+@guidance_options
 @click.option("--resample", type=click.IntRange(1, 50), default=1, help="RePaint resampling jumps per step.")
 @click.option("--class", "class_label", default=None, help="Fill toward this class.")
 @click.option("--out", type=click.Path(dir_okay=False), default="inpainted.png")
-@seed_option
-@dry_run_option
+@common_options
 @friendly_errors
-def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, resample, class_label, out, seed, dry_run):
+def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, variance_type, guidance, guides, guide_weighting,
+            guide_window, classifier_path, classifier_scale, resample, class_label, out, seed, dry_run, device,
+            precision):
     """Fill the masked region of an image; the pixels outside the mask are kept exactly.
 
     \b
@@ -338,18 +446,16 @@ def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, resample, cl
     """
     if dry_run:
         _dump(dict(run=run, image=image, mask=mask, sampler=sampler, steps=steps, resample=resample,
-                   class_label=class_label, seed=seed, out=out))
+                   class_label=class_label, seed=seed or 0, out=out, device=device))
         return
-    from .data import read_image_array, save_image
-    pipe = _load_pipeline(run)
-    x = _load_input_image(pipe, image)
-    m = torch.from_numpy(read_image_array(mask)).float().mean(-1)  # (H, W) in [0, 1]
-    if tuple(m.shape) != tuple(x.shape[-2:]):
-        raise click.ClickException(f"the mask is {m.shape[1]}x{m.shape[0]} but the image (at the model's size) is "
-                                   f"{x.shape[-1]}x{x.shape[-2]}; draw the mask at {x.shape[-1]}x{x.shape[-2]}.")
-    m = (m > 0.5).float()[None, None]
-    y = pipe.inpaint(x, m, sampler, steps, _generator(seed), resample, _parse_class(class_label),
-                     **_sampler_kwargs(spacing, eta, karras))
+    from .data import save_image
+    pipe = _load_pipeline(run, device, precision)
+    x, m = pipe.load_image(image), pipe.load_mask(mask)
+    label, target = _labels(pipe, class_label, classifier_path)
+    y = pipe.inpaint(x, m, sampler, steps, _generator(seed), resample, label,
+                     **_guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
+                                 classifier_scale, target),
+                     **_sampler_kwargs(spacing, eta, karras, variance_type))
     save_image(y.clamp(-1, 1), out)
     click.echo(f"wrote {out} ({int(m.sum())} pixels filled, {sampler}, {steps} steps, resample {resample})")
 
@@ -360,10 +466,9 @@ def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, resample, cl
 @click.option("--timesteps", type=click.IntRange(2, 100_000), default=1000, help="Training timesteps T.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image for the noising strip (default: a built-in digit).")
-@seed_option
-@dry_run_option
+@common_options
 @friendly_errors
-def plot_schedule(out, timesteps, image, seed, dry_run):
+def plot_schedule(out, timesteps, image, seed, dry_run, device, precision):
     """Plot beta_t, alpha_t, abar_t, sqrt(abar_t), sqrt(1 - abar_t) for linear and cosine schedules,
     and one image noised at several t.
 
@@ -372,7 +477,7 @@ def plot_schedule(out, timesteps, image, seed, dry_run):
       diffusekit plot-schedule --out schedule.png
     """
     if dry_run:
-        _dump(dict(out=out, timesteps=timesteps, image=image, seed=seed))
+        _dump(dict(out=out, timesteps=timesteps, image=image, seed=seed or 0))
         return
     from .data import DataConfig, load_dataset, load_image
     from .schedule import NoiseSchedule
@@ -382,9 +487,8 @@ def plot_schedule(out, timesteps, image, seed, dry_run):
     img = load_image(image, channels=3) if image else load_dataset(DataConfig("digits", image_size=32)).images[0:1]
     T = timesteps
     ts = sorted({0, T // 10, T // 4, T // 2, 3 * T // 4, T - 1})
-    draw(scheds, out, image=img, ts=ts, seed=seed)
+    draw(scheds, out, image=img, ts=ts, seed=seed or 0)
     click.echo(f"wrote {out}")
-
 
 
 # --- classifier and evaluation -----------------------------------------------------------------
@@ -393,24 +497,22 @@ def plot_schedule(out, timesteps, image, seed, dry_run):
               help="Labelled data: 'digits', an image folder with class sub-folders, an MNIST-format IDX "
                    "folder or file, or a .npy/.npz file with labels.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder to write.")
-@click.option("--image-size", type=click.IntRange(0), default=0, show_default=True,
+@click.option("--image-size", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="Resize/crop images to this size (0 = native); match the diffusion run's size.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True, help="Image channels.")
 @click.option("--noise-aware", is_flag=True,
               help="Train on noised x_t at random t (for classifier guidance) instead of clean images.")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Take the noise schedule (and image size/channels) from this diffusion run.")
-@click.option("--steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimiser steps.")
+@click.option("--train-steps", type=click.IntRange(1), default=1000, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True,
               help="Peak learning rate.")
 @click.option("--base-channels", type=click.IntRange(1), default=16, show_default=True, help="Classifier width.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@seed_option
-@dry_run_option
+@common_options
 @friendly_errors
-def train_classifier(source, out, image_size, channels, noise_aware, run_dir, steps, batch_size, lr,
-                     base_channels, device, seed, dry_run):
+def train_classifier(source, out, image_size, channels, noise_aware, run_dir, train_steps, batch_size, lr,
+                     base_channels, seed, dry_run, device, precision):
     """Train a classifier: a judge for `eval --features classifier:OUT`, or (--noise-aware) a guide.
 
     Writes OUT/config.json, OUT/classifier.safetensors and OUT/metrics.json (held-out accuracy on
@@ -418,7 +520,7 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, st
 
     \b
     Example (an MNIST judge, ~99% test accuracy in a few CPU minutes):
-      diffusekit train-classifier --data ../shared/data/mnist --out runs/judge
+      diffusekit train-classifier --data path/to/mnist --out runs/judge
       diffusekit train-classifier --data digits --run runs/digits --noise-aware --out runs/guide
     """
     from .classifier_train import ClassifierTrainConfig, default_classifier_config, train_classifier as fit
@@ -428,23 +530,23 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, st
     schedule = ScheduleConfig()
     channels = int(channels)
     if run_dir:
-        from .train import read_run_config
+        from .run import read_run_config
         run_cfg = read_run_config(run_dir)
         schedule, image_size, channels = run_cfg.schedule, run_cfg.model.image_size, run_cfg.model.in_channels
     data_cfg = DataConfig(source=source, image_size=image_size, channels=channels)
-    train_cfg = ClassifierTrainConfig(steps=steps, batch_size=batch_size, lr=lr, noise_aware=noise_aware,
-                                      schedule=schedule, seed=seed, device=device)
+    train_cfg = ClassifierTrainConfig(steps=train_steps, batch_size=batch_size, lr=lr, noise_aware=noise_aware,
+                                      schedule=schedule, seed=seed or 0, device=device)
     dataset = load_dataset(data_cfg)
     if dataset.labels is None:
-        raise click.ClickException(f"{source} has no labels; a classifier needs class sub-folders, IDX labels "
-                                   f"or 'labels' in the .npz.")
+        raise UserError(f"{source} has no labels; a classifier needs class sub-folders, IDX labels "
+                        f"or 'labels' in the .npz.")
     classifier_cfg = default_classifier_config(dataset.image_size, dataset.channels, dataset.num_classes,
                                                base_channels=base_channels, groups=min(8, base_channels))
     if dry_run:
         _dump({"classifier": classifier_cfg.to_dict(), "data": data_cfg.to_dict(), "train": train_cfg.to_dict()})
         return
     result = fit(data_cfg, out, classifier_cfg, train_cfg, progress=True)
-    click.echo(f"trained {steps} steps in {result.seconds:.0f} s; held-out accuracy {result.accuracy:.4f} "
+    click.echo(f"trained {train_steps} steps in {result.seconds:.0f} s; held-out accuracy {result.accuracy:.4f} "
                f"({result.metrics['heldout']}); wrote {out}/classifier.safetensors")
 
 
@@ -454,7 +556,8 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, st
               help="Reference data (as --data of train), brought to the run's image size and channels.")
 @click.option("--ref-split", type=click.Choice(["train", "t10k"]), default="train", show_default=True,
               help="IDX split of the reference data.")
-@click.option("--n", "n", type=click.IntRange(2), default=5000, show_default=True, help="Samples to generate.")
+@click.option("--n", "n", type=click.IntRange(2, 1_000_000), default=5000, show_default=True,
+              help="Samples to generate.")
 @sampler_options
 @click.option("--features", default="raw", show_default=True,
               help="'raw' (pixels), 'classifier:PATH' (a train-classifier folder) or 'inception:WEIGHTS' "
@@ -466,34 +569,34 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, st
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=".cache/diffusekit", show_default=True,
               help="Where reference statistics are cached.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here.")
-@seed_option
-@dry_run_option
+@common_options
 @friendly_errors
-def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras, features, guidance, classes,
-             batch_size, cache_dir, out, seed, dry_run):
+def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras, variance_type, features, guidance,
+             classes, batch_size, cache_dir, out, seed, dry_run, device, precision):
     """Score a run's samples: Frechet distance, KID, precision/recall, NFE and time.
 
     \b
     Example:
-      diffusekit eval runs/mnist --ref ../shared/data/mnist --ref-split t10k --n 5000 \
+      diffusekit eval runs/mnist --ref path/to/mnist --ref-split t10k --n 5000 \\
         --sampler dpmpp_2m --steps 20 --features classifier:runs/judge --out eval.json
     """
     from .data import DataConfig
     from .evaluation import evaluate_run
-    from .train import read_run_config
-    model_cfg = read_run_config(run).model
-    ref = DataConfig(source=ref_source, split=ref_split, image_size=model_cfg.image_size,
-                     channels=model_cfg.in_channels)
-    kw = _sampler_kwargs(spacing, eta, karras)
+    pipe = _load_pipeline(run, device, precision) if not dry_run else None
+    from .run import read_run_config
+    c, size = (pipe.image_shape[0], pipe.image_shape[1]) if pipe else \
+        (read_run_config(run).model.in_channels, read_run_config(run).model.image_size)
+    ref = DataConfig(source=ref_source, split=ref_split, image_size=size, channels=c)
+    kw = _sampler_kwargs(spacing, eta, karras, variance_type)
     settings = dict(run=run, ref=ref.to_dict(), n=n, sampler=sampler, steps=steps, features=features,
-                    guidance=guidance, classes=classes, batch_size=batch_size, cache_dir=cache_dir, seed=seed,
-                    out=out, **kw)
+                    guidance=guidance, classes=classes, batch_size=batch_size, cache_dir=cache_dir, seed=seed or 0,
+                    out=out, device=device, **kw)
     if dry_run:
         _dump(settings)
         return
-    pipe = _load_pipeline(run)
-    result = evaluate_run(pipe, ref, n, sampler, steps, features, cache_dir, seed, batch_size, guidance,
-                          "uniform" if classes == "uniform" else None, progress=True, **kw)
+    result = evaluate_run(pipe, ref, n, sampler=sampler, num_steps=steps, features=features, cache_dir=cache_dir,
+                          seed=seed or 0, batch_size=batch_size, guidance_scale=guidance,
+                          class_labels="uniform" if classes == "uniform" else None, progress=True, **kw)
     width = max(len(k) for k in result)
     for key, value in result.items():
         click.echo(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
@@ -502,6 +605,7 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, json.dumps({**result, "settings": settings}, indent=2) + "\n")
         click.echo(f"wrote {out}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -110,11 +110,10 @@ def _check_mask(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"mask has size {tuple(mask.shape)} but the image has size {tuple(image.shape)}; "
                          "the mask must have the image's size, or broadcast to it (e.g. "
                          f"{(1, 1, *image.shape[2:]) if image.ndim == 4 else (1, *image.shape[1:])}).")
-    mask = mask.to(device=image.device, dtype=image.dtype)
-    if bool(((mask < 0) | (mask > 1)).any()) or not bool(torch.isfinite(mask).all()):
+    if mask.device.type != "meta" and (bool(((mask < 0) | (mask > 1)).any()) or not bool(torch.isfinite(mask).all())):
         raise ValueError("mask values must lie in [0, 1] (1 = fill, 0 = keep); got values from "
                          f"{float(mask.min())} to {float(mask.max())}.")
-    return mask
+    return mask.to(device=image.device, dtype=image.dtype)
 
 
 def inpaint(sampler: Sampler, model, image: torch.Tensor, mask: torch.Tensor, num_steps: int,

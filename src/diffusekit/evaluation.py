@@ -1,6 +1,6 @@
 """Evaluating a trained run: generate samples, extract features, compare with a reference data set.
 
-`evaluate_run(pipe, ref, n, sampler, num_steps, features, cache_dir, seed)` returns Frechet
+`evaluate_run(pipe, ref, n, sampler=..., num_steps=..., features=..., seed=...)` returns Frechet
 distance, KID, precision/recall (diffusekit.metrics) with the sampler, its step count, the honest
 number of network evaluations per sample (NFE) and the generation time. Reference statistics are
 cached per (data source, split, size, count, feature extractor), so scoring many checkpoints or
@@ -23,7 +23,7 @@ import torch
 
 from diffusekit import metrics as M
 from diffusekit.data import DataConfig, ImageDataset, load_dataset
-from diffusekit.train import derive_seed
+from diffusekit.loop import derive_seed
 
 FEATURE_KINDS = ("raw", "classifier:PATH", "inception:WEIGHTS")
 
@@ -50,9 +50,9 @@ def feature_extractor(spec: str, device: str | torch.device = "cpu") -> M.Featur
     if kind == "raw" and not arg:
         return M.RawPixelFeatures()
     if kind == "classifier" and arg:
-        from diffusekit.classifier_train import _weights_path, load_classifier
+        from diffusekit.classifier_train import load_classifier, weights_path
         model, _ = load_classifier(arg, device=device)
-        return M.ClassifierFeatures(model, name=f"classifier-{_file_digest(_weights_path(arg))}")
+        return M.ClassifierFeatures(model, name=f"classifier-{_file_digest(weights_path(arg))}")
     if kind == "inception" and arg:
         return M.InceptionFeatures(arg, device=device)
     raise ValueError(f"features={spec!r} is not understood; use one of {list(FEATURE_KINDS)}, e.g. "
@@ -184,7 +184,7 @@ def judge_accuracy(classifier: torch.nn.Module, images: torch.Tensor, labels, ba
 # the evaluation
 
 
-def evaluate_run(pipe, ref: DataConfig, n: int, sampler: str = "dpmpp_2m", num_steps: int = 20,
+def evaluate_run(pipe, ref: DataConfig, n: int, *, sampler: str = "dpmpp_2m", num_steps: int = 20,
                  features: str | M.FeatureExtractor = "raw", cache_dir: str | Path = ".cache/diffusekit",
                  seed: int = 0, batch_size: int = 250, guidance_scale: float = 1.0,
                  class_labels="uniform", progress: bool = True, device: str | torch.device | None = None,

@@ -1,86 +1,102 @@
-"""Pipeline: a trained run (EMA weights + schedule) ready to sample, edit, invert and inpaint."""
+"""Pipeline: a trained network with its noise schedule, ready to sample, edit, invert and inpaint.
+
+Guidance is composed here, in one place (`Pipeline.denoiser`): classifier-free guidance, any
+number of gradient guides and classifier guidance stack into one Denoiser that every sampler and
+editor takes; guides with the source's post-step rule run as a per-step callback beside it.
+"""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from . import editing
 from .config import ConfigError
-from .guidance import ClassifierFreeGuidance
-from .samplers import Sampler, get_sampler
+from .device import autocast, check_precision, randn, resolve_device
+from .guidance import Guide, SourceGuidance, guided_denoiser
+from .samplers import Denoiser, Sampler, get_sampler
 from .schedule import NoiseSchedule
 
-# The spacing each sampler family does best with at few steps (Lin et al. 2023 recommend "trailing";
-# Karras-style samplers with "linspace" reach t = 0).
+# The spacing each sampler family does best with at few steps (Lin et al. 2023 recommend "trailing").
 DEFAULT_SPACING = "trailing"
 
 
 class Pipeline:
-    """A denoising network with its noise schedule and run config; the high-level entry point."""
+    """A denoising network with its noise schedule; the high-level entry point (see DESIGN.md).
 
-    def __init__(self, model: torch.nn.Module, schedule: NoiseSchedule, config, class_names=(),
-                 device: str | torch.device = "cpu", precision: str = "fp32"):
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision={precision!r}; choose 'fp32' or 'bf16' (bf16 autocast of the network).")
-        self.model, self.schedule, self.config = model.eval(), schedule, config
+    model(x, t, **cond) returns the prediction_type; image_shape is (C, H, W) of what the model
+    denoises; num_classes > 0 for a class-conditional model (label -1 = the null class).
+    """
+
+    def __init__(self, model: torch.nn.Module | Callable, schedule: NoiseSchedule, *, image_shape,
+                 prediction_type: str = "epsilon", num_classes: int = 0, class_names: Sequence[str] = (),
+                 config=None, device: str | torch.device = "cpu", precision: str = "fp32", source: str = ""):
+        self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device)
+        self.model = model.eval() if isinstance(model, torch.nn.Module) else model
+        self.schedule, self.config, self.source = schedule, config, source
+        self.prediction_type, self.num_classes = prediction_type, int(num_classes)
+        self.image_shape = tuple(int(v) for v in image_shape)
         self.class_names = list(class_names)
-        self.device = torch.device(device)
-        self.precision = precision
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
+    def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
              precision: str = "fp32") -> "Pipeline":
         """Load runs/NAME: EMA weights (or "raw"), schedule and config, checked against each other."""
-        from .train import load_run
+        from .run import load_run
+        device = resolve_device(device)
         cfg, model, extra = load_run(run_dir, device=device, weights=weights)
-        return cls(model, NoiseSchedule.from_config(cfg.schedule), cfg, extra.get("class_names") or (),
-                   device=device, precision=precision)
+        m = cfg.model
+        return cls(model, NoiseSchedule.from_config(cfg.schedule), image_shape=(m.in_channels, m.image_size,
+                   m.image_size), prediction_type=m.prediction_type, num_classes=m.num_classes,
+                   class_names=extra.get("class_names") or (), config=cfg, device=device, precision=precision,
+                   source=str(run_dir))
 
-    # --- properties of the trained model ------------------------------------------------------
-    @property
-    def prediction_type(self) -> str:
-        return self.config.train.prediction_type
+    @classmethod
+    def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto",
+                       precision: str = "fp32") -> "Pipeline":
+        """A local diffusers pipeline folder (unet/ + scheduler/), driven by diffusekit's samplers and editors."""
+        from .interop.diffusers import load_diffusers_pipeline
+        return load_diffusers_pipeline(path, device=device, precision=precision)
 
-    @property
-    def num_classes(self) -> int:
-        return int(getattr(self.config.model, "num_classes", 0) or 0)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        m = self.config.model
-        return (m.in_channels, m.image_size, m.image_size)
-
+    # --- the model call and guidance ------------------------------------------------------------
     def sampler_for(self, name: str = "dpmpp_2m", timestep_spacing: str | None = None, **options) -> Sampler:
         """A sampler from the registry bound to this model's schedule and prediction type."""
         return get_sampler(name, self.schedule, prediction_type=self.prediction_type,
                            timestep_spacing=timestep_spacing or DEFAULT_SPACING, **options)
 
-    def network(self, guidance_scale: float = 1.0) -> Callable:
-        """The model call the samplers use: precision handled here, and classifier-free guidance
-        (eps_uncond + w (eps_cond - eps_uncond)) when guidance_scale != 1."""
-        model, precision, device = self.model, self.precision, self.device
+    def network(self) -> Callable:
+        """The raw model call in this pipeline's precision, returning float32."""
+        model, device, precision = self.model, self.device, self.precision
 
         def call(x, t, **cond):
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-            with ctx:
+            with autocast(device, precision):
                 return model(x, t, **cond).float()
-
-        if guidance_scale != 1.0:
-            if not self.num_classes:
-                raise ConfigError(f"guidance_scale={guidance_scale} needs a class-conditional model; this run "
-                                  "has num_classes=0. Use guidance_scale=1.")
-            return ClassifierFreeGuidance(call, guidance_scale, null_label=-1)
         return call
+
+    def denoiser(self, guidance_scale: float = 1.0, guides: Sequence[Guide] = (), classifier: Callable | None = None,
+                 classifier_scale: float = 0.0, target_class=None) -> Denoiser:
+        """One Denoiser with classifier-free guidance (eps_u + w (eps_c - eps_u)), the eps-space gradient
+        guides and classifier guidance toward target_class (default: the class_labels sampled with)
+        stacked (guidance.guided_denoiser)."""
+        if guidance_scale != 1.0 and not self.num_classes:
+            raise ConfigError(f"guidance_scale={guidance_scale} needs a class-conditional model; this one has "
+                              "no classes. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        return guided_denoiser(Denoiser(self.network(), self.prediction_type), guidance_scale=guidance_scale,
+                               null_label=-1, guides=guides, classifier=classifier, classifier_scale=classifier_scale,
+                               target_class=None if target_class is None else torch.as_tensor(target_class).to(self.device))
+
+    def _callback(self, guides: Sequence[Guide], cond: dict, callback):
+        source = [g for g in guides if g.weighting == "source"]
+        return SourceGuidance(source, self.schedule).callback(cond, then=callback) if source else callback
 
     def class_labels(self, labels, n: int) -> torch.Tensor | None:
         """Labels as a (n,) long tensor: None, one int (or class name) for all, or one per image."""
         if labels is None:
             return None
         if not self.num_classes:
-            raise ConfigError("class labels were given but this run is unconditional (num_classes=0); "
+            raise ConfigError("class labels were given but this model is unconditional (no classes); "
                               "drop --class, or train with labelled data.")
         if isinstance(labels, str):
             if labels not in self.class_names:
@@ -93,28 +109,34 @@ class Pipeline:
             raise ConfigError(f"got {labels.numel()} class labels for {n} images; give one label or one per image.")
         bad = labels[(labels < -1) | (labels >= self.num_classes)]
         if len(bad):
-            raise ConfigError(f"class label {int(bad[0])} is out of range; this run has classes 0..{self.num_classes - 1} "
-                              "(-1 = unconditional).")
+            raise ConfigError(f"class label {int(bad[0])} is out of range; this model has classes "
+                              f"0..{self.num_classes - 1} (-1 = unconditional).")
         return labels.to(self.device)
+
+    def _cond(self, class_labels, n: int) -> dict:
+        labels = self.class_labels(class_labels, n)
+        return {} if labels is None else {"class_labels": labels}
 
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "dpmpp_2m", num_steps: int = 20,
                generator: torch.Generator | None = None, class_labels=None, guidance_scale: float = 1.0,
-               batch_size: int = 256, progress: bool = False, callback=None, timestep_spacing: str | None = None,
+               guides: Sequence[Guide] = (), classifier: Callable | None = None, classifier_scale: float = 0.0,
+               target_class=None, batch_size: int = 256, progress: bool = False, callback=None, timestep_spacing: str | None = None,
                noise: torch.Tensor | None = None, **options) -> torch.Tensor:
-        """n images (n, C, H, W) in [-1, 1].
+        """n images (n, C, H, W) in [-1, 1], on the CPU.
 
-        All starting noise is drawn first, so image k starts from the same noise whatever the
-        batch size; stochastic samplers draw their step noise per batch from the same generator.
+        All starting noise is drawn first (on the generator's device), so image k starts from the same
+        noise whatever the batch size; stochastic samplers draw their step noise per batch from the same
+        generator. guides / classifier: see `denoiser`; callback(StepInfo) runs after every step.
         """
         if n < 1:
             raise ConfigError(f"n={n}; ask for at least one image.")
         s = self.sampler_for(sampler, timestep_spacing, **options)
         if noise is None:
-            noise = torch.randn((n, *self.image_shape), generator=generator)
+            noise = randn((n, *self.image_shape), generator, "cpu")
         labels = self.class_labels(class_labels, n)
-        net = self.network(guidance_scale)
+        den = self.denoiser(guidance_scale, guides, classifier, classifier_scale, target_class)
         outs = []
         batches = range(0, n, batch_size)
         if progress and len(batches) > 1:
@@ -123,14 +145,15 @@ class Pipeline:
         for start in batches:
             x = noise[start:start + batch_size].to(self.device)
             cond = {} if labels is None else {"class_labels": labels[start:start + batch_size]}
-            out = s.sample(net, x, num_steps=num_steps, generator=generator, callback=callback,
+            out = s.sample(den, x, num_steps=num_steps, generator=generator,
+                           callback=self._callback(guides, cond, callback),
                            progress=progress and n <= batch_size, **cond)
-            outs.append(out.clamp(-1, 1).cpu())
+            outs.append(_checked_finite(out, "sampling").clamp(-1, 1).cpu())
         return torch.cat(outs)
 
     @torch.no_grad()
     def trajectory(self, n: int = 4, sampler: str = "dpmpp_2m", num_steps: int = 20, generator=None,
-                   class_labels=None, guidance_scale: float = 1.0):
+                   class_labels=None, **guidance):
         """(final images, x_t per step, predicted x0 per step, timesteps) for a denoising picture."""
         xs, x0s, ts = [], [], []
 
@@ -138,55 +161,99 @@ class Pipeline:
             xs.append(info.x.clamp(-1, 1).cpu())
             x0s.append(info.x0_pred.clamp(-1, 1).cpu())
             ts.append(info.t)
-        out = self.sample(n, sampler, num_steps, generator, class_labels, guidance_scale, callback=record)
+        out = self.sample(n, sampler, num_steps, generator, class_labels, callback=record, **guidance)
         return out, xs, x0s, ts
 
     # --- editing ------------------------------------------------------------------------------
+    def load_image(self, path: str | Path) -> torch.Tensor:
+        """An image file as a (1, C, H, W) tensor in [-1, 1] at this model's size and channels."""
+        from .data import load_image
+        c, h, _ = self.image_shape
+        return load_image(path, image_size=h, channels=c)
+
+    def load_mask(self, path: str | Path, threshold: float = 0.5) -> torch.Tensor:
+        """A mask image as a (1, 1, H, W) tensor of 0/1: white (> threshold) = fill, black = keep."""
+        from .data import read_image_array
+        m = torch.from_numpy(read_image_array(path)).float()
+        m = m.mean(-1) if m.ndim == 3 else m                       # (H, W[, C]) -> (H, W) in [0, 1]
+        if tuple(m.shape) != tuple(self.image_shape[1:]):
+            raise ConfigError(f"the mask {path} is {m.shape[1]}x{m.shape[0]} but the model works at "
+                              f"{self.image_shape[2]}x{self.image_shape[1]}; draw the mask at that size.")
+        return (m > threshold).float()[None, None]
+
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
         if image.ndim == 3:
             image = image[None]
         if tuple(image.shape[1:]) != self.image_shape:
             raise ConfigError(f"image of shape {tuple(image.shape[1:])} does not match the model's "
-                              f"{self.image_shape}; load it with diffusekit.data.load_image(path, "
-                              f"image_size={self.image_shape[1]}, channels={self.image_shape[0]}).")
+                              f"{self.image_shape}; load it with Pipeline.load_image(path).")
         return image.to(self.device)
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float = 0.5, sampler: str = "dpmpp_2m", num_steps: int = 50,
-             generator=None, class_labels=None, guidance_scale: float = 1.0, **options) -> torch.Tensor:
-        """SDEdit (Meng et al. 2022): noise the image to t = strength * T, then denoise it."""
+             generator=None, class_labels=None, **guidance_and_options) -> torch.Tensor:
+        """SDEdit (Meng et al. 2022): noise the image to t = strength * T, then denoise it.
+
+        Guidance keywords (guidance_scale, guides, classifier, classifier_scale) are as for `sample`.
+        """
+        guidance, options = _split_guidance(guidance_and_options)
         image = self._check_image(image)
         cond = self._cond(class_labels, len(image))
-        out = editing.sdedit(self.sampler_for(sampler, **options), self.network(guidance_scale), image, strength,
+        if guidance.get("guides"):
+            _refuse_source(guidance["guides"], "edit")
+        out = editing.sdedit(self.sampler_for(sampler, **options), self.denoiser(**guidance), image, strength,
                              num_steps, generator, **cond)
-        return out.clamp(-1, 1).cpu()
+        return _checked_finite(out, "SDEdit").clamp(-1, 1).cpu()
+
+    def ddim(self) -> Sampler:
+        """The deterministic DDIM sampler that inversion and reconstruction share."""
+        return self.sampler_for("ddim", eta=0.0)
 
     @torch.no_grad()
     def invert(self, image: torch.Tensor, num_steps: int = 50, refine_steps: int = 0, class_labels=None):
         """DDIM inversion: the x_T that deterministic DDIM maps back to the image."""
         image = self._check_image(image)
-        cond = self._cond(class_labels, len(image))
-        return editing.invert(self.network(), self.schedule, image, num_steps, self.prediction_type,
-                              refine_steps=refine_steps, timestep_spacing=DEFAULT_SPACING, **cond)
+        return editing.invert(self.ddim(), self.denoiser(), image, num_steps, refine_steps=refine_steps,
+                              **self._cond(class_labels, len(image)))
 
     @torch.no_grad()
-    def reconstruct(self, x_T: torch.Tensor, num_steps: int = 50, class_labels=None, guidance_scale: float = 1.0):
+    def reconstruct(self, x_T: torch.Tensor, num_steps: int = 50, class_labels=None, **guidance):
         """DDIM (eta = 0) from an inverted x_T, optionally under another class or guidance."""
-        cond = self._cond(class_labels, len(x_T))
-        return editing.reconstruct(self.network(guidance_scale), self.schedule, x_T.to(self.device), num_steps,
-                                   self.prediction_type, timestep_spacing=DEFAULT_SPACING, **cond).cpu()
+        out = editing.reconstruct(self.ddim(), self.denoiser(**guidance), x_T.to(self.device), num_steps,
+                                  **self._cond(class_labels, len(x_T)))
+        return _checked_finite(out, "reconstruction").cpu()
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str = "ddim", num_steps: int = 50,
-                generator=None, resample: int = 1, class_labels=None, guidance_scale: float = 1.0,
-                **options) -> torch.Tensor:
+                generator=None, resample: int = 1, class_labels=None, **guidance_and_options) -> torch.Tensor:
         """Fill the region where mask == 1; pixels where mask == 0 stay exactly the input's."""
+        guidance, options = _split_guidance(guidance_and_options)
         image = self._check_image(image)
-        cond = self._cond(class_labels, len(image))
-        out = editing.inpaint(self.sampler_for(sampler, **options), self.network(guidance_scale), image,
-                              mask.to(self.device), num_steps, generator, resample=resample, **cond)
-        return out.cpu()
+        if guidance.get("guides"):
+            _refuse_source(guidance["guides"], "inpaint")
+        out = editing.inpaint(self.sampler_for(sampler, **options), self.denoiser(**guidance), image,
+                              mask.to(self.device), num_steps, generator, resample=resample,
+                              **self._cond(class_labels, len(image)))
+        return _checked_finite(out, "inpainting").cpu()
 
-    def _cond(self, class_labels, n):
-        labels = self.class_labels(class_labels, n)
-        return {} if labels is None else {"class_labels": labels}
+
+_GUIDANCE_KEYS = ("guidance_scale", "guides", "classifier", "classifier_scale", "target_class")
+
+
+def _split_guidance(kwargs: dict) -> tuple[dict, dict]:
+    return ({k: v for k, v in kwargs.items() if k in _GUIDANCE_KEYS},
+            {k: v for k, v in kwargs.items() if k not in _GUIDANCE_KEYS})
+
+
+def _refuse_source(guides, what: str) -> None:
+    if any(g.weighting == "source" for g in guides):
+        raise ConfigError(f"{what} takes eps-space guides only; a guide with weighting='source' acts after "
+                          f"each sampling step and is offered by sample. Use weighting='sqrt_abar'.")
+
+
+def _checked_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse to hand out non-finite images (a NaN guidance scale, corrupt weights)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError(f"{what} produced NaN or infinite values; check the guidance scales and that the "
+                          f"weights are intact (a re-run with --precision fp32 rules out overflow).")
+    return x

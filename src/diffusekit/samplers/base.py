@@ -235,8 +235,8 @@ class Sampler:
         if not 0 <= start_step < stop <= len(ts):
             raise ConfigError(f"start_step={start_step}, stop_step={stop_step}: need 0 <= start_step < stop_step "
                               f"<= {len(ts)} for num_steps={num_steps}.")
-        # a two-evaluation method (Heun) also needs the time of the level it stops at
-        ts = ts[start_step:stop + (self.spec.evals_per_step == 2)]
+        # a method that evaluates at the next level too (Heun, PLMS's start) needs the time it stops at
+        ts = ts[start_step:stop + (self.spec.evals_per_step == 2 or self.spec.first_step_evals == 2)]
         abars = abars[start_step:stop + 1]
         denoiser = model if isinstance(model, Denoiser) else Denoiser(model, self.prediction_type, self.clip_sample)
         opts = {k: v for k, v in self.options.items() if k != "use_karras_sigmas"}
