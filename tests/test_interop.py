@@ -203,3 +203,190 @@ def test_sampler_options_without_diffusers_counterpart_are_errors(name, kwargs, 
     sampler = dk.get_sampler(name, dk.NoiseSchedule.create("linear"), **kwargs)
     with pytest.raises(ConfigError, match=message):
         sampler_to_diffusers_config(sampler)
+
+
+# --- diffusers folders in ----------------------------------------------------------------------
+
+def _tiny_unet2d(diffusers, **kwargs):
+    with torch.random.fork_rng():   # diffusers initialises from the global generator
+        torch.manual_seed(0)
+        return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                     layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                     attention_head_dim=8, **kwargs)
+
+
+def _as_images(x: torch.Tensor) -> torch.Tensor:
+    """Our [-1, 1] samples as diffusers' output_type="np" images, (N, H, W, C) in [0, 1]."""
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def _run(pipeline_cls, folder, seed, steps):
+    pipe = pipeline_cls.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+                  output_type="np").images
+    return torch.from_numpy(images)
+
+
+# A random network predicts eps badly: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) then leaves [-1, 1] unless
+# abar stays away from 0, so epsilon cases use a short schedule (abar_T ~ 0.6) to keep the images unclamped.
+GENTLE_BETA_END = {"epsilon": 1e-3, "v_prediction": 0.02}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_imported_ddim_matches_diffusers_ddim_pipeline(diffusers, tmp_path, prediction_type):
+    """Pipeline.from_diffusers + our DDIM == DDIMPipeline from the same starting noise, to 1e-5."""
+    scheduler = diffusers.DDIMScheduler(clip_sample=False, prediction_type=prediction_type,
+                                        beta_end=GENTLE_BETA_END[prediction_type])
+    diffusers.DDIMPipeline(_tiny_unet2d(diffusers), scheduler).save_pretrained(tmp_path)
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    assert pipe.image_shape == (3, 8, 8) and pipe.prediction_type == prediction_type and pipe.num_classes == 0
+    name, options = pipe.config.sampler()
+    assert (name, options) == ("ddim", {"timestep_spacing": "leading", "clip_sample": False})
+    theirs = _run(diffusers.DDIMPipeline, tmp_path, seed=5, steps=10)
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))   # what DDIMPipeline draws
+    ours = _as_images(pipe.sample(4, sampler=name, num_steps=10, noise=noise, **options))
+    assert ((theirs > 0) & (theirs < 1)).float().mean() > 0.4   # not a comparison of clamped values
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_class_conditional_diffusers_unet(diffusers, tmp_path):
+    unet = _tiny_unet2d(diffusers, num_class_embeds=3)
+    diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler()).save_pretrained(tmp_path)
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    assert pipe.num_classes == 3
+    x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 620.5]), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model(x, t, class_labels=labels), unet(x, t, class_labels=labels).sample)
+    assert pipe.sample(2, sampler="ddim", num_steps=3, class_labels=[0, 2]).shape == (2, 3, 8, 8)
+    for no_null in (dict(class_labels=1, guidance_scale=3.0), {}):   # CFG and unconditional need a null class
+        with pytest.raises(ConfigError, match="no null class.*null_class_label"):
+            pipe.sample(2, sampler="ddim", num_steps=3, **no_null)
+    with_null = dk.interop.load_diffusers_pipeline(tmp_path, device="cpu", null_class_label=2)
+    assert with_null.sample(2, sampler="ddim", num_steps=3, class_labels=0, guidance_scale=2.0).isfinite().all()
+
+
+def _fake_folder(path, index: dict, scheduler: dict | None = None):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "X", **index}))
+    for name in index:
+        (path / name).mkdir(exist_ok=True)
+    if "unet" in index:
+        (path / "unet" / "config.json").write_text("{}")
+        (path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    if scheduler is not None:
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    return path
+
+
+def test_folders_diffusekit_cannot_drive_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="not a diffusers pipeline folder: it has no model_index.json"):
+        dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    t2i = _fake_folder(tmp_path / "t2i", {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                                          "text_encoder": ["transformers", "CLIPTextModel"],
+                                          "scheduler": ["diffusers", "PNDMScheduler"]})
+    with pytest.raises(ConfigError, match="text-to-image diffusers pipelines are not supported yet"):
+        dk.Pipeline.from_diffusers(t2i, device="cpu")
+    latent = _fake_folder(tmp_path / "ldm", {"unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
+                                             "scheduler": ["diffusers", "DDIMScheduler"]})
+    with pytest.raises(ConfigError, match="a latent pipeline \\(vqvae/\\)"):
+        dk.Pipeline.from_diffusers(latent, device="cpu")
+    ddpm = {"unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    with pytest.raises(ConfigError, match="scheduler/scheduler_config.json is missing"):
+        dk.Pipeline.from_diffusers(_fake_folder(tmp_path / "incomplete", ddpm), device="cpu")
+    ve = _fake_folder(tmp_path / "ve", ddpm, {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 50})
+    with pytest.raises(ConfigError, match="ScoreSdeVeScheduler has no beta schedule"):
+        dk.Pipeline.from_diffusers(ve, device="cpu")
+
+
+# --- diffusers folders out ---------------------------------------------------------------------
+
+def _our_unet(**overrides) -> UNet:
+    cfg = UNetConfig(**{**dict(image_size=8, in_channels=3, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                               attention_resolutions=(4,), num_heads=2, groups=4), **overrides})
+    model = UNet(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # a fresh UNet outputs exactly 0 (zero-initialised branches): randomise everything
+        for p in model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(channel_mult=(1, 2, 2), attention_resolutions=(8, 2), head_dim=8, use_scale_shift_norm=False, num_res_blocks=2),
+    dict(channel_mult=(1, 1, 2), attention_resolutions=(), num_heads=1, out_channels=6),
+])
+def test_unet2d_weights_give_the_same_outputs(diffusers, overrides):
+    model = _our_unet(**overrides)
+    assert unet2d_incompatibility(model.config) is None
+    unet = diffusers.UNet2DModel(**unet2d_config(model.config))
+    unet.load_state_dict(unet2d_state_dict(model), strict=True)
+    x, t = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0.0, 37.0, 512.5, 999.0])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t).sample, model(x, t), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(num_classes=2), "class-conditional"),
+    (dict(channel_mult=(2, 2)), "channel_mult starts with 2"),
+    (dict(attention_resolutions=(8, 4)), "different head sizes"),
+    (dict(text_conditioning="cross_attention", context_dim=8), "text-conditioned"),
+])
+def test_layouts_without_unet2d_counterpart_say_why(overrides, message):
+    assert message in unet2d_incompatibility(_our_unet(**overrides).config)
+
+
+@pytest.mark.parametrize("sampler,prediction_type,overrides", [
+    ("ddpm", "epsilon", {}),
+    ("ddim", "v_prediction", dict(use_scale_shift_norm=False, head_dim=8)),
+])
+def test_export_loads_in_diffusers_and_samples_the_same(diffusers, tmp_path, sampler, prediction_type, overrides):
+    """The exported folder: UNet2DModel outputs = ours, DDPMPipeline / DDIMPipeline samples = ours (same
+    generator: start noise, then DDPM's step noise), and Pipeline.from_diffusers reads it back."""
+    model = _our_unet(**overrides)
+    schedule = dk.NoiseSchedule.create("linear", beta_end=GENTLE_BETA_END[prediction_type])
+    pipe = dk.Pipeline(model, schedule, image_shape=(3, 8, 8), prediction_type=prediction_type, device="cpu")
+    result = export_diffusers(pipe, tmp_path, sampler=sampler)
+    assert result.diffusers_loadable and result.reason is None
+    assert {"model_index.json", "README.md", "scheduler/scheduler_config.json", "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors"} == set(result.files)
+    pipeline_cls = getattr(diffusers, result.pipeline_class)
+    theirs = _run(pipeline_cls, tmp_path, seed=3, steps=10)
+    ours = pipe.sample(4, sampler=sampler, num_steps=10, generator=torch.Generator().manual_seed(3),
+                       timestep_spacing="leading")
+    assert ((theirs > 0) & (theirs < 1)).float().mean() > 0.4
+    torch.testing.assert_close(_as_images(ours), theirs, rtol=0, atol=1e-5)
+    again = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    assert again.prediction_type == prediction_type and again.config.sampler()[0] == sampler
+    torch.testing.assert_close(again.sample(4, sampler=sampler, num_steps=10, generator=torch.Generator().manual_seed(3),
+                                            timestep_spacing="leading"), ours, rtol=0, atol=1e-5)
+
+
+def test_export_without_unet2d_counterpart_keeps_our_weights(tmp_path):
+    """A class-conditional UNet: refused with require_unet2d, else our weights + scheduler + a README
+    saying why, and the folder still loads in diffusekit with the same samples."""
+    pipe = dk.Pipeline(_our_unet(num_classes=2), dk.NoiseSchedule.create("cosine"), image_shape=(3, 8, 8),
+                       num_classes=2, class_names=("a", "b"), device="cpu")
+    with pytest.raises(ConfigError, match="cannot be written as a diffusers UNet2DModel: the model is class-conditional"):
+        export_diffusers(pipe, tmp_path / "strict", require_unet2d=True)
+    result = export_diffusers(pipe, tmp_path / "out")
+    assert not result.diffusers_loadable and "class-conditional" in result.reason
+    assert not (tmp_path / "out" / "model_index.json").exists()
+    assert "not loadable" in (tmp_path / "out" / "README.md").read_text()
+    again = dk.Pipeline.from_diffusers(tmp_path / "out", device="cpu")
+    assert again.class_names == ["a", "b"]
+    kwargs = dict(sampler="ddim", num_steps=4, class_labels=[0, 1], guidance_scale=2.0)
+    torch.testing.assert_close(again.sample(2, generator=torch.Generator().manual_seed(0), **kwargs),
+                               pipe.sample(2, generator=torch.Generator().manual_seed(0), **kwargs), rtol=0, atol=0)
+
+
+def test_export_refusals(tmp_path):
+    pipe = dk.Pipeline(_our_unet(), dk.NoiseSchedule.create("linear"), image_shape=(3, 8, 8), device="cpu")
+    with pytest.raises(ConfigError, match="scale_model_input"):
+        export_diffusers(pipe, tmp_path / "euler", sampler="euler")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not empty.*overwrite=True"):
+        export_diffusers(pipe, tmp_path / "busy")

@@ -10,6 +10,7 @@ Export (`export_diffusers`) lives in interop/export.py and is re-exported here.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,11 +45,14 @@ class DiffusersFolder:
     scheduler_config: dict = field(default_factory=dict)
 
     def sampler(self) -> tuple[str, dict]:
-        """(sampler name, get_sampler / Pipeline.sample keyword arguments) equivalent to the folder's scheduler.
+        """(sampler name, Pipeline.sample keyword arguments) equivalent to the folder's scheduler:
+        `pipe.sample(n, sampler=name, **options)` (the prediction type is the Pipeline's already).
 
         Raises ConfigError naming the option when the scheduler has one without a counterpart.
         """
-        return sampler_from_diffusers_config(self.scheduler_config, self.scheduler_class)
+        name, kwargs = sampler_from_diffusers_config(self.scheduler_config, self.scheduler_class)
+        kwargs.pop("prediction_type")
+        return name, kwargs
 
 
 class DiffusersUNet(nn.Module):
@@ -212,7 +216,9 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
     except ImportError as e:
         raise ConfigError("loading a diffusers folder needs the diffusers package; pip install diffusers.") from e
     device = resolve_device(device)
-    unet = diffusers.UNet2DModel.from_pretrained(path, subfolder="unet")
+    # without accelerate, diffusers would print a notice on every load; its plain loading path is the same
+    low_memory = importlib.util.find_spec("accelerate") is not None
+    unet = diffusers.UNet2DModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=low_memory)
     model = DiffusersUNet(unet, null_class_label=null_class_label).to(device).eval()
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
