@@ -390,3 +390,10 @@ def test_export_refusals(tmp_path):
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="exists and is not empty.*overwrite=True"):
         export_diffusers(pipe, tmp_path / "busy")
+
+
+def test_noise_schedule_methods_delegate_to_interop():
+    cfg = {"num_train_timesteps": 50, "beta_schedule": "squaredcos_cap_v2", "rescale_betas_zero_snr": True}
+    schedule = dk.NoiseSchedule.from_diffusers_config(cfg)
+    assert schedule.config.kind == "cosine" and float(schedule.alphas_cumprod[-1]) == 0.0
+    assert {k: schedule.to_diffusers_config()[k] for k in cfg} == cfg
