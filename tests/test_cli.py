@@ -111,19 +111,49 @@ def test_bad_input_gets_a_clear_message(tiny_run, tmp_path):
     assert r.exit_code != 0 and "5x5" in r.output and "8x8" in r.output
 
 
-def test_cli_gradient_guides_make_digits_brighter_and_darker(tiny_run, tmp_path):
-    from diffusekit.data import DataConfig, load_dataset
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A digits run trained for 400 steps (about 15 s): enough for guidance to act on real denoising."""
+    from diffusekit.run import resolve_run_config
+    from diffusekit.train import train
+    cfg, data = resolve_run_config({"data.source": "digits", "train.steps": 400, "train.batch_size": 32,
+                                    "train.sample_every": 0, "train.save_every": 400, "train.device": "cpu"})
+    out = tmp_path_factory.mktemp("trained") / "digits"
+    train(cfg, out, dataset=data, progress=False)
+    return out
+
+
+def _mean_intensity(path):
+    # the grid's padding is the same in every picture, so differences are the images'; [-1, 1] units
+    return float(np.asarray(Image.open(path).convert("L"), dtype=np.float64).mean() / 127.5 - 1)
+
+
+@pytest.mark.slow
+def test_cli_gradient_guides_make_digits_brighter_and_darker(trained_run, tmp_path):
     means = {}
-    for name, extra in (("plain", []), ("bright", ["--guide", "brightness=0.9"]), ("dark", ["--guide", "brightness=0.1"]),
-                        ("source", ["--guide", "brightness=0.9", "--guide-weighting", "source"])):
+    for name, extra in (("plain", []), ("bright", ["--guide", "brightness=0.9"]), ("dark", ["--guide", "brightness=0"]),
+                        ("eps", ["--guide", "brightness=0.9@30", "--guide-weighting", "sqrt_abar"])):
         out = tmp_path / f"{name}.png"
-        r = run("sample", tiny_run, "--sampler", "ddim", "--steps", 20, "--n", 16, "--seed", 3, "--out", out,
+        r = run("sample", trained_run, "--sampler", "ddim", "--steps", 20, "--n", 16, "--seed", 3, "--out", out,
                 "--nrow", 16, *extra)
         assert r.exit_code == 0, r.output
-        means[name] = load_dataset(DataConfig(str(out), channels=1)).images.mean().item() if False else \
-            float(np.asarray(Image.open(out).convert("L"), dtype=np.float64).mean() / 127.5 - 1)
-    # intensity in [-1, 1]; the grid's padding is the same in every picture, so differences are the images'
+        means[name] = _mean_intensity(out)
+    # the source's rule at its default scale: more than 0.2 either way
     assert means["bright"] - means["plain"] > 0.2 and means["plain"] - means["dark"] > 0.2, means
-    assert means["source"] > means["plain"] + 0.1, means
-    r = CliRunner().invoke(main, ["sample", str(tiny_run), "--guide", "brightness=2", "--out", str(tmp_path / "x.png")])
+    assert means["eps"] > means["plain"] + 0.05, means
+    r = CliRunner().invoke(main, ["sample", str(trained_run), "--guide", "brightness=2", "--out", str(tmp_path / "x.png")])
     assert r.exit_code == 2 and "[0, 1]" in r.output and "Traceback" not in r.output
+
+
+def test_make_shapes_plot_process_and_export(tiny_run, tmp_path):
+    r = run("make-shapes", tmp_path / "shapes", "--n", 6)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "shapes" / "metadata.jsonl").exists() and len(list((tmp_path / "shapes").glob("*.png"))) == 6
+    r = run("plot-process", "--out", tmp_path / "fwd")
+    assert r.exit_code == 0, r.output and len(list((tmp_path / "fwd").glob("*.png"))) >= 2
+    r = run("plot-process", tiny_run, "--out", tmp_path / "proc", "--steps", 5)
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "proc").glob("*.png"))) == 4
+    r = run("export", tiny_run, tmp_path / "exported")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "exported" / "scheduler" / "scheduler_config.json").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .checkpoint import write_text_atomic
 from .config import ConfigError
 from .device import rank_world, resolve_device
 
@@ -78,6 +80,23 @@ class EMA:
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
         self.num_updates += 1
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON record per logging step; on resume, records past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        kept = []
+        if start_step > 0 and path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+        write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -284,9 +284,17 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     weights' metadata differ, or the mismatching keys.
     """
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    path = run_dir / (ckpt.EMA_FILE if weights == "ema" else ckpt.RAW_FILE)
-    state_dict, meta = ckpt.read_weights(path)
+    name = ckpt.EMA_FILE if weights == "ema" else ckpt.RAW_FILE
+    # one committed save, read consistently even while a trainer writes the next one
+    saved = ckpt.read_checkpoint(run_dir, weights=(name,))
+    path = run_dir / name
+    if saved.config is None:
+        read_run_config(run_dir)            # raises the missing-file error with its hint
+    try:
+        cfg = RunConfig.from_dict(saved.config)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{run_dir / ckpt.CONFIG_FILE}: {e}") from e
+    state_dict, meta = saved.weights[name]
     check_weights_metadata(cfg, meta, path, run_dir / ckpt.CONFIG_FILE)
     model = UNet(cfg.model)
     ckpt.load_state_dict_checked(model, state_dict, str(path),

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +31,14 @@ from diffusekit import checkpoint as ckpt
 from diffusekit.config import ConfigError
 from diffusekit.data import ImageDataset, load_dataset
 from diffusekit.device import autocast, grad_scaler, rank_world
-from diffusekit.loop import EMA, DataOrder, Dist, derive_seed, optimizer_step, run_loop, setup_processes
+from diffusekit.loop import EMA, DataOrder, Dist, MetricsLog, derive_seed, optimizer_step, run_loop, setup_processes
 from diffusekit.nn.unet import UNet
 from diffusekit.run import RunConfig, check_data_fits, read_run_config, resume_conflicts, weights_metadata, \
     RESUMABLE_CHANGES
 from diffusekit.schedule import NoiseSchedule
+from diffusekit.viz import plot_loss, save_grid
 
-# ---------------------------------------------------------------------------------------------
-# the loss
+# --- the loss ------------------------------------------------------------------------------
 
 
 def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str, weighting: str = "none",
@@ -78,8 +79,7 @@ def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, prediction_
     return (w * per_sample).mean()
 
 
-# ---------------------------------------------------------------------------------------------
-# the loop
+# --- the loop ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -91,22 +91,6 @@ class TrainResult:
     seconds: float                # training time, including before a resume
     model: torch.nn.Module        # raw weights
     ema_model: torch.nn.Module    # EMA weights (what sampling uses)
-
-
-class _MetricsLog:
-    """metrics.jsonl: one JSON record per logging step; on resume, records past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, start_step: int):
-        self.path = path
-        kept = []
-        if start_step > 0 and path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-        ckpt.write_text_atomic(path, "".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 class _SampleGrid:
@@ -125,7 +109,6 @@ class _SampleGrid:
 
     @torch.no_grad()
     def save(self, ema_model: torch.nn.Module, path: Path, precision: str) -> Path:
-        from diffusekit.viz import save_grid
         g = torch.Generator(self.device).manual_seed(derive_seed(self.seed, "grid-sampler"))
         with autocast(self.device, precision):
             x = self.sampler.sample(ema_model, self.x_T, num_steps=self.num_steps, generator=g, **self.cond)
@@ -177,10 +160,14 @@ def train(run_config: RunConfig, out_dir: str | Path, resume: bool = False, prog
     The caller's global RNG state is left as it was (the loop seeds inside torch.random.fork_rng).
     """
     dist, device = setup_processes(run_config.train.device)
+    run_dir = Path(out_dir)
     try:
         devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return _train(run_config, Path(out_dir), resume, progress, dist, device, dataset)
+        if dist.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        # one writer per run: rank 0 holds the run's lock for the whole training (readers never write)
+        with torch.random.fork_rng(devices=devices), (ckpt.RunLock(run_dir) if dist.rank == 0 else nullcontext()):
+            return _train(run_config, run_dir, resume, progress, dist, device, dataset)
     finally:
         dist.close()
 
@@ -278,14 +265,15 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             ckpt.save_checkpoint(run_dir, step, ema=ema.model.state_dict(), raw=model.state_dict(),
                                  trainer_state=trainer_state, config_json=cfg.to_json() + "\n",
                                  metadata=weights_metadata(cfg))
-            _plot_loss(run_dir)
+            if (run_dir / "metrics.jsonl").stat().st_size:    # a loss picture once something is logged
+                plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
         dist.barrier()
 
     grid = None
     if rank0 and tc.sample_every:
         sampler_grid = _SampleGrid(cfg, schedule, device)
         grid = lambda step: sampler_grid.save(ema.model, run_dir / "samples" / f"step_{step:06d}.png", tc.precision)
-    metrics = _MetricsLog(run_dir / "metrics.jsonl", start) if rank0 else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start) if rank0 else None
     if rank0:
         ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, cfg.to_json() + "\n")
     hooks = _Hooks(cfg, run_dir, dist, save, grid, metrics, start, elapsed_before)
@@ -294,13 +282,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
              lr_config=tc, on_step=hooks, last_checkpoint=lambda: (run_dir, hooks.saved_step),
              progress=progress, desc="train")
     return TrainResult(run_dir, max(start, tc.steps), hooks.last_loss, hooks.elapsed(), model, ema.model)
-
-
-def _plot_loss(run_dir: Path) -> None:
-    from diffusekit.viz import plot_loss, read_metrics
-    path = run_dir / "metrics.jsonl"
-    if path.exists() and read_metrics(path):
-        plot_loss(path, run_dir / "loss.png")
 
 
 def main(argv: list[str] | None = None) -> int:
