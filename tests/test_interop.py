@@ -3,7 +3,6 @@
 The numerical checks build tiny randomly initialised models and save them to tmp_path; nothing is downloaded.
 """
 import json
-import math
 
 import pytest
 import torch
@@ -249,6 +248,24 @@ def test_imported_ddim_matches_diffusers_ddim_pipeline(diffusers, tmp_path, pred
     ours = _as_images(pipe.sample(4, sampler=name, num_steps=10, noise=noise, **options))
     assert ((theirs > 0) & (theirs < 1)).float().mean() > 0.4   # not a comparison of clamped values
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_every_sampler_and_editor_runs_on_an_imported_pipeline(diffusers, tmp_path):
+    """Once loaded, a diffusers UNet is just a model: every registered sampler, SDEdit, inversion and inpainting."""
+    diffusers.DDPMPipeline(_tiny_unet2d(diffusers), diffusers.DDPMScheduler()).save_pretrained(tmp_path)
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for name in sorted(dk.SAMPLERS):
+        x = pipe.sample(2, sampler=name, num_steps=3, generator=g())
+        assert x.shape == (2, 3, 8, 8) and bool(x.isfinite().all()), name
+    image = pipe.sample(1, sampler="ddim", num_steps=3, generator=g())
+    assert pipe.edit(image, strength=0.5, sampler="euler", num_steps=4, generator=g()).shape == image.shape
+    x_T = pipe.invert(image, num_steps=4)
+    assert pipe.reconstruct(x_T, num_steps=4).shape == image.shape
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    filled = pipe.inpaint(image, mask, num_steps=4, generator=g())
+    torch.testing.assert_close(filled * (1 - mask), image * (1 - mask))
 
 
 def test_class_conditional_diffusers_unet(diffusers, tmp_path):

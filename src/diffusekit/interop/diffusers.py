@@ -20,8 +20,11 @@ from torch import nn
 
 from ..config import ConfigError
 from ..schedule import PREDICTION_TYPES
-from .export import ExportResult, export_diffusers  # noqa: F401  (the export half of this interface)
+from .export import ExportResult, export_diffusers  # the export half of this interface
 from .schedulers import sampler_from_diffusers_config, schedule_from_diffusers_config
+
+__all__ = ["DiffusersFolder", "DiffusersUNet", "ExportResult", "export_diffusers", "load_diffusers_pipeline",
+           "read_diffusers_folder"]
 
 # the component classes of the layouts we drive
 SUPPORTED_UNETS = ("UNet2DModel",)
