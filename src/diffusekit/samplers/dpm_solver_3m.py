@@ -69,8 +69,8 @@ def _dpmpp_3m(denoiser, x, ts, abars, eta, generator, callback, cond, solver_typ
 @register("dpmpp_3m", style="solver", solver_type="midpoint", lower_order_final=True)
 def sample_dpmpp_3m(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None,
                     solver_type="midpoint", lower_order_final=True):
-    """DPM-Solver++(3M): third-order multistep in log-SNR time (DPM-Solver App. B, data prediction of
-    DPM-Solver++); diffusers' DPMSolverMultistepScheduler(solver_order=3) with the same options."""
+    """DPM-Solver++(3M): DPM-Solver's third-order multistep update in log-SNR time, written in the
+    data prediction of DPM-Solver++ (Lu et al. 2022); diffusers' DPMSolverMultistepScheduler(solver_order=3)."""
     return _dpmpp_3m(denoiser, x, ts, abars, 0.0, generator, callback, cond, solver_type, lower_order_final)
 
 

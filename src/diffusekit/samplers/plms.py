@@ -14,20 +14,20 @@ def _transfer(x, eps, abar, abar_next):
     return math.sqrt(abar_next / abar) * x - ((abar_next - abar) / denom) * eps
 
 
-# Adams-Bashforth weights of the last 1-4 eps, newest first (PNDM eq. 12 and its warm-up)
+# Adams-Bashforth weights of the last 1-4 eps, newest first (PNDM's PLMS and its warm-up)
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
 @register("plms", style="ddim", karras=False, first_step_evals=2)
 def sample_plms(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None):
-    """PLMS: 4th-order Adams-Bashforth on eps with PNDM's transfer (PNDM eq. 9, 12), started by one
+    """PLMS: 4th-order Adams-Bashforth on eps with PNDM's transfer (PNDM eq. 9), started by one
     pseudo improved Euler step instead of the paper's Runge-Kutta steps (diffusers' skip_prk_steps).
 
     The first step costs two model calls, so n steps cost n + 1. The eps of the extra call is used
     for that step only; the multistep memory holds one eps per step, each taken at the step's start.
-    A run of one step that stops short of the clean sample (stop_step) has no next time to call the
-    model at, and takes a first-order step.
+    A run that stops early gets the time of the level it stops at (Sampler.sample); without it, a
+    one-step run takes a first-order step.
     """
     cond = cond or {}
     eps_history = []  # eps at the start of each step, newest last: the multistep memory
