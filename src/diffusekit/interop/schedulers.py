@@ -51,7 +51,7 @@ class SchedulerSpec:
     clip: bool = False                             # the class has clip_sample, and it means what ours does
     clip_keeps_eps: bool = False                   # clipping x0_pred leaves the eps in the update unclipped
     karras: bool = False                           # the class has use_karras_sigmas
-    predictions: tuple = PREDICTION_TYPES          # prediction types diffusers can step with
+    predictions: tuple = PREDICTION_TYPES          # prediction types diffusers steps with as we do
     no_effect: tuple = ()                          # keys without effect under `required`
     rescale: bool = True                           # the class has rescale_betas_zero_snr
     sigmoid: bool = False                          # the class has beta_schedule="sigmoid"
@@ -88,7 +88,8 @@ SPECS = [
                   options={"solver_order": "solver_order", "lower_order_final": "lower_order_final"}, karras=True,
                   rescale=False),
     SchedulerSpec("PNDMScheduler", "plms", "leading", dict(skip_prk_steps=True, set_alpha_to_one=True, steps_offset=0),
-                  defaults=dict(skip_prk_steps=False, set_alpha_to_one=False), predictions=("epsilon", "v_prediction"),
+                  # PNDM runs its multistep formula on raw v outputs from different timesteps, ours on eps
+                  defaults=dict(skip_prk_steps=False, set_alpha_to_one=False), predictions=("epsilon",),
                   rescale=False),
 ]
 # the ones whose sampler is registered (plms, deis and dpmpp_3m arrived later than the others)
@@ -217,9 +218,10 @@ def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> t
         if have != want:
             raise _unsupported(class_name, key, have, want)
     prediction_type = cfg.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"{class_name} option prediction_type={prediction_type!r} has no diffusekit counterpart; "
-                          f"diffusekit's samplers take {list(PREDICTION_TYPES)}.")
+    if prediction_type not in spec.predictions:
+        raise ConfigError(f"{class_name} option prediction_type={prediction_type!r} has no diffusekit counterpart "
+                          f"here (diffusers steps {list(spec.predictions)} as diffusekit's {spec.sampler!r} does); "
+                          "load the model with its schedule and pick another sampler.")
     kwargs = dict(prediction_type=prediction_type, timestep_spacing=cfg.get("timestep_spacing", spec.spacing))
     # a class without rescale_betas_zero_snr ignores the key, so it must not reach the schedule
     schedule_keys = set(SCHEDULE_KEYS) - (set() if spec.rescale else {"rescale_betas_zero_snr"})
@@ -284,8 +286,9 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
         raise ConfigError(f"{where}: timestep_spacing={sampler.timestep_spacing!r} has no diffusers counterpart; "
                           "use 'leading', 'trailing' or 'linspace'.")
     if sampler.prediction_type not in spec.predictions:
-        raise ConfigError(f"{where}: diffusers' {spec.class_name} cannot step with prediction_type="
-                          f"{sampler.prediction_type!r} (it takes {list(spec.predictions)}); pick another sampler.")
+        raise ConfigError(f"{where}: diffusers' {spec.class_name} does not step prediction_type="
+                          f"{sampler.prediction_type!r} as diffusekit does (it matches for {list(spec.predictions)}); "
+                          "pick another sampler.")
     cfg = schedule_to_diffusers_config(sampler.schedule, rescale_key=spec.rescale, sigmoid=spec.sigmoid)
     cfg.update(prediction_type=sampler.prediction_type, timestep_spacing=sampler.timestep_spacing, **spec.required)
     if sampler.clip_sample and spec.clip_keeps_eps:
