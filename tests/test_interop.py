@@ -374,7 +374,7 @@ def test_export_loads_in_diffusers_and_samples_the_same(diffusers, tmp_path, sam
     schedule = dk.NoiseSchedule.create("linear", beta_end=GENTLE_BETA_END[prediction_type])
     pipe = dk.Pipeline(model, schedule, image_shape=(3, 8, 8), prediction_type=prediction_type, device="cpu")
     result = export_diffusers(pipe, tmp_path, sampler=sampler)
-    assert result.diffusers_loadable and result.reason is None
+    assert result.diffusers_loadable and result.reason is None and dk.interop.is_diffusers_folder(tmp_path)
     assert {"model_index.json", "README.md", "scheduler/scheduler_config.json", "unet/config.json",
             "unet/diffusion_pytorch_model.safetensors"} == set(result.files)
     pipeline_cls = getattr(diffusers, result.pipeline_class)
@@ -398,6 +398,7 @@ def test_export_without_unet2d_counterpart_keeps_our_weights(tmp_path):
         export_diffusers(pipe, tmp_path / "strict", require_unet2d=True)
     result = export_diffusers(pipe, tmp_path / "out")
     assert not result.diffusers_loadable and "class-conditional" in result.reason
+    assert dk.interop.is_diffusers_folder(tmp_path / "out") and not dk.interop.is_diffusers_folder(tmp_path)
     assert not (tmp_path / "out" / "model_index.json").exists()
     assert "not loadable" in (tmp_path / "out" / "README.md").read_text()
     again = dk.Pipeline.from_diffusers(tmp_path / "out", device="cpu")

@@ -2,13 +2,14 @@
 
 Nothing here imports diffusers at import time; loading a diffusers folder needs it installed.
 """
-from .diffusers import DiffusersFolder, DiffusersUNet, load_diffusers_pipeline, read_diffusers_folder
+from .diffusers import (DiffusersFolder, DiffusersUNet, is_diffusers_folder, load_diffusers_pipeline,
+                        read_diffusers_folder)
 from .export import ExportResult, export_diffusers
 from .schedulers import (SCHEDULER_CLASSES, sampler_from_diffusers_config, sampler_to_diffusers_config,
                          schedule_from_diffusers_config, schedule_to_diffusers_config)
 from .unet2d import unet2d_config, unet2d_incompatibility, unet2d_state_dict
 
 __all__ = ["DiffusersFolder", "DiffusersUNet", "ExportResult", "SCHEDULER_CLASSES", "export_diffusers",
-           "load_diffusers_pipeline", "read_diffusers_folder", "sampler_from_diffusers_config",
+           "is_diffusers_folder", "load_diffusers_pipeline", "read_diffusers_folder", "sampler_from_diffusers_config",
            "sampler_to_diffusers_config", "schedule_from_diffusers_config", "schedule_to_diffusers_config",
            "unet2d_config", "unet2d_incompatibility", "unet2d_state_dict"]

@@ -23,8 +23,8 @@ from ..schedule import PREDICTION_TYPES
 from .export import ExportResult, export_diffusers  # the export half of this interface
 from .schedulers import sampler_from_diffusers_config, schedule_from_diffusers_config
 
-__all__ = ["DiffusersFolder", "DiffusersUNet", "ExportResult", "export_diffusers", "load_diffusers_pipeline",
-           "read_diffusers_folder"]
+__all__ = ["DiffusersFolder", "DiffusersUNet", "ExportResult", "export_diffusers", "is_diffusers_folder",
+           "load_diffusers_pipeline", "read_diffusers_folder"]
 
 # the component classes of the layouts we drive
 SUPPORTED_UNETS = ("UNet2DModel",)
@@ -133,6 +133,14 @@ def _not_a_pipeline(path: Path) -> ConfigError:
         hint = (" It looks like a single diffusers model folder: put it in unet/ beside a scheduler/ folder and a "
                 "model_index.json (DDPMPipeline(unet, scheduler).save_pretrained(path) writes all three).")
     return ConfigError(f"{path} is not a diffusers pipeline folder: it has no model_index.json.{hint}")
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """Whether path looks like a diffusers pipeline folder (or an export_diffusers folder) rather than a run:
+    the CLI's test for taking Pipeline.from_diffusers instead of Pipeline.load."""
+    path = Path(path)
+    return (path / "model_index.json").is_file() or ((path / "diffusekit_unet").is_dir()
+                                                     and (path / "scheduler").is_dir())
 
 
 def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
