@@ -48,7 +48,7 @@ class SchedulerSpec:
     required: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)
-    clip: bool = False                             # the class has clip_sample, and it means what ours does
+    clip: bool = False                             # the class has clip_sample (x0_pred clipped to [-1, 1])
     clip_keeps_eps: bool = False                   # clipping x0_pred leaves the eps in the update unclipped
     karras: bool = False                           # the class has use_karras_sigmas
     predictions: tuple = PREDICTION_TYPES          # prediction types diffusers steps with as we do
