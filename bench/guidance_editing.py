@@ -20,15 +20,19 @@ Four measurements, each on the same trained run (EMA weights, bf16 autocast by d
    and resample = r (RePaint); judge accuracy w.r.t. the true label. Baseline: the masked input with
    the lower half set to -1 (background), unfilled.
 
-Usage:  OMP_NUM_THREADS=1 .venv/bin/python bench/guidance_editing.py --run /work/runs/mnist \
-            --judge /work/runs/judge [--n-per-class 50] [--n-invert 100] [--n-edit 100] \
+Usage:  OMP_NUM_THREADS=1 .venv/bin/python bench/guidance_editing.py --run runs/mnist \
+            --judge runs/judge --data path/to/mnist [--n-per-class 50] [--n-invert 100] [--n-edit 100] \
             [--n-inpaint 100] [--json out.json] [--img-dir docs/img] [--only cfg,invert,sdedit,inpaint]
+
+--run: a class-conditional MNIST run (`diffusekit train`); --judge: a `diffusekit train-classifier`
+folder trained on MNIST; --data: a folder with the MNIST IDX files (the t10k split is used).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import time
 
@@ -41,7 +45,7 @@ from diffusekit.classifier_train import load_classifier
 from diffusekit.data import DataConfig, load_dataset
 from diffusekit.editing import psnr
 from diffusekit.evaluation import judge_accuracy
-from diffusekit.viz import make_grid, plot_curves, save_grid
+from diffusekit.viz import make_grid, plot_curves
 
 
 def log(msg: str) -> None:
@@ -284,10 +288,11 @@ def bench_inpaint(pipe, judge, test, args, res):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", default="/work/runs/mnist")
-    ap.add_argument("--judge", default="/work/runs/judge")
-    ap.add_argument("--data", default="../shared/data/mnist")
-    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--run", required=True, help="a class-conditional MNIST run folder")
+    ap.add_argument("--judge", required=True, help="a `diffusekit train-classifier` folder (MNIST)")
+    ap.add_argument("--data", required=True, help="folder with the MNIST IDX files (t10k is used)")
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"],
+                    help="autocast of the network call (fp16: GPUs only)")
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--n-per-class", type=int, default=50)
@@ -312,6 +317,8 @@ def main():
     ap.add_argument("--json", default="")
     ap.add_argument("--img-dir", default="")
     args = ap.parse_args()
+    if args.img_dir:
+        os.makedirs(args.img_dir, exist_ok=True)
     torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     pipe = dk.Pipeline.load(args.run, precision=args.precision)

@@ -2,11 +2,12 @@
 random halves of the MNIST test set. Any model scoring near these numbers is indistinguishable
 from real data at this sample size, for these features.
 
-    .venv/bin/python bench/noise_floor.py                      # raw-pixel features
-    .venv/bin/python bench/noise_floor.py --classifier runs/judge/model.safetensors
+    .venv/bin/python bench/noise_floor.py --data path/to/mnist                        # raw pixels
+    .venv/bin/python bench/noise_floor.py --data path/to/mnist --classifier runs/judge
 
-The classifier hook expects a NoiseAwareClassifier state dict (.safetensors) with the
-ClassifierConfig as config.json beside it; without --classifier that part is skipped.
+--data is a folder with the MNIST IDX files (t10k-images-idx3-ubyte[.gz] is used). --classifier
+is a folder written by `diffusekit train-classifier` (or its classifier.safetensors); without it
+only raw-pixel features are measured.
 """
 from __future__ import annotations
 
@@ -18,36 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusekit.data import read_idx
-from diffusekit.metrics import ClassifierFeatures, RawPixelFeatures, evaluate, extract_features
-
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_TEST = ROOT.parent / "shared/data/mnist/t10k-images-idx3-ubyte.gz"
+from diffusekit.data import DataConfig, load_dataset
+from diffusekit.evaluation import feature_extractor
+from diffusekit.metrics import RawPixelFeatures, evaluate, extract_features
 
 
-def load_mnist_test(path: Path) -> torch.Tensor:
-    """MNIST test images as (10000, 1, 28, 28) float32 in [-1, 1]."""
-    pixels = torch.from_numpy(read_idx(path).copy())  # (N, 28, 28) uint8
-    # x = pixel / 127.5 - 1, the same mapping as diffusekit.data.from_pixels
-    return (pixels.float() / 127.5 - 1).unsqueeze(1)
-
-
-def classifier_extractor(weights: Path | None):
-    """ClassifierFeatures from a saved NoiseAwareClassifier, or None when none is given."""
-    if weights is None:
-        return None
-    if not weights.is_file():
-        print(f"skipping classifier features: {weights} does not exist")
-        return None
-    from safetensors.torch import load_file
-
-    from diffusekit.nn.classifier import ClassifierConfig, NoiseAwareClassifier
-
-    config = json.loads((weights.parent / "config.json").read_text())
-    config = ClassifierConfig.from_dict(config.get("classifier", config))
-    model = NoiseAwareClassifier(config)
-    model.load_state_dict(load_file(weights))
-    return ClassifierFeatures(model, name=f"classifier-{weights.parent.name}")
+def load_mnist_test(folder: Path) -> torch.Tensor:
+    """MNIST test images as (10000, 1, 28, 28) float32 in [-1, 1] (x = pixel / 127.5 - 1)."""
+    return load_dataset(DataConfig(source=str(folder), split="t10k", class_labels=False)).images
 
 
 def noise_floor(images: torch.Tensor, extractor, seed: int, kid_subset_size: int) -> dict:
@@ -61,18 +40,19 @@ def noise_floor(images: torch.Tensor, extractor, seed: int, kid_subset_size: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=MNIST_TEST)
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder with the MNIST IDX files (the t10k split is used)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one random half/half split per seed")
     parser.add_argument("--kid-subset-size", type=int, default=1000)
     parser.add_argument("--classifier", type=Path, default=None,
-                        help="NoiseAwareClassifier .safetensors (config.json beside it)")
+                        help="a `diffusekit train-classifier` folder (or its .safetensors) for judge features")
     args = parser.parse_args()
 
     images = load_mnist_test(args.data)
     extractors = [RawPixelFeatures()]
-    if (clf := classifier_extractor(args.classifier)) is not None:
-        extractors.append(clf)
+    if args.classifier is not None:
+        extractors.append(feature_extractor(f"classifier:{args.classifier}"))
     print(f"{len(images)} images from {args.data}; halves of {len(images) // 2}")
     for extractor in extractors:
         rows = []

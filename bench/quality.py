@@ -3,7 +3,7 @@
 For the class-conditional MNIST run (EMA weights, bf16 autocast, balanced class labels k mod 10,
 no classifier-free guidance) each cell samples n images with one sampler at one NFE budget and
 scores them against MNIST t10k with the judge classifier's penultimate features
-(`classifier:/work/runs/judge`): Frechet distance (vs the Gaussian of all 10,000 test images),
+(`--judge`, a `diffusekit train-classifier` folder): Frechet distance (vs the Gaussian of all 10,000 test images),
 KID, precision/recall (k = 3) and the judge's accuracy on the requested classes.
 
   * budgets: NFE 5, 10, 20, 50, 100; the step count per sampler is the largest with
@@ -17,8 +17,12 @@ KID, precision/recall (k = 3) and the judge's accuracy on the requested classes.
     (out/features/*.npy), so metrics at a smaller sample size (--n-goal, the first n-goal samples
     of each cell) come for free; DDPM-1000 is sampled at n-goal only when time is short.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py run --run /work/runs/mnist --budget-min 28
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality.py run --run runs/mnist --judge runs/judge \
+        --data path/to/mnist --budget-min 28
     .venv/bin/python bench/quality.py report     # markdown tables + docs/img/quality_fd_vs_nfe.png
+
+--data is a folder with the MNIST IDX files (train and t10k); `report` reuses the run's --judge and
+--data, saved in out/results.json.
 """
 from __future__ import annotations
 
@@ -33,8 +37,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared/data/mnist"
-JUDGE = "/work/runs/judge"
+CACHE = ROOT / "runs/bench_cache"     # reference statistics, keyed by data and judge digest
 NFES = (5, 10, 20, 50, 100)
 STOCHASTIC = {"ddpm", "euler_ancestral"}
 
@@ -72,10 +75,10 @@ def save_results(out: Path, results: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
 
 
-def reference(extractor, cache: Path):
+def reference(extractor, data: Path, cache: Path = CACHE):
     from diffusekit.data import DataConfig
     from diffusekit.evaluation import reference_statistics
-    return reference_statistics(DataConfig(source=str(MNIST), split="t10k", class_labels=False), extractor, cache)
+    return reference_statistics(DataConfig(source=str(data), split="t10k", class_labels=False), extractor, cache)
 
 
 def metrics_at(features: np.ndarray, ref, n: int) -> dict:
@@ -83,12 +86,12 @@ def metrics_at(features: np.ndarray, ref, n: int) -> dict:
     return M.evaluate(features[:n], ref, seed=0)
 
 
-def noise_floor(extractor, ref, sizes: list[int], splits: int = 5) -> dict:
+def noise_floor(extractor, ref, data: Path, sizes: list[int], splits: int = 5) -> dict:
     """Real-vs-real metrics at each sample size: disjoint test subsets, and train images vs ref."""
     from diffusekit import metrics as M
     from diffusekit.data import DataConfig, load_dataset
-    test = load_dataset(DataConfig(source=str(MNIST), split="t10k", class_labels=False)).images
-    train = load_dataset(DataConfig(source=str(MNIST), split="train", class_labels=False)).images
+    test = load_dataset(DataConfig(source=str(data), split="t10k", class_labels=False)).images
+    train = load_dataset(DataConfig(source=str(data), split="train", class_labels=False)).images
     f_test = M.extract_features(test, extractor, batch_size=500)
     order = np.random.default_rng(123).permutation(len(train))[:max(sizes)]
     f_train = M.extract_features(train[torch.from_numpy(order)], extractor, batch_size=500)
@@ -108,22 +111,24 @@ def run(args) -> None:
     from diffusekit.evaluation import feature_extractor, generate_features
     from diffusekit.pipeline import Pipeline
     from diffusekit.samplers import SAMPLERS
-    from diffusekit.train import derive_seed
+    from diffusekit.loop import derive_seed
     torch.set_num_threads(args.threads)
     out = args.out
     (out / "features").mkdir(parents=True, exist_ok=True)
     results = load_results(out)
     t_start = time.time()
-    pipe = Pipeline.load(args.run, precision="bf16")
-    extractor = feature_extractor(f"classifier:{JUDGE}")
-    ref = reference(extractor, ROOT / "runs/bench_cache")
-    results["meta"] = {"run": str(args.run), "n": args.n, "n_goal": args.n_goal, "precision": "bf16",
+    pipe = Pipeline.load(args.run, precision=args.precision)
+    extractor = feature_extractor(f"classifier:{args.judge}")
+    ref = reference(extractor, args.data)
+    # judge and data absolute, so that `report` finds them from any working directory
+    results["meta"] = {"run": str(args.run), "judge": str(args.judge.resolve()), "data": str(args.data.resolve()),
+                       "n": args.n, "n_goal": args.n_goal, "precision": args.precision,
                        "threads": args.threads, "batch_size": args.batch_size, "features": extractor.name,
                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}",
                        "timestep_spacing": "trailing (Pipeline default)", "guidance_scale": 1.0}
     if not results["floor"]:
-        results["floor"] = noise_floor(extractor, ref, sorted({args.n, args.n_goal}))
+        results["floor"] = noise_floor(extractor, ref, args.data, sorted({args.n, args.n_goal}))
         save_results(out, results)
     samplers = sorted(SAMPLERS) if not args.samplers else args.samplers
     rate = args.images_per_s     # network images per second, updated from every finished cell
@@ -169,7 +174,7 @@ def run(args) -> None:
 def report(args) -> None:
     results = load_results(args.out)
     cells, floor, meta = results["cells"], results["floor"], results["meta"]
-    n, n_goal = meta["n"], meta["n_goal"]
+    n = meta["n"]
     lines = []
     samplers = sorted({c["sampler"] for c in cells.values() if c["id"] != "ddpm-1000"})
     budgets = sorted({c["budget"] for c in cells.values() if c["id"] != "ddpm-1000"})
@@ -224,7 +229,8 @@ def report(args) -> None:
                          f"{fg['test_halves']['recall']:.3f} | | |")
             lines.append(f"| floor: train vs test | | {fg['train_vs_ref']['fd']:.3f} | {fg['train_vs_ref']['kid_mean']:.4f} "
                          f"| {fg['train_vs_ref']['precision']:.3f} | {fg['train_vs_ref']['recall']:.3f} | | |")
-        spread = subset_spread(args.out, ten, int(m_goal), meta["n"])
+        spread = subset_spread(args.out, ten, int(m_goal), meta["n"], args.judge or meta.get("judge"),
+                               args.data or meta.get("data"))
         if spread:
             lines.append(f"\nFD spread of the NFE-10 cells over the {meta['n'] // int(m_goal)} disjoint {m_goal}-subsets "
                          f"of their {meta['n']} samples (mean +- std): "
@@ -241,11 +247,16 @@ def report(args) -> None:
     plot(results, args.plot)
 
 
-def subset_spread(out: Path, cells: dict, size: int, n: int) -> dict:
+def subset_spread(out: Path, cells: dict, size: int, n: int, judge, data) -> dict:
     """FD (mean, std) over the disjoint size-subsets of each cell's saved features."""
     from diffusekit import metrics as M
     from diffusekit.evaluation import feature_extractor
-    ref = reference(feature_extractor(f"classifier:{JUDGE}"), ROOT / "runs/bench_cache")
+    if size >= n:
+        return {}
+    if not judge or not data:
+        raise SystemExit(f"{out}/results.json does not name the judge and data it was run with; "
+                         f"pass --judge and --data to `report`.")
+    ref = reference(feature_extractor(f"classifier:{judge}"), Path(data))
     spread = {}
     for cid in cells:
         path = out / "features" / f"{cid}.npy"
@@ -312,7 +323,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--run", type=Path, default=Path("/work/runs/mnist"))
+    r.add_argument("--run", type=Path, required=True, help="a class-conditional MNIST run folder")
+    r.add_argument("--judge", type=Path, required=True, help="a `diffusekit train-classifier` folder (MNIST)")
+    r.add_argument("--data", type=Path, required=True, help="folder with the MNIST IDX files (train, t10k)")
+    r.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16",
+                   help="autocast of the network call (fp16: GPUs only)")
     r.add_argument("--n", type=int, default=1000)
     r.add_argument("--n-goal", type=int, default=200, help="smaller size for DDPM-1000 when time is short")
     r.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
@@ -326,6 +341,8 @@ def main() -> None:
     p = sub.add_parser("report")
     p.add_argument("--out", type=Path, default=ROOT / "runs/quality")
     p.add_argument("--plot", type=Path, default=ROOT / "docs/img/quality_fd_vs_nfe.png")
+    p.add_argument("--judge", type=Path, default=None, help="default: the one saved in out/results.json")
+    p.add_argument("--data", type=Path, default=None, help="default: the one saved in out/results.json")
     args = parser.parse_args()
     run(args) if args.cmd == "run" else report(args)
 

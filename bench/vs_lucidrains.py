@@ -3,7 +3,7 @@
 Both train an unconditional MNIST model (28x28, train split, batch 64, 1 thread) for the same
 budget of CPU time, then sample 1,000 images with the *same* sampler (diffusekit DDIM, eta 0,
 50 steps, "trailing" spacing, same starting noise, bf16 autocast) and are scored with the same
-judge features (`classifier:/work/runs/judge`, reference MNIST t10k) by diffusekit.evaluation.
+judge features (`classifier:JUDGE`, reference MNIST t10k) by diffusekit.evaluation.
 
   ours         diffusekit.train.train: UNet preset mnist28 (1.19M parameters, no class embedding),
                its defaults (AdamW lr 2e-3, 100 warm-up steps, cosine decay, grad clip 1, EMA 0.999
@@ -15,15 +15,19 @@ judge features (`classifier:/work/runs/judge`, reference MNIST t10k) by diffusek
                fp32, EMA (ema_pytorch) 0.995 updated every 10 steps. Stops when its CPU time
                reaches what ours used.
   lucidrains+  the same network and loss, trained with our recipe (AdamW lr 2e-3, warm-up and
-               cosine via diffusekit.train.lr_at, grad clip 1, diffusekit EMA 0.999, bf16):
+               cosine via diffusekit.loop.lr_at, grad clip 1, diffusekit EMA 0.999, bf16):
                separates the network/library from the optimiser settings.
 
 The budget is CPU time of this process (time.process_time, 1 thread), not wall-clock time, so
 that the other jobs on a shared machine do not decide the outcome; wall time is reported too.
 Their inputs are images in [0, 1] (GaussianDiffusion.auto_normalize=True maps them to [-1, 1]).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/vs_lucidrains.py --budget-cpu-min 4
+    OMP_NUM_THREADS=1 .venv/bin/python bench/vs_lucidrains.py --judge runs/judge --data path/to/mnist \
+        --budget-cpu-min 4
     .venv/bin/python bench/vs_lucidrains.py --report        # markdown table of the saved results
+
+--judge: a `diffusekit train-classifier` folder trained on MNIST; --data: a folder with the MNIST IDX
+files (train for training, t10k as the reference).
 """
 from __future__ import annotations
 
@@ -35,14 +39,11 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-MNIST = ROOT.parent / "shared/data/mnist"
-JUDGE = "/work/runs/judge"
 
 
 def import_lucidrains():
@@ -73,15 +74,14 @@ def peer_pipeline(unet):
     """A diffusekit Pipeline around their (EMA) Unet: our linear schedule, eps prediction, bf16."""
     from diffusekit.pipeline import Pipeline
     from diffusekit.schedule import NoiseSchedule
-    config = SimpleNamespace(train=SimpleNamespace(prediction_type="epsilon"),
-                             model=SimpleNamespace(in_channels=1, image_size=28, num_classes=0))
     schedule = NoiseSchedule.create("linear", num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02)
-    return Pipeline(EpsNet(unet), schedule, config, precision="bf16")
+    return Pipeline(EpsNet(unet), schedule, image_shape=(1, 28, 28), prediction_type="epsilon",
+                    num_classes=0, precision="bf16")
 
 
-def mnist_train():
+def mnist_train(data: Path):
     from diffusekit.data import DataConfig, load_dataset
-    return load_dataset(DataConfig(source=str(MNIST), split="train", class_labels=False)).images
+    return load_dataset(DataConfig(source=str(data), split="train", class_labels=False)).images
 
 
 def n_params(m):
@@ -92,13 +92,13 @@ def n_params(m):
 # ours
 
 
-def our_config(steps: int, batch_size: int):
+def our_config(steps: int, batch_size: int, data: Path):
     from diffusekit.data import DataConfig
     from diffusekit.nn.unet import UNetConfig
-    from diffusekit.train import RunConfig, TrainConfig
-    return RunConfig(model=UNetConfig.preset("mnist28", num_classes=0),
-                     data=DataConfig(source=str(MNIST), split="train", class_labels=False),
-                     train=TrainConfig(steps=steps, batch_size=batch_size, mixed_precision="bf16",
+    from diffusekit.run import RunConfig, TrainConfig
+    return RunConfig(model=UNetConfig.preset("mnist28", num_classes=0, prediction_type="epsilon"),
+                     data=DataConfig(source=str(data), split="train", class_labels=False),
+                     train=TrainConfig(steps=steps, batch_size=batch_size, precision="bf16",
                                        channels_last=True, sample_every=0, save_every=steps,
                                        log_every=25, seed=0))
 
@@ -127,13 +127,13 @@ def our_cpu_s_per_step(batch_size: int, images: torch.Tensor, steps: int = 6) ->
     return (time.process_time() - t0) / steps
 
 
-def train_ours(out: Path, budget_s: float, batch_size: int, images) -> dict:
+def train_ours(out: Path, budget_s: float, batch_size: int, images, data: Path) -> dict:
     from diffusekit.train import train
     per_step = our_cpu_s_per_step(batch_size, images)
     steps = max(1, int(budget_s / per_step))
     print(f"ours: {per_step:.3f} CPU s/step measured -> {steps} steps for {budget_s:.0f} CPU s", flush=True)
     c0, w0 = time.process_time(), time.time()
-    result = train(our_config(steps, batch_size), out / "ours", progress=False)
+    result = train(our_config(steps, batch_size, data), out / "ours", progress=False)
     cpu, wall = time.process_time() - c0, time.time() - w0
     return {"name": "ours", "steps": result.step, "cpu_s": cpu, "wall_s": wall,
             "measured_cpu_s_per_step": per_step, "final_loss": result.loss,
@@ -146,7 +146,8 @@ def train_ours(out: Path, budget_s: float, batch_size: int, images) -> dict:
 
 def train_peer(name: str, budget_s: float, batch_size: int, images, recipe: str) -> tuple[dict, torch.nn.Module]:
     """Their Unet + GaussianDiffusion loss for budget_s CPU seconds; returns (record, EMA Unet)."""
-    from diffusekit.train import EMA, TrainConfig, lr_at
+    from diffusekit.loop import EMA, lr_at
+    from diffusekit.run import TrainConfig
     Unet, GaussianDiffusion = import_lucidrains()
     torch.manual_seed(0)  # benchmark entry point: their code draws t and noise from the global RNG
     unet = Unet(dim=24, dim_mults=(1, 2, 3), channels=1)
@@ -195,12 +196,12 @@ def train_peer(name: str, budget_s: float, batch_size: int, images, recipe: str)
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(pipe, n: int, steps: int, cache: Path) -> dict:
+def evaluate(pipe, n: int, steps: int, cache: Path, judge: Path, data: Path) -> dict:
     from diffusekit.data import DataConfig
     from diffusekit.evaluation import evaluate_run
-    ref = DataConfig(source=str(MNIST), split="t10k", class_labels=False)
+    ref = DataConfig(source=str(data), split="t10k", class_labels=False)
     c0 = time.process_time()
-    r = evaluate_run(pipe, ref, n, sampler="ddim", num_steps=steps, features=f"classifier:{JUDGE}",
+    r = evaluate_run(pipe, ref, n, sampler="ddim", num_steps=steps, features=f"classifier:{judge}",
                      cache_dir=cache, seed=0, batch_size=100, class_labels=None, progress=False)
     r["eval_cpu_s"] = time.process_time() - c0
     return r
@@ -208,6 +209,10 @@ def evaluate(pipe, n: int, steps: int, cache: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--judge", type=Path, help="a `diffusekit train-classifier` folder (MNIST); "
+                        "required unless --report")
+    parser.add_argument("--data", type=Path, help="folder with the MNIST IDX files (train, t10k); "
+                        "required unless --report")
     parser.add_argument("--budget-cpu-min", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n", type=int, default=1000)
@@ -221,10 +226,12 @@ def main() -> None:
     if args.report:
         print(report(results))
         return
+    if args.judge is None or args.data is None:
+        parser.error("--judge and --data are required (except with --report)")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     cache = ROOT / "runs/bench_cache"
-    images = mnist_train()
+    images = mnist_train(args.data)
     budget = args.budget_cpu_min * 60
     from diffusekit.pipeline import Pipeline
     for name in args.only:
@@ -232,7 +239,7 @@ def main() -> None:
             print(f"{name}: done already ({results_path})")
             continue
         if name == "ours":
-            record = train_ours(args.out, budget, args.batch_size, images)
+            record = train_ours(args.out, budget, args.batch_size, images, args.data)
             pipe = Pipeline.load(args.out / "ours", precision="bf16")
         else:
             # the peers get exactly the CPU time our train() call used (data loading and saving included)
@@ -241,7 +248,7 @@ def main() -> None:
                                       "theirs" if name == "lucidrains" else "ours")
             pipe = peer_pipeline(unet)
         print(f"{name}: trained {record}", flush=True)
-        metrics = evaluate(pipe, args.n, args.steps, cache)
+        metrics = evaluate(pipe, args.n, args.steps, cache, args.judge, args.data)
         print(f"{name}: fd {metrics['fd']:.3f} kid {metrics['kid_mean']:.5f} "
               f"P {metrics['precision']:.3f} R {metrics['recall']:.3f}", flush=True)
         results[name] = {"train": record, "eval": metrics,
