@@ -66,7 +66,7 @@ def sampler_options(fn):
                            "fixed_large = beta_t (the source's sigma_t^2 = beta_t).")(fn)
     fn = click.option("--karras", is_flag=True, help="Karras sigmas (where the sampler allows).")(fn)
     fn = click.option("--eta", type=click.FloatRange(0, 1), default=None,
-                      help="DDIM noise: 0 deterministic, 1 DDPM-like (ddim only).")(fn)
+                      help="Sampler noise where the sampler has it (ddim: 0 deterministic, 1 DDPM-like; dpmpp_3m_sde).")(fn)
     fn = click.option("--spacing", type=click.Choice(list(SAMPLER_SPACINGS)), default="trailing", show_default=True,
                       help="Timestep spacing: diffusers' leading/trailing/linspace, or logsnr (uniform in log-SNR).")(fn)
     fn = click.option("--steps", type=click.IntRange(1, 10_000), default=20, show_default=True,
@@ -155,7 +155,8 @@ def _generator(seed):
 
 def _load_pipeline(path, device="auto", precision=None):
     from .pipeline import Pipeline
-    if (Path(path) / "model_index.json").exists():
+    from .interop.diffusers import is_diffusers_folder
+    if is_diffusers_folder(path):
         return Pipeline.from_diffusers(path, device=device, precision=precision or "fp32")
     return Pipeline.load(path, device=device, precision=precision or "fp32")
 

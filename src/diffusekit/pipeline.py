@@ -136,7 +136,7 @@ class Pipeline:
         if noise is None:
             noise = randn((n, *self.image_shape), generator, "cpu")
         labels = self.class_labels(class_labels, n)
-        den = self.denoiser(guidance_scale, guides, classifier, classifier_scale, target_class)
+        target = None if target_class is None else torch.as_tensor(target_class)
         outs = []
         batches = range(0, n, batch_size)
         if progress and len(batches) > 1:
@@ -145,6 +145,9 @@ class Pipeline:
         for start in batches:
             x = noise[start:start + batch_size].to(self.device)
             cond = {} if labels is None else {"class_labels": labels[start:start + batch_size]}
+            # one classifier target per image is sliced with its batch
+            batch_target = target[start:start + batch_size] if target is not None and target.ndim else target
+            den = self.denoiser(guidance_scale, guides, classifier, classifier_scale, batch_target)
             out = s.sample(den, x, num_steps=num_steps, generator=generator,
                            callback=self._callback(guides, cond, callback),
                            progress=progress and n <= batch_size, **cond)

@@ -17,7 +17,6 @@ the work (up to floating-point reduction order). Rank 0 writes checkpoints, metr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -33,8 +32,8 @@ from diffusekit.data import ImageDataset, load_dataset
 from diffusekit.device import autocast, grad_scaler, rank_world
 from diffusekit.loop import EMA, DataOrder, Dist, MetricsLog, derive_seed, optimizer_step, run_loop, setup_processes
 from diffusekit.nn.unet import UNet
-from diffusekit.run import RunConfig, check_data_fits, read_run_config, resume_conflicts, weights_metadata, \
-    RESUMABLE_CHANGES
+from diffusekit.run import (RESUMABLE_CHANGES, RunConfig, check_data_fits, read_config_file, read_run_config,
+                            resume_conflicts, weights_metadata)
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.viz import plot_loss, save_grid
 
@@ -119,13 +118,11 @@ class _SampleGrid:
 class _Hooks:
     """After each step: the logging window, metrics.jsonl, sample grids and checkpoints (rank 0 writes)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, dist: Dist, save, grid, metrics, start_step: int,
-                 elapsed_before: float):
-        self.cfg, self.run_dir, self.dist, self.save_fn, self.grid, self.metrics = cfg, run_dir, dist, save, grid, metrics
+    def __init__(self, cfg: RunConfig, save, grid, metrics, start_step: int, elapsed_before: float):
+        self.cfg, self.save_fn, self.grid, self.metrics = cfg, save, grid, metrics
         self.window_loss, self.window_steps, self.last_loss = 0.0, 0, None
-        self.saved_step = start_step if start_step > 0 else None
+        self.saved_step, self.elapsed_before = (start_step if start_step > 0 else None), elapsed_before
         self.t_start = self.t_window = time.time()
-        self.elapsed_before = elapsed_before
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t_start
@@ -276,7 +273,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     metrics = MetricsLog(run_dir / "metrics.jsonl", start) if rank0 else None
     if rank0:
         ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, cfg.to_json() + "\n")
-    hooks = _Hooks(cfg, run_dir, dist, save, grid, metrics, start, elapsed_before)
+    hooks = _Hooks(cfg, save, grid, metrics, start, elapsed_before)
     model.train()
     run_loop(step_fn, start=start, total=tc.steps, seed=tc.seed, dist=dist, device=device, opt=opt,
              lr_config=tc, on_step=hooks, last_checkpoint=lambda: (run_dir, hooks.saved_step),
@@ -285,16 +282,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m diffusekit.train --config run.json --out DIR [--resume]`."""
+    """`python -m diffusekit.train --config run.json --out DIR [--resume]` (the torchrun entry point)."""
     p = argparse.ArgumentParser(prog="python -m diffusekit.train", description=main.__doc__)
     p.add_argument("--config", required=True, help="a RunConfig JSON file (e.g. a run's config.json)")
     p.add_argument("--out", required=True, help="the run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    result = train(RunConfig.from_dict(json.loads(Path(args.config).read_text())), args.out, resume=args.resume, progress=not args.no_progress)
+    r = train(read_config_file(args.config), args.out, resume=args.resume, progress=not args.no_progress)
     if rank_world()[0] == 0:
-        print(f"trained to step {result.step} in {result.seconds:.1f} s; loss {result.loss}; run in {result.run_dir}")
+        print(f"trained to step {r.step} in {r.seconds:.1f} s; loss {r.loss}; run in {r.run_dir}")
     return 0
 
 

@@ -18,7 +18,7 @@ from diffusekit.data import to_pixels
 DEFAULT_TS = (0, 100, 250, 500, 750, 999)
 
 
-def _auto_upscale(size: int, target: int = 64) -> int:
+def auto_upscale(size: int, target: int = 64) -> int:
     """The integer factor that brings an image side of `size` to at least `target` pixels."""
     return max(1, math.ceil(target / size))
 
@@ -39,7 +39,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol_rows = math.ceil(n / nrow)
-    factor = upscale or _auto_upscale(min(h, w))
+    factor = upscale or auto_upscale(min(h, w))
     pixels = to_pixels(images)  # (N, h, w, C) uint8
     if factor > 1:
         pixels = pixels.repeat(factor, axis=1).repeat(factor, axis=2)
@@ -70,19 +70,19 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, p
 # figures
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     from matplotlib.figure import Figure
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
 
 
-def _show_grid(ax, grid: np.ndarray, col_labels: Sequence[str], row_labels: Sequence[str],
+def show_grid(ax, grid: np.ndarray, col_labels: Sequence[str], row_labels: Sequence[str],
                cell: tuple[int, int], padding: int) -> None:
     """Draw a make_grid array on ax with a label under each column centre and beside each row."""
     h, w = cell
@@ -129,28 +129,28 @@ def save_trajectory(xs: Sequence[torch.Tensor] | torch.Tensor,
     # rows: sample b gives x_t then x0_pred; (rows * cols, C, H, W) in row-major order
     rows = torch.stack([torch.stack([xs[cols, b], x0_preds[cols, b]]) for b in range(batch)])
     cells = rows.flatten(0, 2)
-    padding, factor = 2, upscale or _auto_upscale(min(xs.shape[-2:]))
+    padding, factor = 2, upscale or auto_upscale(min(xs.shape[-2:]))
     grid = make_grid(cells, nrow=len(cols), padding=padding, upscale=factor)
     labels = [_column_label(j, steps, timesteps) for j in cols]
     row_labels = [name + (f" [{b}]" if batch > 1 else "") for b in range(batch)
                   for name in ("x_t", "x0_pred")]
     h, w = xs.shape[-2] * factor, xs.shape[-1] * factor
-    fig = _figure(1.0 + 0.9 * len(cols), 0.4 + 0.9 * len(row_labels))
+    fig = figure(1.0 + 0.9 * len(cols), 0.4 + 0.9 * len(row_labels))
     ax = fig.add_subplot()
-    _show_grid(ax, grid, labels, row_labels, (h, w), padding)
+    show_grid(ax, grid, labels, row_labels, (h, w), padding)
     ax.set_title("denoising trajectory: x after each step (at the t shown) and the x0 predicted in that step",
                  fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _column_label(j: int, steps: int, timesteps: Sequence[float] | None) -> str:
     """The noise level of xs[j]: step j ends at the timestep step j + 1 is called at; the last is x0."""
     if j == steps - 1:
         return "x0"
-    return f"t={_fmt_t(timesteps[j + 1])}" if timesteps is not None else f"after step {j}"
+    return f"t={fmt_t(timesteps[j + 1])}" if timesteps is not None else f"after step {j}"
 
 
-def _fmt_t(t) -> str:
+def fmt_t(t) -> str:
     t = float(t)
     return str(int(t)) if t == int(t) else f"{t:.1f}"
 
@@ -168,7 +168,7 @@ def plot_schedule(schedules: Mapping[str, object], path: str | Path,
               ("abar_t (alphas_cumprod)", lambda s: s.alphas_cumprod, False),
               ("sqrt(abar_t) and sqrt(1 - abar_t)", None, False)]
     has_strip = image is not None
-    fig = _figure(13, 3.3 + (1.0 * len(schedules) + 0.5 if has_strip else 0))
+    fig = figure(13, 3.3 + (1.0 * len(schedules) + 0.5 if has_strip else 0))
     ratios = [3, 0.3 + 1.0 * len(schedules)] if has_strip else None
     grid_spec = fig.add_gridspec(2 if has_strip else 1, len(curves), height_ratios=ratios)
     for i, (title, get, logy) in enumerate(curves):
@@ -191,7 +191,7 @@ def plot_schedule(schedules: Mapping[str, object], path: str | Path,
     if has_strip:
         ax = fig.add_subplot(grid_spec[1, :])
         _noised_strip(ax, schedules, image, list(ts), seed)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _noised_strip(ax, schedules: Mapping[str, object], image: torch.Tensor, ts: list[int],
@@ -206,9 +206,9 @@ def _noised_strip(ax, schedules: Mapping[str, object], image: torch.Tensor, ts: 
         x_t = sched.add_noise(x0.expand(len(ts), -1, -1, -1), noise.expand(len(ts), -1, -1, -1), t)
         rows.append(x_t.float())
     cells = torch.cat(rows)  # (num_schedules * len(ts), C, H, W)
-    factor, padding = _auto_upscale(min(x0.shape[-2:])), 2
+    factor, padding = auto_upscale(min(x0.shape[-2:])), 2
     grid = make_grid(cells, nrow=len(ts), padding=padding, upscale=factor)
-    _show_grid(ax, grid, [f"t={t}" for t in ts], list(schedules),
+    show_grid(ax, grid, [f"t={t}" for t in ts], list(schedules),
                (x0.shape[-2] * factor, x0.shape[-1] * factor), padding)
     ax.set_title(f"x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (same eps, seed {seed})",
                  fontsize=9)
@@ -243,7 +243,7 @@ def plot_loss(metrics: str | Path | Sequence[Mapping], path: str | Path, key: st
         raise ValueError(f"no records with {key!r} to plot (got {len(records)} records).")
     steps = np.array([r.get("step", i) for i, r in enumerate(rows)], dtype=float)
     values = np.array([r[key] for r in rows], dtype=float)
-    fig = _figure(7, 4)
+    fig = figure(7, 4)
     ax = fig.add_subplot()
     ax.plot(steps, values, color="C0", alpha=0.25, lw=0.8, label=f"{key} (raw)")
     ax.plot(steps, ema_smooth(values, decay), color="C0", lw=1.8, label=f"{key} (EMA {decay})")
@@ -253,14 +253,14 @@ def plot_loss(metrics: str | Path | Sequence[Mapping], path: str | Path, key: st
     ax.set_ylabel(key)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
                 xlabel: str = "", ylabel: str = "", title: str = "", logx: bool = False,
                 logy: bool = False, markers: bool = True) -> Path:
     """Plot several named (x, y) series on one labelled axis, e.g. FID against sampling steps."""
-    fig = _figure(7, 4.5)
+    fig = figure(7, 4.5)
     ax = fig.add_subplot()
     for name, (x, y) in series.items():
         ax.plot(_numpy(x), _numpy(y), marker="o" if markers else None, ms=3, label=name)
@@ -275,4 +275,4 @@ def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     ax.grid(alpha=0.3, which="both")
     if series:
         ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -15,7 +15,7 @@ import torch
 
 from .config import ConfigError, check_choice
 from .device import randn
-from .viz import _auto_upscale, _figure, _fmt_t, _save_figure, _show_grid, make_grid
+from .viz import auto_upscale, figure, fmt_t, save_figure, show_grid, make_grid
 
 # pixel values pooled into each chain-vs-jump histogram: the mean and std of 65536 values agree to
 # about 5 * sqrt(2 / 65536) ~ 0.03 or better between two independent samples of one distribution
@@ -160,9 +160,9 @@ def plot_process(out_dir: str | Path, schedule, image: torch.Tensor, pipe=None, 
 def _strip(ax, rows: list[torch.Tensor], col_labels, row_labels) -> None:
     """Rows of (K, C, H, W) images in [-1, 1] as one labelled grid on ax."""
     cells = torch.cat(rows).clamp(-1, 1)
-    factor, padding = _auto_upscale(min(cells.shape[-2:])), 2
+    factor, padding = auto_upscale(min(cells.shape[-2:])), 2
     grid = make_grid(cells, nrow=len(rows[0]), padding=padding, upscale=factor)
-    _show_grid(ax, grid, col_labels, row_labels,
+    show_grid(ax, grid, col_labels, row_labels,
                (cells.shape[-2] * factor, cells.shape[-1] * factor), padding)
 
 
@@ -176,12 +176,12 @@ def _plot_forward(path: Path, schedule, images: torch.Tensor, ts: list[int], gen
         x_t = schedule.add_noise(x0[k:k + 1].expand(len(ts), -1, -1, -1), eps[k:k + 1].expand(len(ts), -1, -1, -1), t)
         rows.append(torch.cat([x0[k:k + 1], x_t]).float())
     labels = ["x0"] + [f"t={t}\nsqrt(abar)={math.sqrt(float(abar[t])):.2f}" for t in ts]
-    fig = _figure(1.4 + 1.0 * len(labels), 0.9 + 1.0 * len(rows))
+    fig = figure(1.4 + 1.0 * len(labels), 0.9 + 1.0 * len(rows))
     ax = fig.add_subplot()
     _strip(ax, rows, labels, [f"image {k}" for k in range(len(rows))])
     ax.set_title("forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (DDPM eq. 4; one eps "
                  "per image)", fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_chain_vs_jump(path: Path, schedule, images: torch.Tensor, ts: list[int], generator) -> Path:
@@ -191,7 +191,7 @@ def _plot_chain_vs_jump(path: Path, schedule, images: torch.Tensor, ts: list[int
     jump = forward_jump(schedule, x0, ts, generator)
     dmean, dstd = max_stat_differences(chain, jump)
     cols = min(len(ts), 3)
-    fig = _figure(4.0 * cols, 0.6 + 2.8 * math.ceil(len(ts) / cols))
+    fig = figure(4.0 * cols, 0.6 + 2.8 * math.ceil(len(ts) / cols))
     for i, t in enumerate(ts):
         ax = fig.add_subplot(math.ceil(len(ts) / cols), cols, i + 1)
         a, b = chain[t].flatten().numpy(), jump[t].flatten().numpy()
@@ -207,7 +207,7 @@ def _plot_chain_vs_jump(path: Path, schedule, images: torch.Tensor, ts: list[int
     fig.suptitle(f"x_t = sqrt(alpha_t) x_(t-1) + sqrt(beta_t) eps, run t+1 times (DDPM eq. 2)  vs  "
                  f"x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps (eq. 4); {x0.numel()} pixel values each\n"
                  f"max |mean difference| = {dmean:.4f}, max |std difference| = {dstd:.4f}", fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_noise_prediction(path: Path, pipe, images: torch.Tensor, ts: list[int], generator) -> Path:
@@ -215,12 +215,12 @@ def _plot_noise_prediction(path: Path, pipe, images: torch.Tensor, ts: list[int]
     mse = ((eps_pred - eps) ** 2).flatten(1).mean(1)
     rows = [x_t, eps / NOISE_DISPLAY_SCALE, eps_pred / NOISE_DISPLAY_SCALE]
     labels = [f"t={t}\nMSE {float(m):.3f}" for t, m in zip(ts, mse)]
-    fig = _figure(1.4 + 1.0 * len(ts), 1.0 + 1.0 * len(rows))
+    fig = figure(1.4 + 1.0 * len(ts), 1.0 + 1.0 * len(rows))
     ax = fig.add_subplot()
     _strip(ax, rows, labels, ["x_t", "true eps", "predicted eps"])
     ax.set_title(f"noise prediction: MSE = mean (eps_pred - eps)^2 per t; eps shown as "
                  f"eps / {NOISE_DISPLAY_SCALE:g}", fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _plot_naive(path: Path, pipe, sampler: str, num_steps: int, generator) -> Path:
@@ -230,13 +230,13 @@ def _plot_naive(path: Path, pipe, sampler: str, num_steps: int, generator) -> Pa
     abar = float(pipe.schedule.alphas_cumprod[T - 1])
     rows = [x_T / NOISE_DISPLAY_SCALE, naive.clamp(-1, 1), sampled]
     gap = float((rows[1] - sampled).abs().mean())
-    fig = _figure(1.4 + 1.0 * NAIVE_IMAGES, 1.3 + 1.0 * len(rows))
+    fig = figure(1.4 + 1.0 * NAIVE_IMAGES, 1.3 + 1.0 * len(rows))
     ax = fig.add_subplot()
     _strip(ax, rows, [str(k) for k in range(NAIVE_IMAGES)],
            [f"x_T (/{NOISE_DISPLAY_SCALE:g})", "naive, one jump", f"{sampler}, {num_steps} steps"])
-    ax.set_title(f"from the same noise x_T at t={_fmt_t(T - 1)} (abar={abar:.2g}): naive x0 = (x_T - "
+    ax.set_title(f"from the same noise x_T at t={fmt_t(T - 1)} (abar={abar:.2g}): naive x0 = (x_T - "
                  f"sqrt(1-abar) eps_pred) / sqrt(abar), values in [{float(naive.min()):.3g}, "
                  f"{float(naive.max()):.3g}] shown clamped to [-1, 1];\nproper sampling: {sampler} with "
                  f"{num_steps} steps; mean |naive - sampled| = {gap:.3f}",
                  fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

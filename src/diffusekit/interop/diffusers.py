@@ -114,7 +114,7 @@ class DiffusersUNet(nn.Module):
         return out[:, :self.in_channels]
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -151,7 +151,7 @@ def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
                           "(save_pretrained), holding model_index.json, unet/ and scheduler/.")
     if not (path / "model_index.json").is_file():
         raise _not_a_pipeline(path)
-    index = _read_json(path / "model_index.json", "the pipeline index")
+    index = read_json(path / "model_index.json", "the pipeline index")
     components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1]}
     pipeline_class = str(index.get("_class_name", "?"))
     _check_components(path, pipeline_class, components)
@@ -163,8 +163,8 @@ def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
                                   "is incomplete (copy it again, or re-save the pipeline with save_pretrained).")
     if not any((path / "unet" / w).is_file() for w in WEIGHT_FILES):
         raise ConfigError(f"{path}/unet has no weights (none of {list(WEIGHT_FILES)}); the folder is incomplete.")
-    unet_config = _read_json(path / "unet" / "config.json", "the UNet config")
-    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+    unet_config = read_json(path / "unet" / "config.json", "the UNet config")
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
     return DiffusersFolder(str(path), pipeline_class, unet_class, unet_config,
                            str(scheduler_config.get("_class_name", components["scheduler"][-1])), scheduler_config)
 

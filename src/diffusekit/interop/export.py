@@ -121,17 +121,17 @@ def load_exported_diffusekit_unet(path: str | Path, device="auto", precision: st
     from ..device import resolve_device
     from ..nn.unet import UNet, UNetConfig
     from ..pipeline import Pipeline
-    from .diffusers import _read_json
+    from .diffusers import read_json
     path = Path(path)
     for f in ("diffusekit_unet/config.json", "diffusekit_unet/model.safetensors", "scheduler/scheduler_config.json"):
         if not (path / f).is_file():
             raise ConfigError(f"{path} has diffusekit_unet/ but {f} is missing; export the run again.")
-    meta = _read_json(path / "diffusekit_unet" / "config.json", "the diffusekit UNet config")
+    meta = read_json(path / "diffusekit_unet" / "config.json", "the diffusekit UNet config")
     cfg = UNetConfig.from_dict(meta["unet"])
     device = resolve_device(device)
     model = UNet(cfg)
     model.load_state_dict(load_file(str(path / "diffusekit_unet" / "model.safetensors")))
-    schedule = schedule_from_diffusers_config(_read_json(path / "scheduler" / "scheduler_config.json", "scheduler"))
+    schedule = schedule_from_diffusers_config(read_json(path / "scheduler" / "scheduler_config.json", "scheduler"))
     return Pipeline(model.to(device), schedule, image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
                     prediction_type=meta.get("prediction_type", "epsilon"), num_classes=cfg.num_classes,
                     class_names=meta.get("class_names") or (), config=meta, device=device, precision=precision,
