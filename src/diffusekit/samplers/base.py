@@ -177,11 +177,36 @@ class Sampler:
                               f"use an integer from 1 to {most} (the schedule has {T} training timesteps).")
         return num_steps
 
-    def plan(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_timesteps(self, timesteps, num_steps) -> torch.Tensor:
+        """Explicit model-call times as a float64 tensor, checked: 1-D, finite, in [0, T - 1], descending."""
+        T = self.schedule.num_train_timesteps
+        try:
+            ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"timesteps={timesteps!r} is not a list of numbers ({err}).") from None
+        if ts.ndim != 1 or len(ts) == 0 or not bool(torch.isfinite(ts).all()) or \
+                float(ts.min()) < 0 or float(ts.max()) > T - 1 or not bool((ts[1:] < ts[:-1]).all()):
+            raise ConfigError(f"timesteps={ts.tolist()} are not valid model-call times; give a non-empty, strictly "
+                              f"descending list of finite times in [0, {T - 1}] (training-timestep units).")
+        if num_steps is not None and num_steps != len(ts):
+            raise ConfigError(f"num_steps={num_steps!r} disagrees with the {len(ts)} timesteps given; "
+                              f"pass num_steps=None (or {len(ts)}) with explicit timesteps.")
+        if self.options.get("use_karras_sigmas"):
+            raise ConfigError("explicit timesteps and use_karras_sigmas=True both place the noise levels; choose one.")
+        return ts
+
+    def plan(self, num_steps: int | None = None, timesteps=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps (n,), abars (n+1,)): model-call times and the noise level before each step,
-        then the final one (abar = 1: a clean sample)."""
-        n = self._check_steps(num_steps)
+        then the final one (abar = 1: a clean sample).
+
+        Explicit timesteps (a descending list, fractional allowed, e.g. from diffusekit.tune) replace
+        the spacing: the noise levels are then schedule.alpha_bar_at(timesteps), as for "logsnr".
+        """
         sched = self.schedule
+        if timesteps is not None:
+            ts = self._check_timesteps(timesteps, num_steps)
+            return ts, torch.cat([sched.alpha_bar_at(ts), torch.ones(1, dtype=torch.float64)])
+        n = self._check_steps(num_steps)
         if self.timestep_spacing == "logsnr":
             ts = logsnr_timesteps(sched, n, self.spec.style)
             return ts, torch.cat([sched.alpha_bar_at(ts), torch.ones(1, dtype=torch.float64)])
@@ -204,9 +229,9 @@ class Sampler:
             abars = sched.alpha_bar_at(ts)
         return ts, torch.cat([abars, torch.ones(1, dtype=torch.float64)])
 
-    def timesteps(self, num_steps: int) -> torch.Tensor:
+    def timesteps(self, num_steps: int | None = None, timesteps=None) -> torch.Tensor:
         """The timesteps the model will be called at, in order (Heun's second calls included)."""
-        ts, _ = self.plan(num_steps)
+        ts, _ = self.plan(num_steps, timesteps)
         if self.spec.evals_per_step == 2:
             ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
         elif self.spec.first_step_evals == 2 and len(ts) > 1:
@@ -215,13 +240,13 @@ class Sampler:
             ts = torch.cat([ts[:2], ts[1:]])
         return ts
 
-    def nfe(self, num_steps: int) -> int:
-        """Number of model evaluations for num_steps steps, counted honestly."""
-        return len(self.timesteps(num_steps))
+    def nfe(self, num_steps: int | None = None, timesteps=None) -> int:
+        """Number of model evaluations for num_steps steps (or the explicit timesteps), counted honestly."""
+        return len(self.timesteps(num_steps, timesteps))
 
-    def sample(self, model, x_T: torch.Tensor, num_steps: int = 50, generator: torch.Generator | None = None,
+    def sample(self, model, x_T: torch.Tensor, num_steps: int | None = None, generator: torch.Generator | None = None,
                callback: Callable[[StepInfo], torch.Tensor | None] | None = None, progress: bool = False,
-               start_step: int = 0, stop_step: int | None = None, **cond) -> torch.Tensor:
+               start_step: int = 0, stop_step: int | None = None, timesteps=None, **cond) -> torch.Tensor:
         """Run the sampler from x_T (N(0, I) noise, or a VP x_t at timesteps[start_step]) to x0.
 
         model(x, t, **cond) returns the sampler's prediction type, or model is already a Denoiser.
@@ -229,12 +254,15 @@ class Sampler:
         start_step > 0 skips the first steps (SDEdit, img2img); stop_step < num_steps ends early and
         returns x at the noise level abars[stop_step], in the VP convention like every result.
         Multistep solvers start their history afresh at start_step.
+        num_steps defaults to 50; explicit timesteps (see plan) replace num_steps and the spacing.
         """
-        ts, abars = self.plan(num_steps)
+        if num_steps is None and timesteps is None:
+            num_steps = 50
+        ts, abars = self.plan(num_steps, timesteps)
         stop = len(ts) if stop_step is None else stop_step
         if not 0 <= start_step < stop <= len(ts):
             raise ConfigError(f"start_step={start_step}, stop_step={stop_step}: need 0 <= start_step < stop_step "
-                              f"<= {len(ts)} for num_steps={num_steps}.")
+                              f"<= {len(ts)} for a plan of {len(ts)} steps.")
         # a method that evaluates at the next level too (Heun, PLMS's start) needs the time it stops at
         ts = ts[start_step:stop + (self.spec.evals_per_step == 2 or self.spec.first_step_evals == 2)]
         abars = abars[start_step:stop + 1]
