@@ -17,7 +17,7 @@ from diffusekit.data.batches import Batch, BatchSource
 from diffusekit.data.config import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, DataConfig, resolve_kind
 from diffusekit.data.dataset import DataInfo, ImageDataset, load_dataset, load_folder
 from diffusekit.data.folder import FolderIndex, index_folder
-from diffusekit.data.images import (LUMA_WEIGHTS, augment_item, center_crop, fit_image, from_pixels,
+from diffusekit.data.images import (LUMA_WEIGHTS, ImageFileError, augment_item, center_crop, fit_image, from_pixels,
                                     load_image, random_crop, random_hflip, read_image, read_image_array,
                                     resize_center_crop, save_image, to_pixels)
 from diffusekit.data.shapes import generate_shapes, write_shapes_folder
@@ -27,7 +27,7 @@ from diffusekit.data.streaming import StreamingImageFolder, open_dataset
 _resolve_kind = resolve_kind
 
 __all__ = ["ARRAY_EXTENSIONS", "IMAGE_EXTENSIONS", "LUMA_WEIGHTS", "Batch", "BatchSource", "DataConfig",
-           "DataInfo", "FolderIndex", "ImageDataset", "StreamingImageFolder", "augment_item", "center_crop",
+           "DataInfo", "FolderIndex", "ImageDataset", "ImageFileError", "StreamingImageFolder", "augment_item", "center_crop",
            "fit_image", "from_pixels", "generate_shapes", "index_folder", "load_dataset", "load_folder",
            "load_image", "open_dataset", "random_crop", "random_hflip", "read_idx", "read_image",
            "read_image_array", "resize_center_crop", "resolve_kind", "save_image", "to_pixels",

@@ -11,7 +11,9 @@ The transforms are the configured ones and nothing else:
 """
 from __future__ import annotations
 
+import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -54,10 +56,44 @@ def from_pixels(pixels: np.ndarray) -> torch.Tensor:
 # files
 
 
+class ImageFileError(ValueError):
+    """A file that Pillow cannot decode as an image (empty, truncated, not an image); names the file."""
+
+
+@contextmanager
+def open_image(path: str | Path):
+    """Image.open(path) as a context manager; a file that does not decode raises ImageFileError naming it.
+
+    Errors of the operating system (missing file, no permission) pass through unchanged: they
+    already carry the path. Decoding problems (Pillow raises OSError, SyntaxError, ValueError or
+    EOFError for them, with messages such as "Truncated File Read" that do not name the file) become
+    one ImageFileError that says which file, what is wrong with it and what to give instead.
+    """
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            yield img
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise ImageFileError(f"{path} cannot be read as an image ({_image_problem(path, e)}); give a PNG, JPEG "
+                             f"or other image file that Pillow opens, or write the file again.") from None
+
+
+def _image_problem(path: str | Path, e: BaseException) -> str:
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = None
+    if size == 0:
+        return "the file is empty: 0 bytes"
+    text = str(e).replace(str(path), "").replace("''", "").strip(" :") or type(e).__name__
+    return f"{text}; {size} bytes" if size is not None else text
+
+
 def read_image_array(path: str | Path) -> np.ndarray:
     """Read an image file as float32 (H, W, c) in [0, 1]; c = 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA)."""
-    from PIL import Image
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.load()
         return pil_to_array(img)
 
@@ -78,8 +114,7 @@ def pil_to_array(img) -> np.ndarray:
 
 def probe_image(path: str | Path) -> tuple[int, int, int]:
     """(c, height, width) of an image file from its header alone; c as read_image_array returns it."""
-    from PIL import Image
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return pil_channels(img), img.size[1], img.size[0]
 
 
