@@ -274,7 +274,11 @@ def train(out, config_path, resume, preset, seed, dry_run, device, precision, **
         _dump(cfg.to_dict())
         return
     from .train import train as run_training
-    if resume and ckpt.has_checkpoint(out) and ckpt.read_trainer_state(out, finish_interrupted=False)["step"] >= cfg.train.steps:
+    saved = ckpt.read_trainer_state(out, finish_interrupted=False)["step"] if resume and ckpt.has_checkpoint(out) else None
+    if saved is not None and saved > cfg.train.steps:
+        raise UserError(f"--train-steps {cfg.train.steps} is below step {saved}, which {out} has already reached; "
+                        f"give --train-steps above {saved} to train further, or leave it out (the run is unchanged).")
+    if saved is not None and saved >= cfg.train.steps:
         click.echo(f"{out} has already finished its {cfg.train.steps} steps; raise --train-steps to train further.")
         return
     for note in getattr(dataset, "notes", []) or []:
