@@ -107,7 +107,7 @@ def our_cpu_s_per_step(batch_size: int, images: torch.Tensor, steps: int = 6) ->
     """CPU seconds per training step of our UNet (bf16, channels_last), after 2 warm-up steps."""
     from diffusekit.nn.unet import UNet, UNetConfig
     from diffusekit.schedule import NoiseSchedule
-    from diffusekit.train import diffusion_loss
+    from diffusekit.losses import diffusion_loss
     torch.manual_seed(0)  # benchmark entry point
     model = UNet(UNetConfig.preset("mnist28", num_classes=0)).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

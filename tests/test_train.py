@@ -19,7 +19,8 @@ from diffusekit.nn.unet import UNetConfig
 from diffusekit.schedule import NoiseSchedule, ScheduleConfig
 from diffusekit.loop import EMA, TrainingDiverged, lr_at
 from diffusekit.run import RunConfig, TrainConfig, load_run
-from diffusekit.train import diffusion_loss, loss_weights, train
+from diffusekit.losses import diffusion_loss, loss_weights
+from diffusekit.train import train
 
 
 

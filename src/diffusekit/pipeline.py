@@ -27,17 +27,23 @@ class Pipeline:
 
     model(x, t, **cond) returns the prediction_type; image_shape is (C, H, W) of what the model
     denoises; num_classes > 0 for a class-conditional model (label -1 = the null class).
+    With an autoencoder (latent diffusion), image_shape is the pixel images' shape, latent_shape the
+    model's, and images are encoded on the way in and decoded on the way out. A model with
+    `encode_text` (models.TextToImageModel) takes prompts.
     """
 
     def __init__(self, model: torch.nn.Module | Callable, schedule: NoiseSchedule, *, image_shape,
                  prediction_type: str = "epsilon", num_classes: int = 0, class_names: Sequence[str] = (),
-                 config=None, device: str | torch.device = "cpu", precision: str = "fp32", source: str = ""):
+                 config=None, device: str | torch.device = "cpu", precision: str = "fp32", source: str = "",
+                 latent_shape=None, autoencoder=None):
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.schedule, self.config, self.source = schedule, config, source
         self.prediction_type, self.num_classes = prediction_type, int(num_classes)
         self.image_shape = tuple(int(v) for v in image_shape)
+        self.latent_shape = tuple(int(v) for v in latent_shape) if latent_shape is not None else self.image_shape
+        self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None
         self.class_names = list(class_names)
 
     @classmethod
@@ -48,10 +54,15 @@ class Pipeline:
         device = resolve_device(device)
         cfg, model, extra = load_run(run_dir, device=device, weights=weights)
         m = cfg.model
-        return cls(model, NoiseSchedule.from_config(cfg.schedule), image_shape=(m.in_channels, m.image_size,
-                   m.image_size), prediction_type=m.prediction_type, num_classes=m.num_classes,
+        model_shape, ae, image_shape = (m.in_channels, m.image_size, m.image_size), None, None
+        if cfg.latent is not None:
+            from .autoencoder_train import load_autoencoder
+            ae = load_autoencoder(Path(run_dir) / "autoencoder", device=device)
+            image_shape = (cfg.latent.channels, cfg.latent.image_size, cfg.latent.image_size)
+        return cls(model, NoiseSchedule.from_config(cfg.schedule), image_shape=image_shape or model_shape,
+                   latent_shape=model_shape, prediction_type=m.prediction_type, num_classes=m.num_classes,
                    class_names=extra.get("class_names") or (), config=cfg, device=device, precision=precision,
-                   source=str(run_dir))
+                   source=str(run_dir), autoencoder=ae)
 
     @classmethod
     def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto",
@@ -76,15 +87,17 @@ class Pipeline:
         return call
 
     def denoiser(self, guidance_scale: float = 1.0, guides: Sequence[Guide] = (), classifier: Callable | None = None,
-                 classifier_scale: float = 0.0, target_class=None) -> Denoiser:
+                 classifier_scale: float = 0.0, target_class=None, negative_prompt: str = "") -> Denoiser:
         """One Denoiser with classifier-free guidance (eps_u + w (eps_c - eps_u)), the eps-space gradient
         guides and classifier guidance toward target_class (default: the class_labels sampled with)
-        stacked (guidance.guided_denoiser)."""
-        if guidance_scale != 1.0 and not self.num_classes:
-            raise ConfigError(f"guidance_scale={guidance_scale} needs a class-conditional model; this one has "
-                              "no classes. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        stacked (guidance.guided_denoiser). For a text model the unconditional branch is negative_prompt."""
+        if guidance_scale != 1.0 and not (self.num_classes or self.has_text):
+            raise ConfigError(f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one "
+                              "has neither. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        null_cond = self.model.encode_text([negative_prompt]) if self.has_text and guidance_scale != 1.0 else None
         return guided_denoiser(Denoiser(self.network(), self.prediction_type), guidance_scale=guidance_scale,
-                               null_label=-1, guides=guides, classifier=classifier, classifier_scale=classifier_scale,
+                               null_label=-1, null_cond=null_cond, guides=guides, classifier=classifier,
+                               classifier_scale=classifier_scale,
                                target_class=None if target_class is None else torch.as_tensor(target_class).to(self.device))
 
     def _callback(self, guides: Sequence[Guide], cond: dict, callback):
@@ -113,17 +126,52 @@ class Pipeline:
                               f"0..{self.num_classes - 1} (-1 = unconditional).")
         return labels.to(self.device)
 
-    def _cond(self, class_labels, n: int) -> dict:
+    @property
+    def has_text(self) -> bool:
+        return hasattr(self.model, "encode_text")
+
+    def prompts(self, prompt, n: int) -> list[str] | None:
+        """Prompts as a list of n strings: None, one string for all, or one per image."""
+        if prompt is None:
+            return None
+        if not self.has_text:
+            raise ConfigError("a prompt was given but this model is not text-conditioned; drop --prompt, or train "
+                              "with captions (diffusekit train --text learned ...).")
+        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"got {len(prompts)} prompts for {n} images; give one prompt or one per image.")
+        unknown = sorted({w for p in prompts for w in getattr(self.model.text, "unknown_words", lambda p: [])(p)})
+        if unknown:
+            raise ConfigError(f"the words {unknown} never occur in this run's captions, so its learned text encoder "
+                              f"cannot read them; rephrase with words from the training captions.")
+        return prompts
+
+    def _cond(self, class_labels, n: int, prompt=None) -> dict:
         labels = self.class_labels(class_labels, n)
-        return {} if labels is None else {"class_labels": labels}
+        cond = {} if labels is None else {"class_labels": labels}
+        prompts = self.prompts(prompt, n)
+        if prompts is None and self.has_text:
+            prompts = [""] * n                       # a text model without a prompt: the empty prompt
+        if prompts is not None:
+            cond.update(self.model.encode_text(prompts))
+        return cond
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixels -> what the model denoises (scaled latents with an autoencoder, else the images)."""
+        return self.autoencoder.encode(images) if self.autoencoder is not None else images
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model denoises -> pixels."""
+        return self.autoencoder.decode(x).float() if self.autoencoder is not None else x
 
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, sampler: str = "dpmpp_2m", num_steps: int = 20,
                generator: torch.Generator | None = None, class_labels=None, guidance_scale: float = 1.0,
                guides: Sequence[Guide] = (), classifier: Callable | None = None, classifier_scale: float = 0.0,
-               target_class=None, batch_size: int = 256, progress: bool = False, callback=None, timestep_spacing: str | None = None,
-               noise: torch.Tensor | None = None, **options) -> torch.Tensor:
+               target_class=None, batch_size: int = 256, progress: bool = False, callback=None,
+               timestep_spacing: str | None = None, noise: torch.Tensor | None = None, prompt=None,
+               negative_prompt: str = "", **options) -> torch.Tensor:
         """n images (n, C, H, W) in [-1, 1], on the CPU.
 
         All starting noise is drawn first (on the generator's device), so image k starts from the same
@@ -132,10 +180,14 @@ class Pipeline:
         """
         if n < 1:
             raise ConfigError(f"n={n}; ask for at least one image.")
+        from .memory import check_sampling          # refuse what cannot fit before drawing any noise
+        check_sampling(n, batch_size, image_shape=self.image_shape, device=self.device,
+                       latent_shape=getattr(self, "latent_shape", None),
+                       model_config=getattr(self.config, "model", None), guided=guidance_scale != 1.0)
         s = self.sampler_for(sampler, timestep_spacing, **options)
         if noise is None:
-            noise = randn((n, *self.image_shape), generator, "cpu")
-        labels = self.class_labels(class_labels, n)
+            noise = randn((n, *self.latent_shape), generator, "cpu")
+        full_cond = self._cond(class_labels, n, prompt)
         target = None if target_class is None else torch.as_tensor(target_class)
         outs = []
         batches = range(0, n, batch_size)
@@ -144,14 +196,14 @@ class Pipeline:
             batches = tqdm(batches, desc=f"sampling {n} images", unit="batch")
         for start in batches:
             x = noise[start:start + batch_size].to(self.device)
-            cond = {} if labels is None else {"class_labels": labels[start:start + batch_size]}
+            cond = {k: v[start:start + batch_size] for k, v in full_cond.items()}
             # one classifier target per image is sliced with its batch
             batch_target = target[start:start + batch_size] if target is not None and target.ndim else target
-            den = self.denoiser(guidance_scale, guides, classifier, classifier_scale, batch_target)
+            den = self.denoiser(guidance_scale, guides, classifier, classifier_scale, batch_target, negative_prompt)
             out = s.sample(den, x, num_steps=num_steps, generator=generator,
                            callback=self._callback(guides, cond, callback),
                            progress=progress and n <= batch_size, **cond)
-            outs.append(_checked_finite(out, "sampling").clamp(-1, 1).cpu())
+            outs.append(_checked_finite(self.decode(out), "sampling").clamp(-1, 1).cpu())
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -161,8 +213,8 @@ class Pipeline:
         xs, x0s, ts = [], [], []
 
         def record(info):
-            xs.append(info.x.clamp(-1, 1).cpu())
-            x0s.append(info.x0_pred.clamp(-1, 1).cpu())
+            xs.append(self.decode(info.x).clamp(-1, 1).cpu())
+            x0s.append(self.decode(info.x0_pred).clamp(-1, 1).cpu())
             ts.append(info.t)
         out = self.sample(n, sampler, num_steps, generator, class_labels, callback=record, **guidance)
         return out, xs, x0s, ts
@@ -194,53 +246,69 @@ class Pipeline:
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float = 0.5, sampler: str = "dpmpp_2m", num_steps: int = 50,
-             generator=None, class_labels=None, **guidance_and_options) -> torch.Tensor:
+             generator=None, class_labels=None, prompt=None, **guidance_and_options) -> torch.Tensor:
         """SDEdit (Meng et al. 2022): noise the image to t = strength * T, then denoise it.
 
-        Guidance keywords (guidance_scale, guides, classifier, classifier_scale) are as for `sample`.
+        Guidance keywords (guidance_scale, guides, classifier, classifier_scale, negative_prompt) are as
+        for `sample`; a latent model edits the image's latents and decodes the result.
         """
         guidance, options = _split_guidance(guidance_and_options)
         image = self._check_image(image)
-        cond = self._cond(class_labels, len(image))
+        cond = self._cond(class_labels, len(image), prompt)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "edit")
-        out = editing.sdedit(self.sampler_for(sampler, **options), self.denoiser(**guidance), image, strength,
-                             num_steps, generator, **cond)
-        return _checked_finite(out, "SDEdit").clamp(-1, 1).cpu()
+        out = editing.sdedit(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
+                             strength, num_steps, generator, **cond)
+        if strength == 0:
+            return image.cpu()
+        return _checked_finite(self.decode(out), "SDEdit").clamp(-1, 1).cpu()
 
     def ddim(self) -> Sampler:
         """The deterministic DDIM sampler that inversion and reconstruction share."""
         return self.sampler_for("ddim", eta=0.0)
 
     @torch.no_grad()
-    def invert(self, image: torch.Tensor, num_steps: int = 50, refine_steps: int = 0, class_labels=None):
-        """DDIM inversion: the x_T that deterministic DDIM maps back to the image."""
+    def invert(self, image: torch.Tensor, num_steps: int = 50, refine_steps: int = 0, class_labels=None,
+               prompt=None):
+        """DDIM inversion: the x_T (latent x_T for a latent model) that deterministic DDIM maps back to the image."""
         image = self._check_image(image)
-        return editing.invert(self.ddim(), self.denoiser(), image, num_steps, refine_steps=refine_steps,
-                              **self._cond(class_labels, len(image)))
+        return editing.invert(self.ddim(), self.denoiser(), self.encode(image), num_steps, refine_steps=refine_steps,
+                              **self._cond(class_labels, len(image), prompt))
 
     @torch.no_grad()
-    def reconstruct(self, x_T: torch.Tensor, num_steps: int = 50, class_labels=None, **guidance):
-        """DDIM (eta = 0) from an inverted x_T, optionally under another class or guidance."""
+    def reconstruct(self, x_T: torch.Tensor, num_steps: int = 50, class_labels=None, prompt=None, **guidance):
+        """DDIM (eta = 0) from an inverted x_T, optionally under another class, prompt or guidance; pixels out."""
         out = editing.reconstruct(self.ddim(), self.denoiser(**guidance), x_T.to(self.device), num_steps,
-                                  **self._cond(class_labels, len(x_T)))
-        return _checked_finite(out, "reconstruction").cpu()
+                                  **self._cond(class_labels, len(x_T), prompt))
+        return _checked_finite(self.decode(out), "reconstruction").cpu()
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str = "ddim", num_steps: int = 50,
-                generator=None, resample: int = 1, class_labels=None, **guidance_and_options) -> torch.Tensor:
-        """Fill the region where mask == 1; pixels where mask == 0 stay exactly the input's."""
+                generator=None, resample: int = 1, class_labels=None, prompt=None,
+                **guidance_and_options) -> torch.Tensor:
+        """Fill the region where mask == 1; pixels where mask == 0 stay exactly the input's.
+
+        A latent model fills the latent cells that any masked pixel touches and the known pixels are
+        pasted back in pixel space at the end.
+        """
         guidance, options = _split_guidance(guidance_and_options)
-        image = self._check_image(image)
+        image, mask = self._check_image(image), mask.to(self.device)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "inpaint")
-        out = editing.inpaint(self.sampler_for(sampler, **options), self.denoiser(**guidance), image,
-                              mask.to(self.device), num_steps, generator, resample=resample,
-                              **self._cond(class_labels, len(image)))
+        latent_mask = mask
+        if self.autoencoder is not None:
+            # (.., H, W) -> the latent grid: a cell is filled if any pixel in it is
+            latent_mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), self.latent_shape[1:])
+        out = editing.inpaint(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
+                              latent_mask, num_steps, generator, resample=resample,
+                              **self._cond(class_labels, len(image), prompt))
+        out = self.decode(out)
+        if self.autoencoder is not None:
+            out = torch.where(mask == 0, image, out.clamp(-1, 1))
         return _checked_finite(out, "inpainting").cpu()
 
 
-_GUIDANCE_KEYS = ("guidance_scale", "guides", "classifier", "classifier_scale", "target_class")
+_GUIDANCE_KEYS = ("guidance_scale", "guides", "classifier", "classifier_scale", "target_class", "negative_prompt")
 
 
 def _split_guidance(kwargs: dict) -> tuple[dict, dict]:

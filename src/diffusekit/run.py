@@ -19,7 +19,8 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, check_range
 from .data import DataConfig, ImageDataset, load_dataset
 from .device import DeviceChoice, Precision
-from .nn.unet import UNet, UNetConfig
+from .nn.text import TextEncoderConfig
+from .nn.unet import UNetConfig
 from .schedule import ScheduleConfig
 
 # fields that may change when resuming (they do not alter the optimisation up to the old end)
@@ -49,6 +50,9 @@ class TrainConfig(Config):
     precision: Precision = "fp32"       # bf16 / fp16: autocast of the model call (fp16 adds a grad scaler)
     channels_last: bool = False
     class_dropout: float = 0.1          # prob. of the null label (for CFG); ignored by unconditional models
+    caption_dropout: float = 0.1        # prob. of the empty prompt "" (for CFG); text-conditioned runs only
+    grad_accum: int = 1                 # micro-batches per step (batch_size / grad_accum images each)
+    num_workers: int = 0                # DataLoader workers for streamed image folders
     seed: int = 0
     device: DeviceChoice = "auto"       # auto: CUDA, then MPS, then CPU
     log_every: int = 50
@@ -59,9 +63,10 @@ class TrainConfig(Config):
     sample_steps: int = 25
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "save_every", "num_sample_images", "sample_steps"):
+        for name in ("steps", "batch_size", "log_every", "save_every", "num_sample_images", "sample_steps",
+                     "grad_accum"):
             check_range(name, getattr(self, name), lo=1)
-        for name in ("warmup_steps", "sample_every", "seed"):
+        for name in ("warmup_steps", "sample_every", "seed", "num_workers"):
             check_range(name, getattr(self, name), lo=0)
         check_range("lr", self.lr, lo=0, lo_open=True)
         check_range("weight_decay", self.weight_decay, lo=0)
@@ -69,10 +74,30 @@ class TrainConfig(Config):
         check_range("ema_decay", self.ema_decay, lo=0, hi=1, hi_open=True)
         check_range("min_snr_gamma", self.min_snr_gamma, lo=0, lo_open=True)
         check_range("class_dropout", self.class_dropout, lo=0, hi=1, hi_open=True)
+        check_range("caption_dropout", self.caption_dropout, lo=0, hi=1, hi_open=True)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} must split into grad_accum={self.grad_accum} equal "
+                              f"micro-batches; use a batch size that is a multiple of {self.grad_accum}.")
         from .samplers import SAMPLERS
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler={self.sample_sampler!r} is not a sampler; choose one of "
                               f"{sorted(SAMPLERS)}.")
+
+
+@dataclass
+class LatentConfig(Config):
+    """Diffusion in an autoencoder's latent space (Rombach et al. 2022, "LDM"): what the run encodes with."""
+
+    autoencoder: str = ""          # the autoencoder folder it was trained with (a copy is kept in RUN/autoencoder)
+    image_size: int = 32           # side of the pixel images the autoencoder sees
+    channels: int = 3              # channels of the pixel images
+
+    def validate(self) -> None:
+        if not self.autoencoder:
+            raise ConfigError("latent.autoencoder is empty; give --autoencoder PATH (a `diffusekit "
+                              "train-autoencoder` folder or a diffusers AutoencoderKL folder).")
+        check_range("image_size", self.image_size, lo=1)
+        check_range("channels", self.channels, lo=1)
 
 
 @dataclass
@@ -84,9 +109,16 @@ class RunConfig(Config):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     class_names: list[str] = field(default_factory=list)   # filled from the data when training starts
+    latent: LatentConfig | None = None                     # set: the UNet denoises autoencoder latents
+    text: TextEncoderConfig | None = None                  # set: the UNet is conditioned on captions
 
     def validate(self) -> None:
         m, d = self.model, self.data
+        if self.text is not None and m.text_conditioning == "none":
+            raise ConfigError("a text encoder is set but model.text_conditioning='none'; choose "
+                              "'cross_attention', 'multiply' or 'both'.")
+        if self.latent is not None:
+            return                  # the model sees latents: the data's pixel size is checked by check_data_fits
         if d.image_size and d.image_size != m.image_size:
             raise ConfigError(f"data.image_size={d.image_size} but model.image_size={m.image_size}; "
                               f"set both to the same size.")
@@ -127,46 +159,75 @@ def _migrate(d: dict) -> dict:
 # resolving options into a config
 
 
-def check_data_fits(cfg: RunConfig, data: ImageDataset) -> None:
-    """Raise ConfigError if the loaded images or labels do not fit the model config."""
+def check_data_fits(cfg: RunConfig, data) -> None:
+    """Raise ConfigError if the loaded images, labels or captions do not fit the model config."""
     m = cfg.model
-    if data.image_size != m.image_size:
-        raise ConfigError(f"the data holds {data.image_size}x{data.image_size} images but model.image_size="
-                          f"{m.image_size}; set model.image_size={data.image_size}, or data.image_size="
-                          f"{m.image_size} to resize the images.")
-    if data.channels != m.in_channels:
-        raise ConfigError(f"the data has {data.channels} channel(s) but model.in_channels={m.in_channels}; "
-                          f"set model.in_channels={data.channels}.")
+    size, channels = (cfg.latent.image_size, cfg.latent.channels) if cfg.latent else (m.image_size, m.in_channels)
+    what = "the autoencoder's input" if cfg.latent else "model"
+    if data.image_size != size:
+        raise ConfigError(f"the data holds {data.image_size}x{data.image_size} images but {what} is {size}x{size}; "
+                          f"set --image-size {size} to resize the images (or train a model for this size).")
+    if data.channels != channels:
+        raise ConfigError(f"the data has {data.channels} channel(s) but {what} takes {channels}; "
+                          f"convert the images with --channels {channels}.")
     if m.num_classes and data.labels is None:
         raise ConfigError(f"model.num_classes={m.num_classes} but the data has no labels; set "
                           f"model.num_classes=0 for an unconditional model, or use labelled data.")
     if m.num_classes and m.num_classes != data.num_classes:
         raise ConfigError(f"the data has {data.num_classes} classes but model.num_classes={m.num_classes}; "
                           f"set model.num_classes={data.num_classes} (or 0 to ignore the labels).")
+    if cfg.text is not None and getattr(data, "captions", None) is None:
+        raise ConfigError(f"text conditioning needs captions, and {data.source or 'the data'} has none; give an "
+                          f"image folder with a metadata.jsonl 'text' column or .txt files, or --data shapes.")
     if len(data) < cfg.train.batch_size:
         raise ConfigError(f"the data holds {len(data)} images, fewer than batch_size={cfg.train.batch_size}; "
                           f"set batch_size to at most {len(data)}.")
 
 
-def model_for_data(dataset: ImageDataset, preset: str | None = None, **overrides) -> UNetConfig:
-    """The UNet for a data set: a named preset, or the preset of its image size; its channels and classes."""
-    size = dataset.image_size
-    name = preset or PRESET_FOR_SIZE.get(size)
+def model_config(image_size: int, channels: int, num_classes: int, preset: str | None = None,
+                 **overrides) -> UNetConfig:
+    """The UNet for images (or latents) of this size: a named preset, the preset of the size, or a
+    layout derived for any size from 8 to 256 (nn.layout.derive_unet_config)."""
+    name = preset or PRESET_FOR_SIZE.get(image_size)
+    base = {"image_size": image_size, "in_channels": channels, "num_classes": num_classes, **overrides}
     if name is None:
-        raise ConfigError(f"no UNet preset for {size}x{size} images (presets: {sorted(PRESET_FOR_SIZE)}); "
-                          f"resize the images to one of those sizes with --image-size, or give --config.")
-    return UNetConfig.preset(name, **{"image_size": size, "in_channels": dataset.channels,
-                                      "num_classes": dataset.num_classes if dataset.labels is not None else 0,
-                                      **overrides})
+        from .nn.layout import derive_unet_config
+        return derive_unet_config(**base)
+    return UNetConfig.preset(name, **base)
+
+
+def model_for_data(dataset, preset: str | None = None, **overrides) -> UNetConfig:
+    """The UNet for a data set: its image size, channels and classes."""
+    return model_config(dataset.image_size, dataset.channels,
+                        dataset.num_classes if dataset.labels is not None else 0, preset, **overrides)
 
 
 def default_run_config(data: DataConfig | None = None, dataset: ImageDataset | None = None,
                        **train_overrides) -> RunConfig:
-    """A RunConfig for the data: the UNet preset of its image size, its channels and classes."""
+    """A RunConfig for the data: the UNet of its image size, its channels and classes."""
     data = data or DataConfig()
     dataset = dataset if dataset is not None else load_dataset(data)
     return RunConfig(model=model_for_data(dataset), data=data, train=TrainConfig(**train_overrides),
                      class_names=list(dataset.class_names) if dataset.labels is not None else [])
+
+
+def _text_config(options: dict, dataset) -> TextEncoderConfig:
+    """The text encoder for the data's captions: a learned one gets its vocab from them."""
+    from .nn.text import build_vocab
+    cfg = TextEncoderConfig(**{"path": "minilm" if options.get("kind") == "pretrained" else "", **options})
+    if getattr(dataset, "captions", None) is None:
+        raise ConfigError(f"text conditioning needs captions, and {dataset.source or 'the data'} has none; give an "
+                          f"image folder with a metadata.jsonl 'text' column or .txt files, or --data shapes.")
+    if cfg.kind == "learned" and not cfg.vocab:
+        cfg = replace(cfg, vocab=tuple(build_vocab(dataset.captions)))
+    return cfg
+
+
+def _text_dim(cfg: TextEncoderConfig) -> int:
+    if cfg.kind == "learned":
+        return cfg.dim
+    from .nn.text import build_text_encoder
+    return build_text_encoder(cfg).dim
 
 
 def _apply(cfg: Config, section: str, values: dict) -> Config:
@@ -185,7 +246,7 @@ def resolve_run_config(overrides: dict[str, Any] | None = None, base: RunConfig 
     with `base` (a --config file or a run being resumed) the options are applied on top of it.
     Returns (config, the loaded data set or None), so a trainer need not load the data twice.
     """
-    sections: dict[str, dict] = {"model": {}, "schedule": {}, "data": {}, "train": {}}
+    sections: dict[str, dict] = {"model": {}, "schedule": {}, "data": {}, "train": {}, "latent": {}, "text": {}}
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if section not in sections or not name:
@@ -193,11 +254,25 @@ def resolve_run_config(overrides: dict[str, Any] | None = None, base: RunConfig 
         sections[section][name] = value
     dataset = None
     if base is None:
+        from .data import open_dataset
         data_cfg = _apply(DataConfig(), "data", sections["data"])
-        dataset = load_dataset(data_cfg)
-        model = model_for_data(dataset, preset, **sections["model"])
-        cfg = RunConfig(model=model, data=data_cfg,
-                        class_names=list(dataset.class_names) if dataset.labels is not None else [])
+        dataset = open_dataset(data_cfg)
+        data_cfg = getattr(dataset, "config", None) or data_cfg          # channels resolved from the images
+        latent, text, size, channels = None, None, dataset.image_size, dataset.channels
+        if sections["latent"]:
+            latent = LatentConfig(**{"image_size": size, "channels": channels, **sections["latent"]})
+            from .autoencoder_train import load_autoencoder
+            channels, size, _ = load_autoencoder(latent.autoencoder).latent_shape((channels, size, size))
+        model_over = dict(sections["model"])
+        num_classes = dataset.num_classes if dataset.labels is not None else 0
+        if sections["text"]:
+            text = _text_config(sections["text"], dataset)
+            model_over = {"text_conditioning": "both", "context_dim": _text_dim(text), **model_over}
+            num_classes = 0            # the captions condition the model, not class labels
+            data_cfg = replace(data_cfg, class_labels=False)
+        model = model_config(size, channels, num_classes, preset, **model_over)
+        cfg = RunConfig(model=model, data=data_cfg, latent=latent, text=text,
+                        class_names=list(dataset.class_names) if num_classes else [])
     else:
         cfg = replace(base, data=_apply(base.data, "data", sections["data"]))
         model = base.model
@@ -276,7 +351,7 @@ def _migrate_model(model: dict, meta: dict) -> dict:
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
-             weights: Literal["ema", "raw"] = "ema") -> tuple[RunConfig, UNet, dict[str, Any]]:
+             weights: Literal["ema", "raw"] = "ema") -> tuple[RunConfig, torch.nn.Module, dict[str, Any]]:
     """(config, model in eval mode, extra) of a run directory; EMA weights unless weights="raw".
 
     A reader never writes to the run (it may be training right now). extra: {"step", "class_names",
@@ -296,7 +371,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
         raise ConfigError(f"{run_dir / ckpt.CONFIG_FILE}: {e}") from e
     state_dict, meta = saved.weights[name]
     check_weights_metadata(cfg, meta, path, run_dir / ckpt.CONFIG_FILE)
-    model = UNet(cfg.model)
+    from .models import build_model
+    model = build_model(cfg)
     ckpt.load_state_dict_checked(model, state_dict, str(path),
                                  hint=f"Check the model section of {run_dir / ckpt.CONFIG_FILE}.")
     extra = {"step": int(meta["step"]) if "step" in meta else None, "class_names": list(cfg.class_names),

@@ -24,59 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from diffusekit import checkpoint as ckpt
 from diffusekit.config import ConfigError
-from diffusekit.data import ImageDataset, load_dataset
+from diffusekit.data import open_dataset
 from diffusekit.device import autocast, grad_scaler, rank_world
-from diffusekit.loop import EMA, DataOrder, Dist, MetricsLog, derive_seed, optimizer_step, run_loop, setup_processes
-from diffusekit.nn.unet import UNet
+from diffusekit.loop import EMA, Dist, MetricsLog, check_loss, clip_and_step, derive_seed, run_loop, setup_processes
+from diffusekit.losses import diffusion_loss
+from diffusekit.models import build_model
+from diffusekit.train_inputs import StepInputs, micro_batches, slice_cond
 from diffusekit.run import (RESUMABLE_CHANGES, RunConfig, check_data_fits, read_config_file, read_run_config,
                             resume_conflicts, weights_metadata)
 from diffusekit.schedule import NoiseSchedule
 from diffusekit.viz import plot_loss, save_grid
-
-# --- the loss ------------------------------------------------------------------------------
-
-
-def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str, weighting: str = "none",
-                 min_snr_gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample weights (B,) float64 of the MSE on the prediction_type target."""
-    if weighting == "none":
-        return torch.ones(t.shape, dtype=torch.float64)
-    if weighting != "min_snr":
-        raise ConfigError(f"loss weighting {weighting!r}; choose 'none' or 'min_snr'.")
-    snr = schedule.snr[t.cpu().long()]
-    clipped = snr.clamp(max=min_snr_gamma)
-    # min-SNR-gamma, Hang et al. 2023, eq. 9 and sec. 3.4: the x0-loss weight min(SNR, gamma)
-    # divided by how the target's MSE scales to the x0 MSE (SNR for eps, SNR + 1 for v)
-    if prediction_type == "epsilon":
-        # at SNR = 0 (zero terminal SNR) the limit of min(SNR, gamma) / SNR is 1
-        return torch.where(snr > 0, clipped / snr.clamp(min=1e-300), torch.ones_like(snr))
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
-
-
-def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, prediction_type: str,
-                   generator: torch.Generator | None, weighting: str = "none", min_snr_gamma: float = 5.0,
-                   **cond) -> torch.Tensor:
-    """The denoising loss: one random timestep per image, MSE to the target, optional min-SNR weights.
-
-    x0: (B, C, H, W). Draws t ~ U{0..T-1} and eps ~ N(0, I) from `generator` (on x0's device).
-    Returns a scalar float32: mean_i w_i * mean_pixels (model(x_t, t) - target)^2   (DDPM eq. 14).
-    """
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    x_t = schedule.add_noise(x0, noise, t)
-    target = schedule.training_target(prediction_type, x0, noise, t)
-    prediction = model(x_t, t, **cond).float()
-    per_sample = F.mse_loss(prediction, target.float(), reduction="none").flatten(1).mean(1)   # (B,)
-    w = loss_weights(schedule, t, prediction_type, weighting, min_snr_gamma).to(per_sample)
-    return (w * per_sample).mean()
-
 
 # --- the loop ------------------------------------------------------------------------------
 
@@ -93,26 +53,33 @@ class TrainResult:
 
 
 class _SampleGrid:
-    """Sample a fixed set of noise images (and classes) with the EMA model and save a grid."""
+    """Sample a fixed set of noise images (and classes or captions) with the EMA model and save a grid."""
 
-    def __init__(self, cfg: RunConfig, schedule: NoiseSchedule, device: torch.device):
-        from diffusekit.samplers import get_sampler
+    def __init__(self, cfg: RunConfig, schedule: NoiseSchedule, device: torch.device, autoencoder, dataset):
         tc, m = cfg.train, cfg.model
-        g = torch.Generator().manual_seed(derive_seed(tc.seed, "grid"))
         n = tc.num_sample_images
-        self.x_T = torch.randn((n, m.in_channels, m.image_size, m.image_size), generator=g).to(device)
-        self.cond = {"class_labels": (torch.arange(n) % m.num_classes).to(device)} if m.num_classes else {}
+        self.shape = (m.in_channels, m.image_size, m.image_size)
+        g = torch.Generator().manual_seed(derive_seed(tc.seed, "grid"))
+        self.x_T = torch.randn((n, *self.shape), generator=g)
+        self.labels = torch.arange(n) % m.num_classes if m.num_classes else None
+        captions = getattr(dataset, "captions", None) if cfg.text is not None else None
+        self.prompts = [captions[i % len(captions)] for i in range(n)] if captions else None
         self.nrow = m.num_classes if 0 < m.num_classes <= 16 else math.ceil(math.sqrt(n))
-        self.sampler = get_sampler(tc.sample_sampler, schedule, prediction_type=m.prediction_type)
-        self.num_steps, self.seed, self.device = tc.sample_steps, tc.seed, device
+        self.cfg, self.schedule, self.device, self.autoencoder = cfg, schedule, device, autoencoder
 
     @torch.no_grad()
     def save(self, ema_model: torch.nn.Module, path: Path, precision: str) -> Path:
-        g = torch.Generator(self.device).manual_seed(derive_seed(self.seed, "grid-sampler"))
-        with autocast(self.device, precision):
-            x = self.sampler.sample(ema_model, self.x_T, num_steps=self.num_steps, generator=g, **self.cond)
+        from diffusekit.pipeline import Pipeline
+        c = self.cfg.latent
+        pixels = (c.channels, c.image_size, c.image_size) if c is not None else self.shape
+        pipe = Pipeline(ema_model, self.schedule, image_shape=pixels, latent_shape=self.shape,
+                        prediction_type=self.cfg.model.prediction_type, num_classes=self.cfg.model.num_classes,
+                        device=self.device, precision=precision, autoencoder=self.autoencoder)
+        g = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.train.seed, "grid-sampler"))
+        x = pipe.sample(len(self.x_T), self.cfg.train.sample_sampler, self.cfg.train.sample_steps, generator=g,
+                        class_labels=self.labels, noise=self.x_T, prompt=self.prompts)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return save_grid(x.float().clamp(-1, 1).cpu(), path, nrow=self.nrow)
+        return save_grid(x, path, nrow=self.nrow)
 
 
 class _Hooks:
@@ -147,13 +114,13 @@ class _Hooks:
 
 
 def train(run_config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          dataset: ImageDataset | None = None) -> TrainResult:
+          dataset=None) -> TrainResult:
     """Train the run's UNet on its data and write the run directory `out_dir` (see DESIGN.md).
 
     resume=True continues the checkpoint in out_dir (exactly, on the CPU) and starts fresh if there
     is none; resume=False refuses a folder that already holds a checkpoint. Under torchrun each
     process calls this; rank 0 writes the files. Raises TrainingDiverged on a NaN/inf loss.
-    dataset: the data already loaded for run_config.data (else it is loaded here).
+    dataset: the data already opened for run_config.data (else it is opened here).
     The caller's global RNG state is left as it was (the loop seeds inside torch.random.fork_rng).
     """
     dist, device = setup_processes(run_config.train.device)
@@ -194,7 +161,7 @@ def _build(cfg: RunConfig, device: torch.device, run_dir: Path, state: dict | No
     """Model, EMA and optimizer, identical on every rank; restored from the checkpoint when resuming."""
     tc = cfg.train
     torch.manual_seed(derive_seed(tc.seed, "init"))
-    model = UNet(cfg.model).to(device)
+    model = build_model(cfg).to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
@@ -208,48 +175,57 @@ def _build(cfg: RunConfig, device: torch.device, run_dir: Path, state: dict | No
     return model, ema, opt, step, elapsed
 
 
-def _class_condition(labels, idx, class_dropout: float, g: torch.Generator) -> dict:
-    if labels is None:
-        return {}
-    y = labels[idx]
-    if class_dropout > 0:
-        # label -> null class with prob. class_dropout (classifier-free guidance, Ho & Salimans 2022)
-        drop = torch.rand(y.shape, generator=g, device=g.device).to(y.device) < class_dropout
-        y = torch.where(drop, torch.full_like(y, -1), y)
-    return {"class_labels": y}
+def _autoencoder(cfg: RunConfig, run_dir: Path, device: torch.device, rank0: bool):
+    """A latent run's frozen autoencoder, copied into RUN/autoencoder (the run records what it encodes with)."""
+    if cfg.latent is None:
+        return None, ""
+    import shutil
+
+    from diffusekit.autoencoder_train import autoencoder_fingerprint, load_autoencoder
+    copy = run_dir / "autoencoder"
+    if rank0 and not copy.exists():
+        shutil.copytree(cfg.latent.autoencoder, copy, ignore=shutil.ignore_patterns("ckpt.*", ".lock", "*.tmp"))
+    return load_autoencoder(copy, device=device), autoencoder_fingerprint(copy)
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Dist, device: torch.device,
-           dataset: ImageDataset | None) -> TrainResult:
+           dataset) -> TrainResult:
     tc, rank0 = cfg.train, dist.rank == 0
-    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    dataset = dataset if dataset is not None else open_dataset(cfg.data)
     check_data_fits(cfg, dataset)
     use_labels = cfg.model.num_classes > 0
     cfg = RunConfig.from_dict({**cfg.to_dict(), "class_names": list(dataset.class_names) if use_labels else []})
-    if tc.batch_size % dist.world_size:
+    if tc.batch_size % (dist.world_size * tc.grad_accum):
         raise ConfigError(f"batch_size={tc.batch_size} is the global batch and must split evenly over "
-                          f"{dist.world_size} processes; use a multiple of {dist.world_size}.")
+                          f"{dist.world_size} process(es) x grad_accum={tc.grad_accum} micro-batches; use a "
+                          f"multiple of {dist.world_size * tc.grad_accum}.")
     state = _open_run(cfg, run_dir, resume, dist)
     model, ema, opt, start, elapsed_before = _build(cfg, device, run_dir, state)
-    net = model if dist.world_size == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
+    ddp = dist.world_size > 1
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if ddp else model
     schedule = NoiseSchedule.from_config(cfg.schedule)
-    images = dataset.images.to(device)
-    labels = dataset.labels.to(device) if use_labels else None
-    order, per_rank = DataOrder(len(dataset), tc.batch_size, tc.seed), tc.batch_size // dist.world_size
+    autoencoder, ae_fingerprint = _autoencoder(cfg, run_dir, device, rank0)
+    inputs = StepInputs(cfg, dataset, schedule, dist, device, autoencoder, ae_fingerprint, run_dir, progress and rank0)
     scaler = grad_scaler(device, tc.precision)
 
     def step_fn(step: int, g: torch.Generator) -> dict:
-        # one optimisation step on this rank's slice of the global batch; all randomness from g
-        idx = order.batch(step)[dist.rank * per_rank:(dist.rank + 1) * per_rank].to(device)
-        x0 = dataset.augment(images[idx], g)
-        if tc.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with autocast(device, tc.precision):
-            loss = diffusion_loss(net, schedule, x0, cfg.model.prediction_type, g, tc.loss_weighting,
-                                  tc.min_snr_gamma, **_class_condition(labels, idx, tc.class_dropout, g))
-        loss_value = dist.mean(loss)
-        grad_norm = optimizer_step(loss, loss_value, model, opt, scaler, tc.grad_clip)
+        # one optimisation step on this rank's slice of the global batch, in grad_accum micro-batches
+        x0, t, noise, cond = inputs(step)
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for k, sl in enumerate(micro_batches(len(x0), tc.grad_accum)):
+            last = k == tc.grad_accum - 1
+            with (net.no_sync() if ddp and not last else nullcontext()), autocast(device, tc.precision):
+                loss = diffusion_loss(net, schedule, x0[sl], cfg.model.prediction_type, None, tc.loss_weighting,
+                                      tc.min_snr_gamma, t=t[sl], noise=noise[sl], **slice_cond(cond, sl))
+                loss = loss / tc.grad_accum       # the mean over the rank's slice
+            check_loss(loss.item())
+            scaler.scale(loss).backward()
+            total += loss.detach()
+        loss_value = dist.mean(total)
+        check_loss(loss_value)
+        grad_norm = clip_and_step(model, opt, scaler, tc.grad_clip)
         ema.update(model)
         return {"loss": loss_value, "grad_norm": grad_norm}
 
@@ -257,8 +233,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         if rank0:
             trainer_state = {"optimizer": opt.state_dict(), "ema_num_updates": ema.num_updates,
                              "elapsed": elapsed, "seed": tc.seed, "world_size": dist.world_size,
-                             "data_order": {"epoch": step // order.batches_per_epoch,
-                                            "batches_per_epoch": order.batches_per_epoch}}
+                             "data_order": {"epoch": step // inputs.batches_per_epoch,
+                                            "batches_per_epoch": inputs.batches_per_epoch}}
             ckpt.save_checkpoint(run_dir, step, ema=ema.model.state_dict(), raw=model.state_dict(),
                                  trainer_state=trainer_state, config_json=cfg.to_json() + "\n",
                                  metadata=weights_metadata(cfg))
@@ -268,16 +244,19 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
 
     grid = None
     if rank0 and tc.sample_every:
-        sampler_grid = _SampleGrid(cfg, schedule, device)
+        sampler_grid = _SampleGrid(cfg, schedule, device, autoencoder, dataset)
         grid = lambda step: sampler_grid.save(ema.model, run_dir / "samples" / f"step_{step:06d}.png", tc.precision)
     metrics = MetricsLog(run_dir / "metrics.jsonl", start) if rank0 else None
     if rank0:
         ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, cfg.to_json() + "\n")
     hooks = _Hooks(cfg, save, grid, metrics, start, elapsed_before)
     model.train()
-    run_loop(step_fn, start=start, total=tc.steps, seed=tc.seed, dist=dist, device=device, opt=opt,
-             lr_config=tc, on_step=hooks, last_checkpoint=lambda: (run_dir, hooks.saved_step),
-             progress=progress, desc="train")
+    try:
+        run_loop(step_fn, start=start, total=tc.steps, seed=tc.seed, dist=dist, device=device, opt=opt,
+                 lr_config=tc, on_step=hooks, last_checkpoint=lambda: (run_dir, hooks.saved_step),
+                 progress=progress, desc="train")
+    finally:
+        inputs.close()
     return TrainResult(run_dir, max(start, tc.steps), hooks.last_loss, hooks.elapsed(), model, ema.model)
 
 

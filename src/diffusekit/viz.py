@@ -276,3 +276,14 @@ def plot_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     if series:
         ax.legend()
     return save_figure(fig, path)
+
+
+def save_labelled_grid(images: torch.Tensor, path: str | Path, nrow: int, row_labels: Sequence[str],
+                       padding: int = 2) -> Path:
+    """A grid with a text label beside each row (e.g. the prompt the row was sampled from)."""
+    upscale = auto_upscale(images.shape[-1])
+    grid = make_grid(images, nrow=nrow, padding=padding, upscale=upscale)
+    h, w = images.shape[-2] * upscale, images.shape[-1] * upscale
+    fig = figure(2 + grid.shape[1] / 60, 0.5 + grid.shape[0] / 60)
+    show_grid(fig.add_subplot(), grid, [""] * nrow, list(row_labels), (h, w), padding)
+    return save_figure(fig, path)
