@@ -256,6 +256,9 @@ def resolve_run_config(overrides: dict[str, Any] | None = None, base: RunConfig 
     if base is None:
         from .data import open_dataset
         data_cfg = _apply(DataConfig(), "data", sections["data"])
+        if data_cfg.image_size and not (preset or sections["latent"]) and data_cfg.image_size not in PRESET_FOR_SIZE:
+            from .nn.layout import derive_unet_config
+            derive_unet_config(data_cfg.image_size, 1)     # a size no UNet supports: refused before loading the data
         dataset = open_dataset(data_cfg)
         data_cfg = getattr(dataset, "config", None) or data_cfg          # channels resolved from the images
         latent, text, size, channels = None, None, dataset.image_size, dataset.channels
