@@ -16,6 +16,7 @@ from diffusekit.data.arrays import load_digits_arrays, load_idx_arrays, load_npy
 from diffusekit.data.config import DataConfig, resolve_kind
 from diffusekit.data.folder import FolderIndex, index_folder, resolve_channels, resolve_size
 from diffusekit.data.images import BACKGROUNDS, center_crop, color_channels, fit_image, random_hflip, read_image
+from diffusekit.memory import check_images_fit
 
 
 class DataInfo:
@@ -80,6 +81,9 @@ class ImageDataset(DataInfo, Dataset):
         return random_hflip(x, generator) if self.hflip else x
 
 
+_SMALLER = "use a smaller image size (--image-size) or fewer images (limit)"
+
+
 def load_dataset(cfg: DataConfig) -> ImageDataset:
     """Load the images that `cfg` describes into memory as an ImageDataset."""
     kind = resolve_kind(cfg.source, cfg.kind)
@@ -131,6 +135,8 @@ def _standardise(x: torch.Tensor, cfg: DataConfig):
     elif not size and h != w:
         raise ValueError(f"{cfg.source} holds {h}x{w} images, which are not square; set "
                          f"image_size (for example {min(h, w)}) to resize and crop them.")
+    # the result, its [-1, 1] copy and one chunk's float intermediates: refused before allocating
+    check_images_fit(len(x), channels, size or h, 3, f"holding {cfg.source} in memory", _SMALLER)
     # in chunks to bound the memory of the float intermediates
     x = torch.cat([fit_image(chunk.float(), channels, size, cfg.crop, BACKGROUNDS[cfg.alpha_background])
                    for chunk in x.split(4096)])
@@ -147,6 +153,8 @@ def load_folder(index: FolderIndex, cfg: DataConfig, read=read_image) -> ImageDa
     channels, notes = resolve_channels(index.stored_channels, cfg.channels, cfg.alpha_background)
     size, more = resolve_size(index, cfg)
     background = BACKGROUNDS[cfg.alpha_background]
+    check_images_fit(len(index), channels, size, 1, f"holding {cfg.source} in memory",
+                     _SMALLER + ", or stream the folder from disk (open_dataset(cfg, streaming=True))")
     images = torch.empty(len(index), channels, size, size)
     uncropped, keep, skipped = {}, [], []  # uncropped: only the images crop='random' has left wide
     for i, path in enumerate(index.files):
