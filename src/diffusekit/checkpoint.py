@@ -675,3 +675,64 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, torch.
         raise CheckpointError(f"the weights in {source} do not fit the model built from the config:\n  "
                               + "\n  ".join(problems) + (f"\n{hint}" if hint else ""))
     model.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint history: RUN/checkpoint-STEP/ folders beside the latest save
+
+HISTORY_PREFIX = "checkpoint-"
+
+
+def checkpoint_history(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's checkpoint-STEP/ folders, oldest first."""
+    out = []
+    for path in Path(run_dir).glob(f"{HISTORY_PREFIX}*"):
+        suffix = path.name[len(HISTORY_PREFIX):]
+        if path.is_dir() and suffix.isdigit() and (path / STATE_FILE).exists():
+            out.append((int(suffix), path))
+    return sorted(out)
+
+
+def snapshot_checkpoint(run_dir: str | Path, step: int, keep: int) -> Path:
+    """Keep the save just committed as RUN/checkpoint-STEP/ (hard links: no extra disk until the next save
+    replaces the files) and delete the oldest folders beyond `keep` (0 = keep every one)."""
+    run_dir = Path(run_dir)
+    target = run_dir / f"{HISTORY_PREFIX}{step}"
+    tmp = run_dir / f"{HISTORY_PREFIX}{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name in COMMIT_ORDER:
+        src = run_dir / name
+        if src.exists():
+            try:
+                os.link(src, tmp / name)       # the next save os.replace()s the name; this inode stays
+            except OSError:
+                shutil.copy2(src, tmp / name)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    history = checkpoint_history(run_dir)
+    for _, old in history[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def resume_folder(run_dir: str | Path, resume_from: str | int | None) -> Path:
+    """The folder a resume reads: the run itself ("latest"/None), RUN/checkpoint-STEP (a step), or a path."""
+    run_dir = Path(run_dir)
+    if resume_from in (None, "latest"):
+        return run_dir
+    text = str(resume_from)
+    if text.isdigit():
+        folder = run_dir / f"{HISTORY_PREFIX}{int(text)}"
+        if not (folder / STATE_FILE).exists():
+            steps = [s for s, _ in checkpoint_history(run_dir)]
+            raise CheckpointError(f"{run_dir} has no checkpoint at step {text}; its checkpoints are at steps "
+                                  f"{steps or 'none (only the latest save)'}: use --resume latest or one of those.")
+        return folder
+    folder = Path(text)
+    if not (folder / STATE_FILE).exists():
+        raise CheckpointError(f"--resume {text}: {folder} holds no {STATE_FILE}; give latest, a step of "
+                              f"{run_dir}'s checkpoint-STEP folders, or a checkpoint folder.")
+    return folder

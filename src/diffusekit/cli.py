@@ -219,6 +219,12 @@ def _train_options(fn):
                      help="Share of empty prompts, for classifier-free guidance on text."),
         click.option("--grad-accum", type=click.IntRange(1), default=None,
                      help="Micro-batches per step (same result as the full batch, less memory)."),
+        click.option("--checkpoints-total-limit", type=click.IntRange(0), default=None,
+                     help="checkpoint-STEP folders to keep beside the latest save (0 = all) [default: 2]."),
+        click.option("--report-to", type=literal_choices(TrainConfig, "report_to"), default=None,
+                     help="Also log to TensorBoard (RUN/tensorboard; pip install -e \".[tensorboard]\")."),
+        click.option("--eval-every", type=click.IntRange(0), default=None,
+                     help="FD/KID of a few hundred samples against the training data every N steps (0 = never)."),
         click.option("--split", default=None, help="Split of the data (IDX: train or t10k)."),
         click.option("--unconditional", is_flag=True, default=None, help="Ignore class labels."),
         click.option("--preset", default=None, help="UNet preset (tiny8, small16, mnist28, cifar32, 64); default "
@@ -243,7 +249,7 @@ def _train_options(fn):
 
 
 def _train_overrides(source, image_size, channels, crop, hflip, strict, workers, autoencoder, text_kind, text_encoder,
-                     text_conditioning, caption_dropout, grad_accum, split, unconditional, train_steps, batch_size,
+                     text_conditioning, caption_dropout, grad_accum, checkpoints_total_limit, report_to, eval_every, split, unconditional, train_steps, batch_size,
                      lr, prediction_type, schedule_kind, loss_weighting, channels_last, class_dropout,
                      sample_every, save_every, seed, device, precision) -> dict:
     """The dotted config options that were given explicitly (None = not given)."""
@@ -254,7 +260,8 @@ def _train_overrides(source, image_size, channels, crop, hflip, strict, workers,
              "data.crop": crop, "data.hflip": hflip, "data.strict": strict, "train.num_workers": workers,
              "latent.autoencoder": autoencoder, "text.kind": text_kind, "text.path": text_encoder,
              "model.text_conditioning": text_conditioning, "train.caption_dropout": caption_dropout,
-             "train.grad_accum": grad_accum,
+             "train.grad_accum": grad_accum, "train.checkpoints_total_limit": checkpoints_total_limit,
+             "train.report_to": report_to, "train.eval_every": eval_every,
              "data.split": split, "data.class_labels": False if unconditional else None,
              "model.prediction_type": prediction_type, "schedule.kind": schedule_kind,
              "train.steps": train_steps, "train.batch_size": batch_size, "train.lr": lr,
@@ -269,11 +276,14 @@ def _train_overrides(source, image_size, channels, crop, hflip, strict, workers,
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory to write.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A full run config JSON (e.g. another run's config.json); options given override it.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped, with its settings.")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None,
+              help="Continue the run in --out exactly where it stopped, with its settings: --resume (the latest "
+                   "save), --resume STEP (its checkpoint-STEP folder) or --resume PATH (a checkpoint folder).")
+@click.option("--overwrite", is_flag=True, help="Delete the diffusekit run already in --out and start afresh.")
 @_train_options
 @common_options
 @friendly_errors
-def train(out, config_path, resume, preset, seed, dry_run, device, precision, **options):
+def train(out, config_path, resume, overwrite, preset, seed, dry_run, device, precision, **options):
     """Train a diffusion model and write a run directory.
 
     \b
@@ -286,6 +296,10 @@ def train(out, config_path, resume, preset, seed, dry_run, device, precision, **
     from .run import read_run_config, resolve_run_config, resume_conflicts
 
     overrides = _train_overrides(**options, seed=seed, device=device, precision=precision)
+    if overwrite and resume:
+        raise UserError("--overwrite starts afresh and --resume continues; give one of them.")
+    if overwrite and not dry_run:
+        _clear_run(Path(out))
     base = None
     if resume:
         if not (Path(out) / ckpt.CONFIG_FILE).exists():
@@ -306,7 +320,8 @@ def train(out, config_path, resume, preset, seed, dry_run, device, precision, **
         _dump(cfg.to_dict())
         return
     from .train import train as run_training
-    saved = ckpt.read_trainer_state(out, finish_interrupted=False)["step"] if resume and ckpt.has_checkpoint(out) else None
+    saved = ckpt.read_trainer_state(ckpt.resume_folder(out, resume), finish_interrupted=False)["step"] \
+        if resume and ckpt.has_checkpoint(out) else None
     if saved is not None and saved > cfg.train.steps:
         raise UserError(f"--train-steps {cfg.train.steps} is below step {saved}, which {out} has already reached; "
                         f"give --train-steps above {saved} to train further, or leave it out (the run is unchanged).")
@@ -315,10 +330,21 @@ def train(out, config_path, resume, preset, seed, dry_run, device, precision, **
         return
     for note in getattr(dataset, "notes", []) or []:
         click.echo(f"data: {note}", err=True)
-    result = run_training(cfg, out, resume=resume, progress=True, dataset=dataset)
+    result = run_training(cfg, out, resume=bool(resume), progress=True, dataset=dataset, resume_from=resume)
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     click.echo(f"trained {result.step} steps in {result.seconds:.0f} s (final loss {loss}); "
                f"run directory: {result.run_dir}")
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: delete a diffusekit run folder (one holding config.json), never anything else."""
+    import shutil
+    if not out.exists():
+        return
+    if not (out / "config.json").exists():
+        raise UserError(f"--overwrite: {out} is not a diffusekit run (no config.json), so it is left alone; "
+                        f"choose another --out.")
+    shutil.rmtree(out)
 
 
 # --- sample ------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ from .nn.unet import UNetConfig
 from .schedule import ScheduleConfig
 
 # fields that may change when resuming (they do not alter the optimisation up to the old end)
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.save_every", "train.sample_every", "train.device")
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.save_every", "train.sample_every", "train.device",
+                     "train.checkpoints_total_limit", "train.report_to", "train.eval_every", "train.eval_samples",
+                     "train.num_workers")
 PRESET_FOR_SIZE = {8: "tiny8", 16: "small16", 28: "mnist28", 32: "cifar32", 64: "64"}
 
 
@@ -57,6 +59,10 @@ class TrainConfig(Config):
     device: DeviceChoice = "auto"       # auto: CUDA, then MPS, then CPU
     log_every: int = 50
     save_every: int = 500               # also at the last step
+    checkpoints_total_limit: int = 2    # newest checkpoint-STEP/ folders kept (hard links, cheap); 0 = every one
+    report_to: Literal["none", "tensorboard"] = "none"   # metrics.jsonl always; TensorBoard too on request
+    eval_every: int = 0                 # FD/KID of eval_samples against the training data every N steps; 0 = never
+    eval_samples: int = 256
     sample_every: int = 500             # also at the last step; 0 = never
     num_sample_images: int = 100
     sample_sampler: str = "dpmpp_2m"
@@ -64,9 +70,9 @@ class TrainConfig(Config):
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "log_every", "save_every", "num_sample_images", "sample_steps",
-                     "grad_accum"):
+                     "grad_accum", "eval_samples"):
             check_range(name, getattr(self, name), lo=1)
-        for name in ("warmup_steps", "sample_every", "seed", "num_workers"):
+        for name in ("warmup_steps", "sample_every", "seed", "num_workers", "checkpoints_total_limit", "eval_every"):
             check_range(name, getattr(self, name), lo=0)
         check_range("lr", self.lr, lo=0, lo_open=True)
         check_range("weight_decay", self.weight_decay, lo=0)

@@ -17,7 +17,6 @@ the work (up to floating-point reduction order). Rank 0 writes checkpoints, metr
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,14 +28,16 @@ from diffusekit import checkpoint as ckpt
 from diffusekit.config import ConfigError
 from diffusekit.data import open_dataset
 from diffusekit.device import autocast, grad_scaler, rank_world
-from diffusekit.loop import EMA, Dist, MetricsLog, check_loss, clip_and_step, derive_seed, run_loop, setup_processes
+from diffusekit.loop import EMA, Dist, check_loss, clip_and_step, derive_seed, run_loop, setup_processes
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_model
 from diffusekit.train_inputs import StepInputs, micro_batches, slice_cond
 from diffusekit.run import (RESUMABLE_CHANGES, RunConfig, check_data_fits, read_config_file, read_run_config,
                             resume_conflicts, weights_metadata)
 from diffusekit.schedule import NoiseSchedule
-from diffusekit.viz import plot_loss, save_grid
+from diffusekit.model_card import write_model_card
+from diffusekit.tracking import RunEvaluator, SampleGrid, Tracker, grid_pipeline, reference_images
+from diffusekit.viz import plot_loss
 
 # --- the loop ------------------------------------------------------------------------------
 
@@ -52,41 +53,11 @@ class TrainResult:
     ema_model: torch.nn.Module    # EMA weights (what sampling uses)
 
 
-class _SampleGrid:
-    """Sample a fixed set of noise images (and classes or captions) with the EMA model and save a grid."""
-
-    def __init__(self, cfg: RunConfig, schedule: NoiseSchedule, device: torch.device, autoencoder, dataset):
-        tc, m = cfg.train, cfg.model
-        n = tc.num_sample_images
-        self.shape = (m.in_channels, m.image_size, m.image_size)
-        g = torch.Generator().manual_seed(derive_seed(tc.seed, "grid"))
-        self.x_T = torch.randn((n, *self.shape), generator=g)
-        self.labels = torch.arange(n) % m.num_classes if m.num_classes else None
-        captions = getattr(dataset, "captions", None) if cfg.text is not None else None
-        self.prompts = [captions[i % len(captions)] for i in range(n)] if captions else None
-        self.nrow = m.num_classes if 0 < m.num_classes <= 16 else math.ceil(math.sqrt(n))
-        self.cfg, self.schedule, self.device, self.autoencoder = cfg, schedule, device, autoencoder
-
-    @torch.no_grad()
-    def save(self, ema_model: torch.nn.Module, path: Path, precision: str) -> Path:
-        from diffusekit.pipeline import Pipeline
-        c = self.cfg.latent
-        pixels = (c.channels, c.image_size, c.image_size) if c is not None else self.shape
-        pipe = Pipeline(ema_model, self.schedule, image_shape=pixels, latent_shape=self.shape,
-                        prediction_type=self.cfg.model.prediction_type, num_classes=self.cfg.model.num_classes,
-                        device=self.device, precision=precision, autoencoder=self.autoencoder)
-        g = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.train.seed, "grid-sampler"))
-        x = pipe.sample(len(self.x_T), self.cfg.train.sample_sampler, self.cfg.train.sample_steps, generator=g,
-                        class_labels=self.labels, noise=self.x_T, prompt=self.prompts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return save_grid(x, path, nrow=self.nrow)
-
-
 class _Hooks:
     """After each step: the logging window, metrics.jsonl, sample grids and checkpoints (rank 0 writes)."""
 
-    def __init__(self, cfg: RunConfig, save, grid, metrics, start_step: int, elapsed_before: float):
-        self.cfg, self.save_fn, self.grid, self.metrics = cfg, save, grid, metrics
+    def __init__(self, cfg: RunConfig, save, grid, tracker, evaluate, start_step: int, elapsed_before: float):
+        self.cfg, self.save_fn, self.grid, self.tracker, self.evaluate = cfg, save, grid, tracker, evaluate
         self.window_loss, self.window_steps, self.last_loss = 0.0, 0, None
         self.saved_step, self.elapsed_before = (start_step if start_step > 0 else None), elapsed_before
         self.t_start = self.t_window = time.time()
@@ -101,26 +72,29 @@ class _Hooks:
         if step % tc.log_every == 0 or last:
             now = time.time()
             self.last_loss = self.window_loss / self.window_steps
-            if self.metrics is not None:
-                self.metrics.write({"step": step, "loss": self.last_loss, "lr": numbers["lr"],
-                                    "grad_norm": numbers["grad_norm"], "time": self.elapsed(),
-                                    "images_per_s": self.window_steps * tc.batch_size / max(now - self.t_window, 1e-9)})
+            if self.tracker is not None:
+                self.tracker.log(step, {"loss": self.last_loss, "lr": numbers["lr"], "grad_norm": numbers["grad_norm"],
+                                        "time": self.elapsed(), "images_per_s":
+                                        self.window_steps * tc.batch_size / max(now - self.t_window, 1e-9)})
             self.window_loss, self.window_steps, self.t_window = 0.0, 0, now
         if self.grid is not None and (step % tc.sample_every == 0 or last):
-            self.grid(step)
+            self.tracker.image(step, self.grid(step))
+        if self.evaluate is not None and (step % tc.eval_every == 0 or last):
+            self.tracker.log(step, self.evaluate())
         if step % tc.save_every == 0 or last:
             self.save_fn(step, self.elapsed())
             self.saved_step = step
 
 
 def train(run_config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          dataset=None) -> TrainResult:
+          dataset=None, resume_from: str | int | None = None) -> TrainResult:
     """Train the run's UNet on its data and write the run directory `out_dir` (see DESIGN.md).
 
     resume=True continues the checkpoint in out_dir (exactly, on the CPU) and starts fresh if there
     is none; resume=False refuses a folder that already holds a checkpoint. Under torchrun each
     process calls this; rank 0 writes the files. Raises TrainingDiverged on a NaN/inf loss.
-    dataset: the data already opened for run_config.data (else it is opened here).
+    dataset: the data already opened for run_config.data (else it is opened here). resume_from:
+    "latest" (default), a step of the run's checkpoint-STEP/ folders, or a checkpoint folder.
     The caller's global RNG state is left as it was (the loop seeds inside torch.random.fork_rng).
     """
     dist, device = setup_processes(run_config.train.device)
@@ -131,13 +105,14 @@ def train(run_config: RunConfig, out_dir: str | Path, resume: bool = False, prog
             run_dir.mkdir(parents=True, exist_ok=True)
         # one writer per run: rank 0 holds the run's lock for the whole training (readers never write)
         with torch.random.fork_rng(devices=devices), (ckpt.RunLock(run_dir) if dist.rank == 0 else nullcontext()):
-            return _train(run_config, run_dir, resume, progress, dist, device, dataset)
+            return _train(run_config, run_dir, resume, progress, dist, device, dataset, resume_from)
     finally:
         dist.close()
 
 
-def _open_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist) -> dict | None:
-    """Check the run folder against resume/config; returns the trainer state to resume from, or None."""
+def _open_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist, folder: Path) -> dict | None:
+    """Check the run folder against resume/config; returns the trainer state to resume from (read from
+    `folder`: the run, or one of its checkpoint-STEP/ folders), or None."""
     if dist.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.recover(run_dir)
@@ -148,16 +123,16 @@ def _open_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist) -> dict |
         step = ckpt.read_trainer_state(run_dir, finish_interrupted=False)["step"]
         raise ckpt.CheckpointError(f"{run_dir} already holds a checkpoint at step {step}; pass resume=True "
                                    f"(--resume) to continue it, or choose a new output folder.")
-    diff = resume_conflicts(read_run_config(run_dir), cfg)
+    diff = resume_conflicts(read_run_config(folder), cfg)
     if diff:
         lines = "\n  ".join(f"{k}: checkpoint has {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"cannot resume {run_dir} with a different config; these fields differ:\n  {lines}\n"
                           f"Use the checkpoint's {ckpt.CONFIG_FILE}, or start a new run (only "
                           f"{', '.join(RESUMABLE_CHANGES)} may change on resume).")
-    return ckpt.read_trainer_state(run_dir, finish_interrupted=False)
+    return ckpt.read_trainer_state(folder, finish_interrupted=False)
 
 
-def _build(cfg: RunConfig, device: torch.device, run_dir: Path, state: dict | None):
+def _build(cfg: RunConfig, device: torch.device, folder: Path, state: dict | None):
     """Model, EMA and optimizer, identical on every rank; restored from the checkpoint when resuming."""
     tc = cfg.train
     torch.manual_seed(derive_seed(tc.seed, "init"))
@@ -168,8 +143,8 @@ def _build(cfg: RunConfig, device: torch.device, run_dir: Path, state: dict | No
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     step, elapsed = 0, 0.0
     if state is not None:
-        ckpt.load_state_dict_checked(model, ckpt.read_weights(run_dir / ckpt.RAW_FILE)[0], str(run_dir))
-        ckpt.load_state_dict_checked(ema.model, ckpt.read_weights(run_dir / ckpt.EMA_FILE)[0], str(run_dir))
+        ckpt.load_state_dict_checked(model, ckpt.read_weights(folder / ckpt.RAW_FILE)[0], str(folder))
+        ckpt.load_state_dict_checked(ema.model, ckpt.read_weights(folder / ckpt.EMA_FILE)[0], str(folder))
         opt.load_state_dict(state["optimizer"])
         ema.num_updates, step, elapsed = state["ema_num_updates"], state["step"], state["elapsed"]
     return model, ema, opt, step, elapsed
@@ -189,7 +164,7 @@ def _autoencoder(cfg: RunConfig, run_dir: Path, device: torch.device, rank0: boo
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Dist, device: torch.device,
-           dataset) -> TrainResult:
+           dataset, resume_from) -> TrainResult:
     tc, rank0 = cfg.train, dist.rank == 0
     dataset = dataset if dataset is not None else open_dataset(cfg.data)
     check_data_fits(cfg, dataset)
@@ -199,8 +174,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         raise ConfigError(f"batch_size={tc.batch_size} is the global batch and must split evenly over "
                           f"{dist.world_size} process(es) x grad_accum={tc.grad_accum} micro-batches; use a "
                           f"multiple of {dist.world_size * tc.grad_accum}.")
-    state = _open_run(cfg, run_dir, resume, dist)
-    model, ema, opt, start, elapsed_before = _build(cfg, device, run_dir, state)
+    folder = ckpt.resume_folder(run_dir, resume_from) if resume else run_dir
+    state = _open_run(cfg, run_dir, resume, dist, folder)
+    model, ema, opt, start, elapsed_before = _build(cfg, device, folder, state)
     ddp = dist.world_size > 1
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ddp else model
@@ -238,18 +214,25 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             ckpt.save_checkpoint(run_dir, step, ema=ema.model.state_dict(), raw=model.state_dict(),
                                  trainer_state=trainer_state, config_json=cfg.to_json() + "\n",
                                  metadata=weights_metadata(cfg))
+            # checkpoint-STEP/ (hard links to the files just saved), the newest checkpoints_total_limit kept
+            ckpt.snapshot_checkpoint(run_dir, step, tc.checkpoints_total_limit)
             if (run_dir / "metrics.jsonl").stat().st_size:    # a loss picture once something is logged
                 plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            write_model_card(run_dir, cfg, step)
         dist.barrier()
 
     grid = None
     if rank0 and tc.sample_every:
-        sampler_grid = _SampleGrid(cfg, schedule, device, autoencoder, dataset)
+        sampler_grid = SampleGrid(cfg, schedule, device, autoencoder, dataset)
         grid = lambda step: sampler_grid.save(ema.model, run_dir / "samples" / f"step_{step:06d}.png", tc.precision)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start) if rank0 else None
+    tracker = Tracker(run_dir, start, tc.report_to) if rank0 else None
+    evaluate = None
+    if rank0 and tc.eval_every:
+        judge = RunEvaluator(reference_images(dataset), tc.eval_samples)
+        evaluate = lambda: judge(grid_pipeline(cfg, schedule, ema.model, device, autoencoder))   # noqa: E731
     if rank0:
         ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, cfg.to_json() + "\n")
-    hooks = _Hooks(cfg, save, grid, metrics, start, elapsed_before)
+    hooks = _Hooks(cfg, save, grid, tracker, evaluate, start, elapsed_before)
     model.train()
     try:
         run_loop(step_fn, start=start, total=tc.steps, seed=tc.seed, dist=dist, device=device, opt=opt,
@@ -257,6 +240,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                  progress=progress, desc="train")
     finally:
         inputs.close()
+        if tracker is not None:
+            tracker.close()
     return TrainResult(run_dir, max(start, tc.steps), hooks.last_loss, hooks.elapsed(), model, ema.model)
 
 

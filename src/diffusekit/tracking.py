@@ -1,0 +1,123 @@
+"""Where a run's numbers go: metrics.jsonl always, TensorBoard on request, FD/KID every N steps.
+
+`Tracker.log(step, record)` appends to metrics.jsonl (the run's own record, read by viz.plot_loss
+and the model card) and mirrors scalars to TensorBoard (`report_to="tensorboard"`, optional extra
+`pip install diffusekit[tensorboard]`); `Tracker.image(step, path)` adds a sample grid. `RunEvaluator`
+scores the EMA model against the training data's statistics with raw-pixel features (Frechet
+distance and KID, diffusekit.metrics) during training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import math
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .loop import MetricsLog, derive_seed
+from .viz import save_grid
+
+REPORT_TO = ("none", "tensorboard")
+
+
+class Tracker:
+    """metrics.jsonl (resumed: records past the checkpoint dropped) plus an optional TensorBoard writer."""
+
+    def __init__(self, run_dir: Path, start_step: int, report_to: str = "none"):
+        if report_to not in REPORT_TO:
+            raise ConfigError(f"report_to={report_to!r}; choose one of {list(REPORT_TO)}.")
+        self.metrics = MetricsLog(Path(run_dir) / "metrics.jsonl", start_step)
+        self.writer = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("report_to='tensorboard' needs the tensorboard package: "
+                                  "pip install -e \".[tensorboard]\" (or drop --report-to).") from e
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+
+    def log(self, step: int, record: dict) -> None:
+        self.metrics.write({"step": step, **record})
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and np.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def image(self, step: int, path: Path) -> None:
+        if self.writer is not None:
+            from PIL import Image
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            self.writer.add_image("samples", pixels, step, dataformats="HWC")
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def reference_images(dataset, limit: int = 5000) -> torch.Tensor:
+    """Up to `limit` training images (N, C, H, W) in [-1, 1]: all of an in-memory set, the first ones streamed."""
+    if hasattr(dataset, "images"):
+        return dataset.images[:limit]
+    return torch.stack([dataset.item(i, None)[0] for i in range(min(limit, len(dataset)))])
+
+
+class RunEvaluator:
+    """FD and KID of n samples of a Pipeline against raw-pixel statistics of the training images."""
+
+    def __init__(self, images: torch.Tensor, n: int = 256, num_steps: int = 20, sampler: str = "dpmpp_2m",
+                 seed: int = 0):
+        from .metrics import RawPixelFeatures, extract_features, feature_stats
+        self.extractor = RawPixelFeatures()
+        self.ref_features = extract_features(images[:5000], self.extractor)
+        self.ref_mu, self.ref_sigma = feature_stats(self.ref_features)
+        self.n, self.num_steps, self.sampler, self.seed = n, num_steps, sampler, seed
+
+    @torch.no_grad()
+    def __call__(self, pipe) -> dict:
+        from .metrics import extract_features, feature_stats, frechet_distance, kid
+        labels = torch.arange(self.n) % pipe.num_classes if pipe.num_classes else None
+        x = pipe.sample(self.n, self.sampler, self.num_steps, generator=torch.Generator().manual_seed(self.seed),
+                        class_labels=labels)
+        fake = extract_features(x, self.extractor)
+        mu, sigma = feature_stats(fake)
+        kid_mean, _ = kid(fake, self.ref_features, subset_size=min(100, self.n), num_subsets=20, seed=self.seed)
+        return {"fd": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma), "kid": kid_mean}
+
+
+class SampleGrid:
+    """Sample a fixed set of noise images (and classes or captions) with the EMA model and save a grid."""
+
+    def __init__(self, cfg, schedule, device: torch.device, autoencoder, dataset):
+        tc, m = cfg.train, cfg.model
+        n = tc.num_sample_images
+        self.shape = (m.in_channels, m.image_size, m.image_size)
+        g = torch.Generator().manual_seed(derive_seed(tc.seed, "grid"))
+        self.x_T = torch.randn((n, *self.shape), generator=g)
+        self.labels = torch.arange(n) % m.num_classes if m.num_classes else None
+        captions = getattr(dataset, "captions", None) if cfg.text is not None else None
+        self.prompts = [captions[i % len(captions)] for i in range(n)] if captions else None
+        self.nrow = m.num_classes if 0 < m.num_classes <= 16 else math.ceil(math.sqrt(n))
+        self.cfg, self.schedule, self.device, self.autoencoder = cfg, schedule, device, autoencoder
+
+    @torch.no_grad()
+    def save(self, ema_model: torch.nn.Module, path: Path, precision: str) -> Path:
+        pipe = grid_pipeline(self.cfg, self.schedule, ema_model, self.device, self.autoencoder, precision)
+        g = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.train.seed, "grid-sampler"))
+        x = pipe.sample(len(self.x_T), self.cfg.train.sample_sampler, self.cfg.train.sample_steps, generator=g,
+                        class_labels=self.labels, noise=self.x_T, prompt=self.prompts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_grid(x, path, nrow=self.nrow)
+
+
+def grid_pipeline(cfg, schedule, model, device, autoencoder=None, precision: str = "fp32"):
+    """A Pipeline around the model being trained (its EMA copy), for grids and evaluation."""
+    from .pipeline import Pipeline
+    m, c = cfg.model, cfg.latent
+    shape = (m.in_channels, m.image_size, m.image_size)
+    pixels = (c.channels, c.image_size, c.image_size) if c is not None else shape
+    return Pipeline(model, schedule, image_shape=pixels, latent_shape=shape, prediction_type=m.prediction_type,
+                    num_classes=m.num_classes, device=device, precision=precision, autoencoder=autoencoder)
