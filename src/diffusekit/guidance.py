@@ -140,6 +140,20 @@ def _grad_context():
     return torch.enable_grad()
 
 
+def _check_window(t_window, name: str) -> None:
+    """Refuse a t_window that is not (t_min, t_max) with t_min <= t_max (NaN would silently switch guidance off)."""
+    if t_window is None:
+        return
+    try:
+        t_min, t_max = (float(v) for v in t_window)
+    except (TypeError, ValueError):
+        t_min = t_max = math.nan
+    if math.isnan(t_min) or math.isnan(t_max) or t_min > t_max:
+        raise ValueError(f"{name}: t_window={tuple(t_window) if isinstance(t_window, (list, tuple)) else t_window!r}; "
+                         f"expected two numbers (t_min, t_max) with t_min <= t_max, in training-timestep units "
+                         f"(e.g. 0 and 500).")
+
+
 def _in_window(t, t_window) -> bool:
     if t_window is None:
         return True
@@ -164,9 +178,7 @@ class GradientGuidance(Denoiser):
     def __init__(self, denoiser, loss_fn: Callable, scale: float, weighting="sqrt_abar",
                  t_window: tuple[float, float] | None = None):
         _require_denoiser(denoiser, "GradientGuidance")
-        if t_window is not None and (len(t_window) != 2 or t_window[0] > t_window[1]):
-            raise ValueError(f"t_window={t_window!r}; expected (t_min, t_max) with t_min <= t_max, "
-                             "in training-timestep units.")
+        _check_window(t_window, "GradientGuidance")
         self.denoiser, self.loss_fn, self.scale = denoiser, loss_fn, float(scale)
         self.weight, self.t_window = _weighting_fn(weighting), t_window
 
@@ -244,6 +256,9 @@ class ClassifierGuidance(Denoiser):
     def __init__(self, denoiser, classifier: Callable, scale: float,
                  target_class: int | torch.Tensor | None = None, label_key: str = "class_labels"):
         _require_denoiser(denoiser, "ClassifierGuidance")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"classifier guidance scale {scale!r} is not a finite number; give a finite scale "
+                             f"such as 1 (0 = off).")
         self.denoiser, self.classifier, self.scale = denoiser, classifier, float(scale)
         self.target_class, self.label_key = target_class, label_key
 
@@ -284,7 +299,9 @@ class Guide:
 
     def __post_init__(self):
         if not math.isfinite(float(self.scale)):
-            raise ValueError(f"{self.name}: scale {self.scale!r} is not a finite number.")
+            raise ValueError(f"{self.name}: scale {self.scale!r} is not a finite number; give a finite scale "
+                             f"such as 10 (0 = off).")
+        _check_window(self.t_window, self.name)
         if not callable(self.weighting) and self.weighting not in GUIDE_WEIGHTINGS:
             raise ValueError(f"{self.name}: weighting={self.weighting!r}; choose one of {list(GUIDE_WEIGHTINGS)}.")
 
