@@ -199,6 +199,23 @@ _FIXES = {
 }
 
 
+_ANY_PATH_FIXES = {
+    errno.ENOTDIR: "part of the path is a file, not a folder: choose another path",
+    errno.EEXIST: "part of the path is a file, not a folder: choose another path",
+    errno.EACCES: "check the permissions of the path (a folder must be writable to write into it), or choose another",
+    errno.EPERM: "check the permissions of the path (a folder must be writable to write into it), or choose another",
+    errno.EROFS: "the disk is read-only: choose another path",
+    errno.EISDIR: "the path is a folder: give a file name",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError that an input caused (a path of the CLI): the path, the reason and the fix."""
+    reason = e.strerror or str(e) or type(e).__name__
+    fix = _ANY_PATH_FIXES.get(e.errno) or _FIXES.get(e.errno) or "check the path, its permissions and the free disk space"
+    return f"{e.filename or 'a file'}: {reason}; {fix.replace(' (--out)', '')}."
+
+
 def _write_error(e: OSError, path: Path, doing: str, kept: str = "") -> CheckpointWriteError:
     reason = e.strerror or str(e) or type(e).__name__
     fix = _FIXES.get(e.errno, "check the folder and the disk, or choose another output folder (--out)")
