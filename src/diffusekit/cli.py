@@ -41,8 +41,8 @@ def friendly_errors(fn):
         except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
             raise UserError(" ".join(str(e).split("\n")[:1]) if len(str(e)) > 2000 else str(e)) from e
         except OSError as e:
-            raise UserError(f"{e.filename or ''}: {e.strerror or e}; check the path and its permissions, and "
-                            f"that the disk has room.") from e
+            from .checkpoint import os_error_line
+            raise UserError(os_error_line(e)) from e
     return wrapper
 
 
