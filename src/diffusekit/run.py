@@ -318,6 +318,9 @@ def read_config_file(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a text file ({e.reason} at byte {e.start}); give a JSON run config, "
+                          f"such as a run's config.json.") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); fix it, or "
                           f"start from a run's config.json (`diffusekit train ... --dry-run` prints one).") from e
