@@ -344,7 +344,9 @@ def _clear_run(out: Path) -> None:
     if not (out / "config.json").exists():
         raise UserError(f"--overwrite: {out} is not a diffusekit run (no config.json), so it is left alone; "
                         f"choose another --out.")
-    shutil.rmtree(out)
+    from .checkpoint import RunLock
+    with RunLock(out):          # refused, naming the process, while a trainer holds the run
+        shutil.rmtree(out)
 
 
 # --- sample ------------------------------------------------------------------------------------
