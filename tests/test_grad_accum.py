@@ -1,0 +1,59 @@
+"""Gradient accumulation: K micro-batches of B / K images train what one batch of B images trains.
+
+The trainer draws t, noise and label dropout for the whole global batch from (seed, step), splits
+it into K micro-batches, divides each micro-batch's mean loss by K and steps once, so the summed
+gradient is the gradient of the mean loss over B: only the float32 summation order differs
+(tolerances: test_multinode.assert_same_training). With several processes each rank
+accumulates its own slice and DDP all-reduces once, on the last micro-batch (no_sync before it).
+"""
+import sys
+
+import pytest
+
+from diffusekit.config import ConfigError
+from diffusekit.run import TrainConfig
+from diffusekit.train import train
+from test_multinode import assert_same_training, entry_point, launch, loopback_env, tiny_distributed_run
+
+STEPS = 6
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_grad_accum_equals_the_big_batch(tmp_path, k):
+    # class-conditional with label dropout: the labels and dropout draws are sliced with the images
+    big = tiny_distributed_run(steps=STEPS, batch_size=32, grad_accum=1, class_dropout=0.3)
+    accumulated = tiny_distributed_run(steps=STEPS, batch_size=32, grad_accum=k, class_dropout=0.3)
+    train(big, tmp_path / "big", progress=False)
+    train(accumulated, tmp_path / "accum", progress=False)
+    assert_same_training(tmp_path / "big", tmp_path / "accum", big)
+
+
+def test_grad_accum_is_not_a_smaller_batch(tmp_path):
+    # the comparison can fail: batch 8 in one piece is not batch 32 in four pieces of 8
+    cfg = tiny_distributed_run(steps=STEPS, batch_size=32, grad_accum=4)
+    small = tiny_distributed_run(steps=STEPS, batch_size=8, grad_accum=1)
+    train(cfg, tmp_path / "accum", progress=False)
+    train(small, tmp_path / "small", progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_training(tmp_path / "accum", tmp_path / "small", cfg)
+
+
+def test_grad_accum_must_divide_the_batch(tmp_path):
+    with pytest.raises(ConfigError, match="grad_accum=0"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(ConfigError, match="batch_size=30 must split into grad_accum=4"):
+        TrainConfig(batch_size=32 - 2, grad_accum=4)
+
+
+@pytest.mark.slow
+def test_grad_accum_with_two_processes_equals_one_process(tmp_path):
+    # 2 ranks x 2 micro-batches of 8 = one process with one batch of 32; exercises DDP's no_sync
+    one = tiny_distributed_run(steps=4, batch_size=32, grad_accum=1)
+    two = tiny_distributed_run(steps=4, batch_size=32, grad_accum=2)
+    config = tmp_path / "run.json"
+    two.to_json(config)
+    train(one, tmp_path / "single", progress=False)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--max_restarts", "0"]
+    launch([torchrun + entry_point(config, tmp_path / "ddp")], loopback_env(tmp_path))
+    assert_same_training(tmp_path / "single", tmp_path / "ddp", one)
