@@ -271,7 +271,12 @@ def resolve_run_config(overrides: dict[str, Any] | None = None, base: RunConfig 
         if sections["latent"]:
             latent = LatentConfig(**{"image_size": size, "channels": channels, **sections["latent"]})
             from .autoencoder_train import load_autoencoder
-            channels, size, _ = load_autoencoder(latent.autoencoder).latent_shape((channels, size, size))
+            try:
+                channels, size, _ = load_autoencoder(latent.autoencoder).latent_shape((channels, size, size))
+            except ValueError as e:
+                raise ConfigError(f"the autoencoder {latent.autoencoder} does not fit the data ({channels} channel(s), "
+                                  f"{size}x{size}): {e} Train one on this data (diffusekit train-autoencoder --data "
+                                  f"{data_cfg.source}), or convert the images with --channels / --image-size.") from e
         model_over = dict(sections["model"])
         num_classes = dataset.num_classes if dataset.labels is not None else 0
         if sections["text"]:
