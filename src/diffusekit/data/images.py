@@ -233,7 +233,6 @@ def load_image(path: str | Path, image_size: int = 0, channels: int = 3,
 
 def save_image(x: torch.Tensor, path: str | Path) -> Path:
     """Write one image (C, H, W) or (1, C, H, W) in [-1, 1] to path (format from the suffix)."""
-    from PIL import Image
     if x.ndim == 4:
         if x.shape[0] != 1:
             raise ValueError(f"save_image writes one image but got a batch of {x.shape[0]}; "
@@ -241,10 +240,31 @@ def save_image(x: torch.Tensor, path: str | Path) -> Path:
         x = x[0]
     if x.ndim != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"save_image expects (C, H, W) with C = 1 or 3, got {tuple(x.shape)}")
-    pixels = to_pixels(x)
+    return write_pixels(to_pixels(x), path)
+
+
+def write_pixels(pixels: np.ndarray, path: str | Path) -> Path:
+    """Write uint8 pixels (H, W, 1 or 3) as an image file (format from the suffix), creating its folder.
+
+    Written through a temporary file and os.replace, so a failed write (a full disk) leaves no
+    half image and any previous file intact; the OSError names the file (Pillow's carries no name).
+    """
+    from PIL import Image
     path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: {path.suffix or 'no extension'} is not an image file extension Pillow "
+                         f"writes; use .png (or .jpg, .webp).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels).save(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels).save(tmp, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
     return path
 
 
