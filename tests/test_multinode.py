@@ -75,7 +75,8 @@ def assert_same_training(run_a, run_b, cfg) -> None:
     Adam passes on as a ~1e-7 relative change of the update. atol = 1e-3 * lr * n sits about four
     orders above rounding (measured ~1e-5 * lr * n) and three below a real difference. The loss and
     the pre-clip gradient norm are sums of ~1e3-1e4 float32 terms: rtol 1e-4 (a bug that forgets to
-    average over micro-batches or ranks changes them by a factor of 2 or more).
+    average over micro-batches or ranks changes them by a factor of 2 or more). The weights alone
+    would miss that bug: gradient clipping and Adam's m / sqrt(v) both undo a uniform scale.
     """
     tc = cfg.train
     a, b = (load_file(run / ckpt.RAW_FILE) for run in (run_a, run_b))
