@@ -204,9 +204,9 @@ def test_invert_and_edit_reports_the_reconstruction(pipe, tmp_path):
 
 def test_schedule_and_trajectory_pictures(pipe):
     assert h.schedule_picture(pipe).ndim == 3
-    one, two = (h.trajectory_picture(pipe, "ddim", 5, 0, h.EACH_CLASS, n) for n in (1, 2))
+    one, two = (h.trajectory_picture(pipe, "ddim", 5, 0, h.EACH_CLASS, 2.0, n) for n in (1, 2))
     assert one.shape[-1] == 3 and two.shape[0] > one.shape[0]   # two rows (x_t, x0) per trajectory
-    assert "number of images=5" in page_error(pipe, h.trajectory_picture, "ddim", 5, 0, "1", 5)
+    assert "number of images=5" in page_error(pipe, h.trajectory_picture, "ddim", 5, 0, "1", 1.0, 5)
 
 
 def test_missing_gradio_names_the_extra(pipe, monkeypatch):
@@ -249,7 +249,7 @@ def test_a_slow_request_does_not_hold_up_the_page(server, client):
     slow = client.submit("ddim", 100, 1.0, 0, "3", "", 16, api_name="/generate")   # >= 5 s asleep
     time.sleep(0.5)
     started = time.monotonic()
-    client.predict("ddim", 3, 0, "2", 1, api_name="/trajectory")
+    client.predict("ddim", 3, 0, "2", 1.0, 1, api_name="/trajectory")
     assert not slow.done(), f"the trajectory waited {time.monotonic() - started:.1f} s for the slow request"
     slow.result(timeout=120)
 

@@ -54,31 +54,31 @@ def _upload(gr, label: str, **kw):
                     **kw)
 
 
-def _controls(gr, pipe, steps: int = 20, each: bool = True):
-    """The sampler, steps, seed, class, prompt and guidance widgets that the tabs share."""
+def _controls(gr, pipe, tab: str, steps: int = 20, each: bool = True):
+    """The sampler, steps, seed, class, prompt and guidance widgets that the tabs share (ids: tab-name)."""
     from .samplers import SAMPLERS
     with gr.Row():
-        sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m", label="sampler")
-        steps = gr.Slider(1, 100, value=steps, step=1, label="steps")
-        seed = gr.Number(0, precision=0, minimum=0, label="seed")
+        sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m", label="sampler", elem_id=f"{tab}-sampler")
+        steps = gr.Slider(1, 100, value=steps, step=1, label="steps", elem_id=f"{tab}-steps")
+        seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id=f"{tab}-seed")
     with gr.Row():
         choices = class_choices(pipe, each)
         label = gr.Dropdown(choices, value=choices[0][1], label="class", allow_custom_value=True,
-                            visible=bool(pipe.num_classes))
-        prompt = gr.Textbox(label="prompt", visible=takes_prompt(pipe))
+                            visible=bool(pipe.num_classes), elem_id=f"{tab}-class")
+        prompt = gr.Textbox(label="prompt", visible=takes_prompt(pipe), elem_id=f"{tab}-prompt")
         guidance = gr.Slider(0, 10, value=1, step=0.5, label="guidance scale (1 = none)",
-                             visible=bool(pipe.num_classes))
+                             visible=bool(pipe.num_classes), elem_id=f"{tab}-guidance")
     return sampler, steps, seed, label, prompt, guidance
 
 
 def _sample_tab(gr, pipe):
     with gr.Tab("Sample", id="sample"), gr.Row():
         with gr.Column():
-            sampler, steps, seed, label, prompt, guidance = _controls(gr, pipe)
-            n = gr.Slider(1, MAX_IMAGES, step=1, label="number of images",
+            sampler, steps, seed, label, prompt, guidance = _controls(gr, pipe, "sample")
+            n = gr.Slider(1, MAX_IMAGES, step=1, label="number of images", elem_id="sample-n",
                           value=pipe.num_classes if 1 < pipe.num_classes <= MAX_IMAGES else 8)
             button = gr.Button("Generate", variant="primary")
-            status = gr.Textbox(label="status", interactive=False)
+            status = gr.Textbox(label="status", interactive=False, elem_id="sample-status")
         out = _shown(gr, "samples", elem_id="sample-output")
     button.click(_on_page(gr, generate, pipe), [sampler, steps, guidance, seed, label, prompt, n], [out, status],
                  api_name="generate")
@@ -90,7 +90,7 @@ def _edit_tab(gr, pipe):
             upload = _upload(gr, "image to edit", elem_id="edit-input")
             before, after = _shown(gr, "input at the model's size"), _shown(gr, "edited", elem_id="edit-output")
         strength = gr.Slider(0.05, 1, value=0.6, step=0.05, label="strength (0 keeps the image, 1 ignores it)")
-        sampler, steps, seed, label, prompt, guidance = _controls(gr, pipe, each=False)
+        sampler, steps, seed, label, prompt, guidance = _controls(gr, pipe, "edit", each=False)
         with gr.Row():
             start, button = gr.Button("Start from a sample"), gr.Button("Edit", variant="primary")
     start.click(_on_page(gr, starter_image, pipe), [seed, label], upload, api_name="edit_start")
@@ -106,8 +106,9 @@ def _inpaint_tab(gr, pipe):
                 sources=["upload", "clipboard"], transforms=(), layers=False, elem_id="inpaint-editor",
                 canvas_size=(DISPLAY_SIZE, DISPLAY_SIZE), eraser=gr.Eraser(default_size=DISPLAY_SIZE // 16),
                 brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=DISPLAY_SIZE // 16))
-            mask, out = _shown(gr, "mask (white = filled)"), _shown(gr, "inpainted", elem_id="inpaint-output")
-        sampler, steps, seed, label, prompt, guidance = _controls(gr, pipe, steps=50, each=False)
+            mask = _shown(gr, "mask (white = filled)", elem_id="inpaint-mask")
+            out = _shown(gr, "inpainted", elem_id="inpaint-output")
+        sampler, steps, seed, label, prompt, guidance = _controls(gr, pipe, "inpaint", steps=50, each=False)
         resample = gr.Slider(1, 10, value=1, step=1, label="resample (RePaint jumps per step)")
         with gr.Row():
             start, button = gr.Button("Start from a sample"), gr.Button("Inpaint", variant="primary")
@@ -132,7 +133,7 @@ def _invert_tab(gr, pipe):
             source = gr.Dropdown(choices, value=choices[0][1], label="the image's class", allow_custom_value=True)
             target = gr.Dropdown(choices, value=choices[-1][1], label="target class", allow_custom_value=True)
             guidance = gr.Slider(0, 10, value=1, step=0.5, label="guidance scale for the target")
-        status = gr.Textbox(label="status", interactive=False)
+        status = gr.Textbox(label="status", interactive=False, elem_id="invert-status")
         with gr.Row():
             start, button = gr.Button("Start from a sample"), gr.Button("Invert and edit", variant="primary")
     start.click(_on_page(gr, starter_image, pipe), [seed, source], upload, api_name="invert_start")
@@ -143,11 +144,11 @@ def _invert_tab(gr, pipe):
 def _schedule_tab(gr, pipe):
     with gr.Tab("Schedule and trajectory", id="schedule"):
         _shown(gr, "noise schedule", value=schedule_picture(pipe))
-        sampler, steps, seed, label, _, _ = _controls(gr, pipe, steps=10)
+        sampler, steps, seed, label, _, guidance = _controls(gr, pipe, "trajectory", steps=10)
         n = gr.Slider(1, 4, value=2, step=1, label="number of trajectories")
         button = gr.Button("Show the trajectory", variant="primary")
         out = _shown(gr, "denoising trajectory", elem_id="trajectory-output")
-    button.click(_on_page(gr, trajectory_picture, pipe), [sampler, steps, seed, label, n], out,
+    button.click(_on_page(gr, trajectory_picture, pipe), [sampler, steps, seed, label, guidance, n], out,
                  api_name="trajectory")
 
 

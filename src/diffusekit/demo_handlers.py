@@ -306,9 +306,9 @@ def schedule_picture(pipe) -> np.ndarray:
     return _figure_pixels(lambda path: plot_schedule({"this model": pipe.schedule}, path))
 
 
-def trajectory_picture(pipe, sampler, steps, seed, label, n) -> np.ndarray:
+def trajectory_picture(pipe, sampler, steps, seed, label, guidance, n) -> np.ndarray:
     """x_t and the predicted x0 along one denoising run, one column per step."""
     n = _whole("number of images", n, 1, 4)
     _, xs, x0s, ts = pipe.trajectory(n, sampler, _whole("steps", steps, 1, MAX_STEPS), _generator(seed),
-                                     **conditioning(pipe, label, "", n))
+                                     **conditioning(pipe, label, "", n), **_guidance(pipe, guidance))
     return _figure_pixels(lambda path: save_trajectory(xs, x0s, path, timesteps=ts))

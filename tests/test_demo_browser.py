@@ -1,0 +1,211 @@
+"""The web demo in a real browser: Playwright drives headless Chromium (Debian's package) against a
+live server on 127.0.0.1, tab by tab, as a person would, and takes a screenshot of each tab.
+
+Needs `bash scripts/setup_browser.sh` (Debian's chromium and the playwright package); skipped otherwise.
+Screenshots go to DIFFUSEKIT_SCREENSHOT_DIR when set (docs/img for the README), else to a temporary
+folder. DIFFUSEKIT_DEMO_RUN=runs/NAME shows a trained run instead of an untrained tiny model.
+"""
+import io
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
+pytest.importorskip("gradio", reason="the web demo needs gradio: pip install 'diffusekit[demo]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: "
+                               "run scripts/setup_browser.sh")
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's chromium is not installed (no /usr/bin/chromium): run scripts/setup_browser.sh",
+                allow_module_level=True)
+
+from diffusekit import demo, demo_handlers as h  # noqa: E402
+from diffusekit.pipeline import Pipeline  # noqa: E402
+from test_demo import free_port, make_pipe  # noqa: E402
+
+expect = sync_api.expect
+TIMEOUT_MS = 30_000                 # generous: the machine may be busy; a passing run takes ~25 s in all
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    run = os.environ.get("DIFFUSEKIT_DEMO_RUN")
+    return Pipeline.load(run, device="cpu") if run else make_pipe()
+
+
+@pytest.fixture(scope="module")
+def page(pipe):
+    app = demo.launch(pipe, port=free_port(), block=False, quiet=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1100, "height": 820})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.in_flight = set()                                  # requests sent and not yet answered
+        page.on("request", lambda r: page.in_flight.add(r))
+        page.on("requestfinished", lambda r: page.in_flight.discard(r))
+        page.on("requestfailed", lambda r: page.in_flight.discard(r))
+        page.goto(app.local_url)
+        yield page
+        browser.close()
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("DIFFUSEKIT_SCREENSHOT_DIR")
+    return Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+
+
+def screenshot(page, folder: Path, tab: str) -> Path:
+    """The whole page as a small PNG (a 64-colour palette keeps it a few tens of KB), notes closed."""
+    toasts = page.get_by_test_id("toast-body")
+    for close in toasts.get_by_role("button", name="Close").all():
+        close.click()
+    expect(toasts).to_have_count(0)
+    picture = Image.open(io.BytesIO(page.screenshot(full_page=True)))
+    path = folder / f"demo_{tab}.png"
+    picture.convert("RGB").quantize(64).save(path, optimize=True)
+    assert path.stat().st_size < 300_000
+    return path
+
+
+def open_tab(page, name: str):
+    page.get_by_role("tab", name=name).click()
+
+
+def set_number(page, selector: str, value):
+    field = page.locator(f"{selector} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def choose(page, selector: str, value: str):
+    """Type into a dropdown and take the value (or a custom one where allowed)."""
+    box = page.locator(f"{selector} input")
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+    page.keyboard.press("Escape")
+
+
+def shown_pixels(page, selector: str) -> np.ndarray:
+    """The image a gr.Image shows, fetched from the server as the browser did."""
+    img = page.locator(f"{selector} img").first
+    try:
+        expect(img).to_be_visible()
+    except AssertionError as e:     # say what the page said instead (an error message, say)
+        raise AssertionError(f"no image in {selector}; the page says {page.get_by_test_id('toast-body').all_inner_texts()}"
+                             f", requests in flight: {[r.url for r in page.in_flight]}") from e
+    body = page.request.get(img.get_attribute("src")).body()
+    return np.asarray(Image.open(io.BytesIO(body)))
+
+
+def settle(page, quiet_ms: int = 600):
+    """Until the page has had no request in flight for quiet_ms (queued events, uploads, files)."""
+    quiet = 0
+    for _ in range(TIMEOUT_MS // 100):
+        quiet = quiet + 100 if not page.in_flight else 0
+        if quiet >= quiet_ms:
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"requests still in flight: {[r.url for r in page.in_flight]}")
+
+
+def wait_for_editor_image(page):
+    """Until the inpainting editor shows a background (its zoom readout appears) and has sent it back."""
+    editor = page.locator("#inpaint-editor")
+    expect(editor).to_contain_text(re.compile(r"\d+%"))
+    settle(page)
+
+
+def class_value(pipe, k: int) -> str:
+    return dict((v, label) for label, v in h.class_choices(pipe)).get(str(k), h.UNCONDITIONAL)
+
+
+def test_sample_tab_generates_the_seeds_images(page, pipe, shots):
+    expect(page.get_by_role("button", name="Generate")).to_be_visible()
+    choose(page, "#sample-sampler", "ddim")
+    set_number(page, "#sample-steps", 6)
+    set_number(page, "#sample-n", 4)
+    page.locator("#sample-seed input").fill("5")
+    label = class_value(pipe, 3)
+    choose(page, "#sample-class", label)
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#sample-status textarea")).to_have_value(re.compile("seed 5"))
+    grid = shown_pixels(page, "#sample-output")
+    x = pipe.sample(4, "ddim", 6, generator=torch.Generator().manual_seed(5),
+                    **h.conditioning(pipe, "3" if pipe.num_classes else "", "", 4))
+    expected = h.to_display(x, h.display_factor(pipe))
+    assert grid.shape[:2] == expected.shape[:2] == (2 * (256 + 2) + 2,) * 2
+    np.testing.assert_array_equal(grid if grid.ndim == 2 else grid[..., 0], expected)
+    screenshot(page, shots, "sample")
+
+
+def test_a_bad_class_shows_a_message(page, pipe):
+    if not pipe.num_classes:
+        pytest.skip("an unconditional model has no class box")
+    choose(page, "#sample-class", str(pipe.num_classes + 2))
+    page.get_by_role("button", name="Generate").click()
+    expect(page.get_by_text(re.compile("out of range")).first).to_be_visible()
+    choose(page, "#sample-class", class_value(pipe, 3))
+
+
+def test_edit_tab_takes_an_upload_of_the_wrong_size(page, shots, tmp_path):
+    open_tab(page, "Edit (SDEdit)")
+    picture = np.zeros((20, 20, 3), np.uint8)
+    picture[4:16, 8:12] = 255                                   # a bar, in RGB at 20x20
+    Image.fromarray(picture).save(tmp_path / "bar.png")
+    page.locator("#edit-input input[type=file]").set_input_files(str(tmp_path / "bar.png"))
+    expect(page.locator("#edit-input img")).to_be_visible()
+    set_number(page, "#edit-steps", 8)
+    page.get_by_role("button", name="Edit", exact=True).click()
+    expect(page.get_by_text(re.compile("resized 20x20 to")).first).to_be_visible()
+    assert shown_pixels(page, "#edit-output").shape[:2] == (256, 256)
+    screenshot(page, shots, "edit")
+
+
+def test_inpaint_tab_fills_what_the_mouse_painted(page, shots):
+    open_tab(page, "Inpaint")
+    page.get_by_role("button", name="Start from a sample").locator("visible=true").click()
+    wait_for_editor_image(page)
+    canvas = page.locator("#inpaint-editor canvas").first.bounding_box()
+    cx, cy = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+    page.mouse.move(cx - 110, cy - 110)                         # zigzag over the left part of the image
+    page.mouse.down()
+    for k in range(8):                                          # each pointer event costs a canvas redraw
+        page.mouse.move(cx - 30, cy - 110 + 30 * k)
+        page.mouse.move(cx - 110, cy - 95 + 30 * k)
+    page.mouse.up()
+    set_number(page, "#inpaint-steps", 8)
+    settle(page)                                                # the editor has sent its strokes
+    page.get_by_role("button", name="Inpaint", exact=True).click()
+    assert shown_pixels(page, "#inpaint-output").shape[:2] == (256, 256)
+    mask = shown_pixels(page, "#inpaint-mask")
+    mask = mask if mask.ndim == 2 else mask[..., 0]
+    assert mask[:, :96].mean() > 128 and (mask[:, 160:] == 0).all()   # painted left, right kept
+    screenshot(page, shots, "inpaint")
+
+
+def test_invert_tab_reconstructs_and_edits(page, shots):
+    open_tab(page, "Invert and edit")
+    page.get_by_role("button", name="Start from a sample").locator("visible=true").click()
+    expect(page.locator("#invert-input img")).to_be_visible()
+    page.get_by_role("button", name="Invert and edit").click()
+    expect(page.locator("#invert-status textarea")).to_have_value(re.compile(r"PSNR \d+\.\d+ dB"))
+    assert shown_pixels(page, "#invert-output").shape[:2] == (256, 256)
+    screenshot(page, shots, "invert")
+
+
+def test_schedule_tab_shows_a_trajectory(page, shots):
+    open_tab(page, "Schedule and trajectory")
+    page.get_by_role("button", name="Show the trajectory").click()
+    assert shown_pixels(page, "#trajectory-output").shape[0] > 100
+    screenshot(page, shots, "schedule")
