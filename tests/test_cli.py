@@ -157,3 +157,18 @@ def test_make_shapes_plot_process_and_export(tiny_run, tmp_path):
     r = run("export", tiny_run, tmp_path / "exported")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "exported" / "scheduler" / "scheduler_config.json").exists()
+
+
+def test_tune_steps_then_sample_uses_them(tiny_run, tmp_path):
+    out = tmp_path / "steps.json"
+    r = run("tune-steps", tiny_run, "--nfe", 3, "--sampler", "ddim", "--n", 4, "--reference-steps", 10,
+            "--iterations", 1, "--out", out)
+    assert r.exit_code == 0, r.output
+    record = json.loads(out.read_text())
+    assert record["sampler"] == "ddim" and record["nfe"] == 3 and len(record["timesteps"]) == 3
+    r = run("sample", tiny_run, "--sampler", "ddim", "--timesteps", out, "--n", 2, "--out", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    assert "3 model evaluations" in r.output
+    r = CliRunner().invoke(main, ["sample", str(tiny_run), "--sampler", "dpmpp_2m", "--timesteps", str(out),
+                                  "--out", str(tmp_path / "h.png")])
+    assert r.exit_code == 2 and "tuned for sampler 'ddim'" in r.output

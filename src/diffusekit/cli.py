@@ -69,8 +69,8 @@ def sampler_options(fn):
                       help="Sampler noise where the sampler has it (ddim: 0 deterministic, 1 DDPM-like; dpmpp_3m_sde).")(fn)
     fn = click.option("--spacing", type=click.Choice(list(SAMPLER_SPACINGS)), default="trailing", show_default=True,
                       help="Timestep spacing: diffusers' leading/trailing/linspace, or logsnr (uniform in log-SNR).")(fn)
-    fn = click.option("--steps", type=click.IntRange(1, 10_000), default=20, show_default=True,
-                      help="Sampler steps.")(fn)
+    fn = click.option("--steps", type=click.IntRange(1, 10_000), default=None,
+                      help="Sampler steps [default: 20].")(fn)
     return click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp_2m", show_default=True,
                         help="Sampler from the registry.")(fn)
 
@@ -164,6 +164,20 @@ def _load_pipeline(path, device="auto", precision=None):
     if is_diffusers_folder(path):
         return Pipeline.from_diffusers(path, device=device, precision=precision or "fp32")
     return Pipeline.load(path, device=device, precision=precision or "fp32")
+
+
+def _tuned_steps(run, pipe, sampler, steps, timesteps_file):
+    """(steps, timesteps or None): a --timesteps file, else RUN/tuned_steps.json for this sampler when
+    --steps was not given, else the plain step count (default 20)."""
+    from .tune import load_steps
+    path = Path(timesteps_file) if timesteps_file else Path(run) / "tuned_steps.json"
+    if timesteps_file is None and (steps is not None or not path.exists()):
+        return steps or 20, None
+    if timesteps_file is None and json.loads(path.read_text()).get("sampler") != sampler:
+        return steps or 20, None
+    ts, record = load_steps(path, sampler=sampler, schedule=pipe.schedule)
+    click.echo(f"using {len(ts)} tuned model-call times from {path} ({record['nfe']} evaluations)", err=True)
+    return len(ts), ts
 
 
 def _parse_class(value):
@@ -360,6 +374,9 @@ def _clear_run(out: Path) -> None:
 @prompt_options
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="One prompt per line; the grid gets one row per prompt, labelled with it.")
+@click.option("--timesteps", "timesteps_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A steps file from `diffusekit tune-steps` (replaces --steps and --spacing; default: RUN/"
+                   "tuned_steps.json when it was tuned for this sampler and --steps is not given).")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", help="Grid image to write.")
 @click.option("--nrow", type=click.IntRange(1), default=None, help="Images per grid row.")
 @click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
@@ -368,8 +385,8 @@ def _clear_run(out: Path) -> None:
 @common_options
 @friendly_errors
 def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, guides, guide_weighting, guide_window,
-           classifier_path, classifier_scale, n, class_label, prompt, negative_prompt, prompts_file, out, nrow,
-           trajectory, batch_size, seed, dry_run, device, precision):
+           classifier_path, classifier_scale, n, class_label, prompt, negative_prompt, prompts_file, timesteps_file,
+           out, nrow, trajectory, batch_size, seed, dry_run, device, precision):
     """Sample images from a trained run (or a diffusers pipeline folder) and save a grid.
 
     \b
@@ -381,7 +398,7 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
     """
     from .viz import save_grid, save_trajectory
     kw = _sampler_kwargs(spacing, eta, karras, variance_type)
-    settings = dict(run=run, sampler=sampler, steps=steps, n=n, class_label=class_label, guidance=guidance,
+    settings = dict(run=run, sampler=sampler, steps=steps or 20, n=n, class_label=class_label, guidance=guidance,
                     guides=list(guides), guide_weighting=guide_weighting, classifier=classifier_path,
                     prompt=prompt, negative_prompt=negative_prompt, prompts_file=prompts_file,
                     seed=seed or 0, out=out, device=device, precision=precision or "fp32", **kw)
@@ -399,6 +416,9 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
     guide_kw = _guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path, classifier_scale,
                          target)
     guide_kw["negative_prompt"] = negative_prompt
+    steps, tuned = _tuned_steps(run, pipe, sampler, steps, timesteps_file)
+    if tuned is not None:
+        kw["timesteps"] = tuned
     prompt_list = None
     if prompts_file:
         prompt_list = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
@@ -414,7 +434,7 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
         save_labelled_grid(images, out, nrow=nrow, row_labels=prompt_list)
     else:
         save_grid(images, out, nrow=nrow)
-    nfe = pipe.sampler_for(sampler, **kw).nfe(steps)
+    nfe = pipe.sampler_for(sampler, **{k: v for k, v in kw.items() if k != "timesteps"}).nfe(steps, tuned)
     click.echo(f"wrote {out}: {n} images, {sampler} with {steps} steps ({nfe} model evaluations), {seconds:.1f} s")
     if trajectory:
         k = min(n, 4)
@@ -449,6 +469,7 @@ def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_ty
       diffusekit edit runs/digits --image in.png --strength 0.6 --class 7 --out edited.png
       diffusekit edit runs/shapes --image in.png --prompt "a small blue square at the top" --strength 0.6
     """
+    steps = steps or 20
     if dry_run:
         _dump(dict(run=run, image=image, strength=strength, sampler=sampler, steps=steps, class_label=class_label,
                    guidance=guidance, guides=list(guides), seed=seed or 0, out=out, device=device))
@@ -531,6 +552,7 @@ def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, variance_typ
     Example:
       diffusekit inpaint runs/digits --image in.png --mask lower_half.png --resample 3
     """
+    steps = steps or 20
     if dry_run:
         _dump(dict(run=run, image=image, mask=mask, sampler=sampler, steps=steps, resample=resample,
                    class_label=class_label, seed=seed or 0, out=out, device=device))
@@ -667,6 +689,7 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
       diffusekit eval runs/mnist --ref path/to/mnist --ref-split t10k --n 5000 \\
         --sampler dpmpp_2m --steps 20 --features classifier:runs/judge --out eval.json
     """
+    steps = steps or 20
     from .data import DataConfig
     from .evaluation import evaluate_run
     pipe = _load_pipeline(run, device, precision) if not dry_run else None
@@ -738,6 +761,46 @@ def train_autoencoder(source, out, image_size, channels, factor, latent_channels
     click.echo(f"trained {result.step} steps in {result.seconds:.0f} s; held-out reconstruction PSNR "
                f"{result.psnr:.2f} dB ({result.heldout}); latent scaling factor {result.scaling_factor:.4f}; "
                f"wrote {out}")
+
+
+@main.command("tune-steps")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--nfe", type=click.IntRange(1, 1000), default=5, show_default=True, help="Model calls to place.")
+@click.option("--sampler", type=click.Choice(sorted(n for n, s in SAMPLERS.items() if not s.stochastic)),
+              default="dpmpp_2m", show_default=True, help="A deterministic sampler.")
+@click.option("--n", "n", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Noise images the discrepancy is measured on.")
+@click.option("--reference-steps", type=click.IntRange(2, 10_000), default=100, show_default=True)
+@click.option("--iterations", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Coordinate-descent sweeps.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Steps file to write [default: RUN/tuned_steps.json, which sample then uses by default].")
+@common_options
+@friendly_errors
+def tune_steps(run, nfe, sampler, n, reference_steps, iterations, out, seed, dry_run, device, precision):
+    """Place a few model calls where they matter for this model: minimise the gap between an NFE-call
+    solution and a many-step one from the same noise (in the spirit of "Align Your Steps").
+
+    \b
+    Example:
+      diffusekit tune-steps runs/digits --nfe 5 --sampler dpmpp_2m
+      diffusekit sample runs/digits --sampler dpmpp_2m        # uses runs/digits/tuned_steps.json
+    """
+    out = out or str(Path(run) / "tuned_steps.json")
+    if dry_run:
+        _dump(dict(run=run, nfe=nfe, sampler=sampler, n=n, reference_steps=reference_steps, iterations=iterations,
+                   out=out, seed=seed or 0))
+        return
+    from .tune import save_steps, tune_timesteps
+    pipe = _load_pipeline(run, device, precision)
+    cond = pipe._cond(torch.arange(n) % pipe.num_classes if pipe.num_classes else None, n)
+    x_T = torch.randn((n, *pipe.latent_shape), generator=_generator(seed)).to(pipe.device)
+    with torch.no_grad():
+        ts = tune_timesteps(pipe.denoiser(), pipe.schedule, sampler, nfe, x_T, prediction_type=pipe.prediction_type,
+                            reference_steps=reference_steps, iterations=iterations, cond=cond, progress=True)
+    save_steps(out, ts, {"sampler": sampler, "schedule": pipe.schedule, "prediction_type": pipe.prediction_type,
+                         "run": str(run)})
+    click.echo(f"wrote {out}: {nfe} model calls for {sampler} at t = {[round(float(t), 1) for t in ts]}")
 
 
 # --- data, process pictures, export and the web page ------------------------------------------------

@@ -171,7 +171,7 @@ class Pipeline:
                guides: Sequence[Guide] = (), classifier: Callable | None = None, classifier_scale: float = 0.0,
                target_class=None, batch_size: int = 256, progress: bool = False, callback=None,
                timestep_spacing: str | None = None, noise: torch.Tensor | None = None, prompt=None,
-               negative_prompt: str = "", **options) -> torch.Tensor:
+               negative_prompt: str = "", timesteps=None, **options) -> torch.Tensor:
         """n images (n, C, H, W) in [-1, 1], on the CPU.
 
         All starting noise is drawn first (on the generator's device), so image k starts from the same
@@ -200,7 +200,8 @@ class Pipeline:
             # one classifier target per image is sliced with its batch
             batch_target = target[start:start + batch_size] if target is not None and target.ndim else target
             den = self.denoiser(guidance_scale, guides, classifier, classifier_scale, batch_target, negative_prompt)
-            out = s.sample(den, x, num_steps=num_steps, generator=generator,
+            out = s.sample(den, x, num_steps=None if timesteps is not None else num_steps, generator=generator,
+                           timesteps=timesteps,
                            callback=self._callback(guides, cond, callback),
                            progress=progress and n <= batch_size, **cond)
             outs.append(_checked_finite(self.decode(out), "sampling").clamp(-1, 1).cpu())
