@@ -45,6 +45,20 @@ def make_pipe(num_classes: int = 10) -> Pipeline:
                     class_names=[f"digit{i}" for i in range(num_classes)], source="runs/tiny")
 
 
+class PromptedUNet(torch.nn.Module):
+    """An unconditional UNet whose output a prompt shifts: the smallest model with `encode_text`."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.text = unet, torch.nn.Identity()     # .text: the encoder the Pipeline asks about
+
+    def encode_text(self, prompts):
+        return {"prompt_code": torch.tensor([[len(p) / 10] for p in prompts])}
+
+    def forward(self, x, t, prompt_code=None):
+        return self.unet(x, t) + (0 if prompt_code is None else prompt_code[:, :, None, None])
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return make_pipe()
@@ -111,6 +125,17 @@ def test_unconditional_model_refuses_classes_and_guidance():
     assert "unconditional" in page_error(uncond, h.generate, "ddim", 4, 1.0, 0, "3", "", 1)
     assert "guidance" in page_error(uncond, h.generate, "ddim", 4, 3.0, 0, h.UNCONDITIONAL, "", 1)
     assert "takes no prompt" in page_error(uncond, h.generate, "ddim", 4, 1.0, 0, "", "a cat", 1)
+
+
+def test_a_text_model_takes_prompts_and_refuses_classes():
+    text = make_pipe(0)
+    text.model = PromptedUNet(text.model)
+    assert h.takes_prompt(text) and h.conditioning(text, h.UNCONDITIONAL, " a cat ", 2) == {"prompt": "a cat"}
+    cat, dog = (list(h.generate(text, "ddim", 3, 2.0, 0, "", p, 2))[-1][0] for p in ("a cat", "a tall dog"))
+    x = text.sample(2, "ddim", 3, generator=torch.Generator().manual_seed(0), prompt="a cat", guidance_scale=2.0)
+    np.testing.assert_array_equal(cat, h.to_display(x, h.display_factor(text)))
+    assert not np.array_equal(cat, dog)
+    assert "describe the image in the prompt" in page_error(text, h.generate, "ddim", 3, 1.0, 0, "3", "", 1)
 
 
 def test_a_crash_inside_the_library_is_a_message_not_a_traceback(pipe, monkeypatch):
@@ -204,9 +229,9 @@ def test_invert_and_edit_reports_the_reconstruction(pipe, tmp_path):
 
 def test_schedule_and_trajectory_pictures(pipe):
     assert h.schedule_picture(pipe).ndim == 3
-    one, two = (h.trajectory_picture(pipe, "ddim", 5, 0, h.EACH_CLASS, 2.0, n) for n in (1, 2))
+    one, two = (h.trajectory_picture(pipe, "ddim", 5, 0, h.EACH_CLASS, "", 2.0, n) for n in (1, 2))
     assert one.shape[-1] == 3 and two.shape[0] > one.shape[0]   # two rows (x_t, x0) per trajectory
-    assert "number of images=5" in page_error(pipe, h.trajectory_picture, "ddim", 5, 0, "1", 1.0, 5)
+    assert "number of images=5" in page_error(pipe, h.trajectory_picture, "ddim", 5, 0, "1", "", 1.0, 5)
 
 
 def test_missing_gradio_names_the_extra(pipe, monkeypatch):
@@ -249,7 +274,7 @@ def test_a_slow_request_does_not_hold_up_the_page(server, client):
     slow = client.submit("ddim", 100, 1.0, 0, "3", "", 16, api_name="/generate")   # >= 5 s asleep
     time.sleep(0.5)
     started = time.monotonic()
-    client.predict("ddim", 3, 0, "2", 1.0, 1, api_name="/trajectory")
+    client.predict("ddim", 3, 0, "2", "", 1.0, 1, api_name="/trajectory")
     assert not slow.done(), f"the trajectory waited {time.monotonic() - started:.1f} s for the slow request"
     slow.result(timeout=120)
 

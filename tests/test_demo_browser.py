@@ -3,13 +3,13 @@ live server on 127.0.0.1, tab by tab, as a person would, and takes a screenshot 
 
 Needs `bash scripts/setup_browser.sh` (Debian's chromium and the playwright package); skipped otherwise.
 Screenshots go to DIFFUSEKIT_SCREENSHOT_DIR when set (docs/img for the README), else to a temporary
-folder. DIFFUSEKIT_DEMO_RUN=runs/NAME shows a trained run instead of an untrained tiny model.
+folder. The page shows the exact denoiser of the built-in digits (real digits, no training), or the
+trained run DIFFUSEKIT_DEMO_RUN=runs/NAME.
 """
 import io
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +27,46 @@ if not Path(CHROMIUM).exists():
                 allow_module_level=True)
 
 from diffusekit import demo, demo_handlers as h  # noqa: E402
+from diffusekit.data import DataConfig, load_dataset  # noqa: E402
 from diffusekit.pipeline import Pipeline  # noqa: E402
-from test_demo import free_port, make_pipe  # noqa: E402
+from diffusekit.schedule import NoiseSchedule  # noqa: E402
+from diffusekit.toy import ExactDenoiserModel, GaussianMixture  # noqa: E402
+from test_demo import free_port  # noqa: E402
 
 expect = sync_api.expect
 TIMEOUT_MS = 30_000                 # generous: the machine may be busy; a passing run takes ~25 s in all
 expect.set_options(timeout=TIMEOUT_MS)
 
 
+class DigitsDenoiser(torch.nn.Module):
+    """The exact denoiser of narrow Gaussians around the built-in digits, one mixture per class and one
+    for all (the null label -1): an ideal model that draws real digits with no training."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule, std: float = 0.05):
+        super().__init__()
+        x = images.flatten(1)                                   # (N, 64)
+        self.by_class = {c: ExactDenoiserModel(GaussianMixture(x[labels == c], std), schedule)
+                         for c in labels.unique().tolist()}
+        self.by_class[-1] = ExactDenoiserModel(GaussianMixture(x, std), schedule)
+
+    def forward(self, x, t, class_labels=None):
+        if class_labels is None:
+            return self.by_class[-1](x, t)
+        out = torch.empty_like(x)
+        for c in class_labels.unique().tolist():
+            pick = class_labels == c
+            out[pick] = self.by_class[c](x[pick], t.expand(len(x))[pick])
+        return out
+
+
 @pytest.fixture(scope="module")
 def pipe():
-    run = os.environ.get("DIFFUSEKIT_DEMO_RUN")
-    return Pipeline.load(run, device="cpu") if run else make_pipe()
+    if os.environ.get("DIFFUSEKIT_DEMO_RUN"):
+        return Pipeline.load(os.environ["DIFFUSEKIT_DEMO_RUN"], device="cpu")
+    digits = load_dataset(DataConfig("digits"))
+    schedule = NoiseSchedule.create("linear", num_train_timesteps=1000)
+    return Pipeline(DigitsDenoiser(digits.images, digits.labels, schedule), schedule, image_shape=(1, 8, 8),
+                    num_classes=10, class_names=digits.class_names, source="digits-ideal-denoiser")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +95,13 @@ def shots(tmp_path_factory) -> Path:
 def screenshot(page, folder: Path, tab: str) -> Path:
     """The whole page as a small PNG (a 64-colour palette keeps it a few tens of KB), notes closed."""
     toasts = page.get_by_test_id("toast-body")
-    for close in toasts.get_by_role("button", name="Close").all():
-        close.click()
+    for _ in range(20):                  # one at a time: closing one moves the others
+        if toasts.count() == 0:
+            break
+        try:
+            toasts.first.get_by_test_id("toast-close").click(timeout=2000)
+        except sync_api.TimeoutError:    # it expired meanwhile
+            pass
     expect(toasts).to_have_count(0)
     picture = Image.open(io.BytesIO(page.screenshot(full_page=True)))
     path = folder / f"demo_{tab}.png"
@@ -102,8 +135,9 @@ def shown_pixels(page, selector: str) -> np.ndarray:
     try:
         expect(img).to_be_visible()
     except AssertionError as e:     # say what the page said instead (an error message, say)
-        raise AssertionError(f"no image in {selector}; the page says {page.get_by_test_id('toast-body').all_inner_texts()}"
-                             f", requests in flight: {[r.url for r in page.in_flight]}") from e
+        said = page.get_by_test_id("toast-body").all_inner_texts()
+        raise AssertionError(f"no image in {selector}; the page says {said}, requests in flight: "
+                             f"{[r.url for r in page.in_flight]}") from e
     body = page.request.get(img.get_attribute("src")).body()
     return np.asarray(Image.open(io.BytesIO(body)))
 
@@ -198,6 +232,7 @@ def test_invert_tab_reconstructs_and_edits(page, shots):
     open_tab(page, "Invert and edit")
     page.get_by_role("button", name="Start from a sample").locator("visible=true").click()
     expect(page.locator("#invert-input img")).to_be_visible()
+    set_number(page, "#invert-steps", 20)
     page.get_by_role("button", name="Invert and edit").click()
     expect(page.locator("#invert-status textarea")).to_have_value(re.compile(r"PSNR \d+\.\d+ dB"))
     assert shown_pixels(page, "#invert-output").shape[:2] == (256, 256)

@@ -125,36 +125,42 @@ def _invert_tab(gr, pipe):
             before, recon = _shown(gr, "input at the model's size"), _shown(gr, "DDIM reconstruction")
             edited = _shown(gr, "reconstructed under the target class", elem_id="invert-output")
         with gr.Row():
-            steps = gr.Slider(2, 100, value=50, step=1, label="DDIM steps")
+            steps = gr.Slider(2, 100, value=50, step=1, label="DDIM steps", elem_id="invert-steps")
             refine = gr.Slider(0, 10, value=0, step=1, label="refine steps (fixed-point iterations)")
             seed = gr.Number(0, precision=0, minimum=0, label="seed (for 'Start from a sample')")
-        with gr.Row(visible=bool(pipe.num_classes)):
-            choices = class_choices(pipe, each=False)
-            source = gr.Dropdown(choices, value=choices[0][1], label="the image's class", allow_custom_value=True)
-            target = gr.Dropdown(choices, value=choices[-1][1], label="target class", allow_custom_value=True)
+        with gr.Row(visible=bool(pipe.num_classes) or takes_prompt(pipe)):
+            choices, text, classes = class_choices(pipe, each=False), takes_prompt(pipe), bool(pipe.num_classes)
+            source = gr.Dropdown(choices, value=choices[0][1], label="the image's class", allow_custom_value=True,
+                                 visible=classes)
+            target = gr.Dropdown(choices, value=choices[-1][1], label="target class", allow_custom_value=True,
+                                 visible=classes)
+            source_prompt = gr.Textbox(label="the image's prompt", visible=text)
+            target_prompt = gr.Textbox(label="target prompt", visible=text)
             guidance = gr.Slider(0, 10, value=1, step=0.5, label="guidance scale for the target")
         status = gr.Textbox(label="status", interactive=False, elem_id="invert-status")
         with gr.Row():
             start, button = gr.Button("Start from a sample"), gr.Button("Invert and edit", variant="primary")
     start.click(_on_page(gr, starter_image, pipe), [seed, source], upload, api_name="invert_start")
-    button.click(_on_page(gr, invert_and_edit, pipe), [upload, steps, refine, source, target, guidance],
+    button.click(_on_page(gr, invert_and_edit, pipe),
+                 [upload, steps, refine, source, target, guidance, source_prompt, target_prompt],
                  [before, recon, edited, status], api_name="invert")
 
 
 def _schedule_tab(gr, pipe):
     with gr.Tab("Schedule and trajectory", id="schedule"):
         _shown(gr, "noise schedule", value=schedule_picture(pipe))
-        sampler, steps, seed, label, _, guidance = _controls(gr, pipe, "trajectory", steps=10)
+        sampler, steps, seed, label, prompt, guidance = _controls(gr, pipe, "trajectory", steps=10)
         n = gr.Slider(1, 4, value=2, step=1, label="number of trajectories")
         button = gr.Button("Show the trajectory", variant="primary")
         out = _shown(gr, "denoising trajectory", elem_id="trajectory-output")
-    button.click(_on_page(gr, trajectory_picture, pipe), [sampler, steps, seed, label, guidance, n], out,
+    button.click(_on_page(gr, trajectory_picture, pipe), [sampler, steps, seed, label, prompt, guidance, n], out,
                  api_name="trajectory")
 
 
 def _describe(pipe) -> str:
     c, h, w = pipe.image_shape
-    classes = f"{pipe.num_classes} classes" if pipe.num_classes else "unconditional"
+    classes = (f"{pipe.num_classes} classes" if pipe.num_classes else "text-conditioned" if takes_prompt(pipe)
+               else "unconditional")
     return (f"{h}x{w} images, {c} channel{'s' * (c > 1)}, {classes}; predicts {pipe.prediction_type} over "
             f"{pipe.schedule.num_train_timesteps} training timesteps. Images are shown enlarged "
             f"{display_factor(pipe)}x.")

@@ -140,7 +140,7 @@ def mask_from_layers(layers, size: tuple[int, int]) -> torch.Tensor:
 
 # --- widget values to library arguments ----------------------------------------------------------
 def takes_prompt(pipe) -> bool:
-    return getattr(pipe, "text_encoder", None) is not None
+    return bool(getattr(pipe, "has_text", False))
 
 
 def class_choices(pipe, each: bool = True) -> list[tuple[str, str]]:
@@ -165,8 +165,8 @@ def conditioning(pipe, label, prompt, n: int) -> dict:
     if label in ("", UNCONDITIONAL):
         return {"class_labels": -1} if pipe.num_classes else {}
     if not pipe.num_classes:
-        raise DemoInputError(f"class {label!r} was chosen but this model is unconditional (no classes); "
-                             f"choose {UNCONDITIONAL!r}.")
+        instead = "describe the image in the prompt instead" if takes_prompt(pipe) else f"choose {UNCONDITIONAL!r}"
+        raise DemoInputError(f"class {label!r} was chosen but this model has no classes; {instead}.")
     if label == EACH_CLASS:
         return {"class_labels": torch.arange(n) % pipe.num_classes}
     head = label.split(":")[0].strip()
@@ -186,8 +186,8 @@ def _generator(seed) -> torch.Generator:
 
 def _guidance(pipe, scale) -> dict:
     scale = float(scale if scale is not None else 1.0)
-    if scale != 1.0 and not pipe.num_classes:
-        raise DemoInputError(f"guidance {scale} needs a class-conditional model; set guidance to 1.")
+    if scale != 1.0 and not (pipe.num_classes or takes_prompt(pipe)):
+        raise DemoInputError(f"guidance {scale} needs a class- or text-conditional model; set guidance to 1.")
     return {"guidance_scale": scale}
 
 
@@ -288,11 +288,13 @@ def _is_enlarged(pixels: np.ndarray, size, k: int) -> bool:
         pixels, pixels[::k, ::k].repeat(k, axis=0).repeat(k, axis=1))
 
 
-def invert_and_edit(pipe, path, steps, refine, source_label, target_label, guidance):
-    """DDIM-invert the upload under its class, then reconstruct it under that class and the target one."""
+def invert_and_edit(pipe, path, steps, refine, source_label, target_label, guidance, source_prompt="",
+                    target_prompt=""):
+    """DDIM-invert the upload under its class (or prompt), then reconstruct it under that and the target one."""
     image = load_upload(pipe, path)
     steps = _whole("steps", steps, 1, MAX_STEPS)
-    source, target = conditioning(pipe, source_label, "", 1), conditioning(pipe, target_label, "", 1)
+    source = conditioning(pipe, source_label, source_prompt, 1)
+    target = conditioning(pipe, target_label, target_prompt, 1)
     x_T = pipe.invert(image, num_steps=steps, refine_steps=_whole("refine steps", refine, 0, 20), **source)
     recon = pipe.reconstruct(x_T, num_steps=steps, **source)
     edited = pipe.reconstruct(x_T, num_steps=steps, **_guidance(pipe, guidance), **target)
@@ -306,9 +308,9 @@ def schedule_picture(pipe) -> np.ndarray:
     return _figure_pixels(lambda path: plot_schedule({"this model": pipe.schedule}, path))
 
 
-def trajectory_picture(pipe, sampler, steps, seed, label, guidance, n) -> np.ndarray:
+def trajectory_picture(pipe, sampler, steps, seed, label, prompt, guidance, n) -> np.ndarray:
     """x_t and the predicted x0 along one denoising run, one column per step."""
     n = _whole("number of images", n, 1, 4)
     _, xs, x0s, ts = pipe.trajectory(n, sampler, _whole("steps", steps, 1, MAX_STEPS), _generator(seed),
-                                     **conditioning(pipe, label, "", n), **_guidance(pipe, guidance))
+                                     **conditioning(pipe, label, prompt, n), **_guidance(pipe, guidance))
     return _figure_pixels(lambda path: save_trajectory(xs, x0s, path, timesteps=ts))
