@@ -54,9 +54,8 @@ def assert_user_error(result, *names):
 # one tiny run for the module (a 2-level, 8-channel UNet on 8x8 digits, 2 steps)
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("cfg")
+def write_tiny_config(folder: Path) -> Path:
+    """folder/tiny.json: a run config for a 2-step run of a 2-level, 8-channel UNet on 8x8 digits."""
     r = invoke("train", "--data", "digits", "--out", folder / "unused", "--dry-run")
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)
@@ -68,6 +67,11 @@ def tiny_config(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    return write_tiny_config(tmp_path_factory.mktemp("cfg"))
+
+
+@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     r = invoke("train", "--config", tiny_config, "--out", out, "--seed", 5)
@@ -76,11 +80,9 @@ def tiny_run(tmp_path_factory, tiny_config) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """Bad and good input files: an empty and a truncated 'PNG', a real digit, a file, invalid JSON."""
+def write_input_files(d: Path) -> dict[str, Path]:
+    """Bad and good input files in d: an empty and a truncated 'PNG', a real digit, a file, invalid JSON."""
     from diffusekit.data import DataConfig, load_dataset, save_image
-    d = tmp_path_factory.mktemp("inputs")
     (d / "zero.png").write_bytes(b"")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 3)
     save_image(load_dataset(DataConfig("digits")).images[3], d / "good.png")
@@ -89,6 +91,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (d / "binary.json").write_bytes(bytes(range(128, 256)))
     (d / "empty").mkdir()
     return {p.stem: p for p in d.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    return write_input_files(tmp_path_factory.mktemp("inputs"))
 
 
 def damaged_copy(run: Path, dest: Path, damage) -> Path:
