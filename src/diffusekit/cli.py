@@ -745,8 +745,19 @@ def train_autoencoder(source, out, image_size, channels, factor, latent_channels
       diffusekit train-autoencoder --data shapes --out runs/ae
       diffusekit train --data shapes --autoencoder runs/ae --text learned --out runs/shapes-ldm
     """
-    from .autoencoder_train import autoencoder_run_config, train_autoencoder as fit
+    from .autoencoder_train import autoencoder_run_config, read_autoencoder_config, train_autoencoder as fit
     from .data import DataConfig, load_dataset
+    if resume and (Path(out) / "config.json").exists():
+        from dataclasses import replace
+        cfg = read_autoencoder_config(out)        # resume keeps the run's settings; only the length may change
+        if train_steps:
+            cfg = replace(cfg, train=replace(cfg.train, steps=train_steps))
+        if dry_run:
+            _dump(cfg.to_dict())
+            return
+        result = fit(cfg, out, resume=True, progress=True)
+        click.echo(f"trained {result.step} steps; held-out reconstruction PSNR {result.psnr:.2f} dB; wrote {out}")
+        return
     data_cfg = DataConfig(source=source, image_size=image_size, channels=0 if channels == "auto" else int(channels))
     dataset = load_dataset(data_cfg)
     mult = (1, 2, 2) if factor == "4" else (1, 2, 2, 4)
