@@ -327,8 +327,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, ema: dict[str, torch.Tens
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
-                raise _write_error(e, tmp, f"could not save step {step} in {run_dir}",
-                                   "the previous checkpoint there is intact; ") from e
+                kept = "the previous checkpoint there is intact; " if (run_dir / STATE_FILE).exists() else \
+                    "no checkpoint had been saved there yet; "
+                raise _write_error(e, tmp, f"could not save step {step} in {run_dir}", kept) from e
             raise
         _fsync_dir(run_dir)
         try:
