@@ -180,6 +180,19 @@ def test_work_shares_cover_every_sample_once():
         assert [s for s, _ in shares] == [sum(c for _, c in shares[:r]) for r in range(world)]
 
 
+def test_work_shares_are_whole_batches_of_the_one_process_grid():
+    """Under torchrun each rank generates whole batches of the grid one process would use (batch i
+    starts at sample i * batch_size and is seeded by that index), so the images do not depend on the
+    number of processes; ranks left without a batch get none."""
+    for n, world, batch in ((24, 2, 5), (10, 3, 4), (7, 4, 3), (100, 8, 250), (9, 1, 2)):
+        shares = [_share(n, r, world, batch) for r in range(world)]
+        assert sum(c for _, c in shares) == n
+        assert [s for s, _ in shares] == [sum(c for _, c in shares[:r]) for r in range(world)]
+        assert [first for s, c in shares for first in range(s, s + c, batch)] == list(range(0, n, batch))
+        batches = [-(-c // batch) for _, c in shares]
+        assert max(batches) - min(batches) <= 1, "work is balanced to within one batch"
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 

@@ -6,9 +6,10 @@ number of network evaluations per sample (NFE) and the generation time. Referenc
 cached per (data source, split, size, count, feature extractor), so scoring many checkpoints or
 samplers extracts the reference features once.
 
-Under torchrun (WORLD_SIZE > 1) every rank generates its share of the n samples from its own
-seed and rank 0 gathers the features and computes the metrics; the other ranks return only
-{"rank": r, "n_local": ...}.
+Under torchrun (WORLD_SIZE > 1) the ranks split the batches that one process would generate
+(batch i covers samples i * batch_size onwards and is seeded by (seed, its first sample)), so the
+same images are scored, and the same numbers returned, whatever the number of processes. Rank 0
+gathers the features and computes the metrics; the other ranks return only {"rank": r, "n_local": ...}.
 """
 from __future__ import annotations
 
@@ -103,10 +104,14 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _share(n: int, rank: int, world: int) -> tuple[int, int]:
-    """(start, count) of this rank's slice of n samples: the first n % world ranks take one more."""
-    base, extra = divmod(n, world)
-    return rank * base + min(rank, extra), base + (rank < extra)
+def _share(n: int, rank: int, world: int, batch_size: int = 1) -> tuple[int, int]:
+    """(start, count) of this rank's samples: whole batches of the one-process grid, consecutive,
+    the first (number of batches) % world ranks taking one batch more."""
+    num_batches = -(-n // batch_size)
+    base, extra = divmod(num_batches, world)
+    first = rank * base + min(rank, extra)
+    start, end = (min(b * batch_size, n) for b in (first, first + base + (rank < extra)))
+    return start, end - start
 
 
 def _labels(pipe, class_labels, start: int, count: int) -> torch.Tensor | None:
@@ -210,11 +215,12 @@ def evaluate_run(pipe, ref: DataConfig, n: int, *, sampler: str = "dpmpp_2m", nu
         raise ValueError(f"the classifier in features={features!r} was trained on {judge_size}x{judge_size} "
                          f"images but the run makes {image_shape[-1]}x{image_shape[-1]}; train the judge with "
                          f"--image-size {image_shape[-1]} (or on the run's data).")
-    start, count = _share(n, rank, world)
+    start, count = _share(n, rank, world, batch_size)
     t0 = time.time()
-    local = generate_features(pipe, extractor, count, sampler, num_steps, derive_seed(seed, "rank", rank),
-                              batch_size, guidance_scale, class_labels, start=start, judge=judge,
-                              progress=progress and rank == 0, **sampler_options)
+    # the run's seed on every rank: a batch's generator depends only on its place in the grid
+    local = generate_features(pipe, extractor, count, sampler, num_steps, seed, batch_size, guidance_scale,
+                              class_labels, start=start, judge=judge, progress=progress and rank == 0,
+                              **sampler_options)
     wall = time.time() - t0
     if world > 1:
         local = _gather({**local, "wall_time_s": wall})
@@ -247,21 +253,22 @@ def _nfe(pipe, sampler, num_steps, guidance_scale, local, n, options) -> tuple[f
 def _gather(local: dict) -> dict:
     """All ranks' features, labels and counts concatenated in rank order (torch.distributed).
 
-    Joins the torchrun process group if nobody has yet (gloo: the payload is CPU numpy/tensors),
-    and leaves it again afterwards in that case.
+    Joins the torchrun process group if nobody has yet (gloo: the payload is CPU numpy/tensors) and
+    keeps it until the process exits: torch names a re-created default group as it named the first,
+    so a second init_process_group in the same torchrun job can meet the old group's keys in the
+    job's store and hang (a second evaluate_run did).
     """
+    import atexit
+
     import torch.distributed as dist
-    created = not dist.is_initialized()
-    if created:
+    if not dist.is_initialized():
         dist.init_process_group("gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     parts = [None] * dist.get_world_size()
-    try:
-        dist.all_gather_object(parts, local)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    dist.all_gather_object(parts, local)
     labels = [p["labels"] for p in parts if p["labels"] is not None]
-    return {"features": np.concatenate([p["features"] for p in parts]),
+    # a rank with no whole batch to generate (n < world * batch_size) contributes no rows
+    return {"features": np.concatenate([p["features"] for p in parts if len(p["features"])]),
             "labels": torch.cat(labels) if labels else None,
             "judge_correct": sum(p["judge_correct"] for p in parts),
             "model_images": sum(p["model_images"] for p in parts),
