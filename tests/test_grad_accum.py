@@ -57,3 +57,15 @@ def test_grad_accum_with_two_processes_equals_one_process(tmp_path):
                 "--max_restarts", "0"]
     launch([torchrun + entry_point(config, tmp_path / "ddp")], loopback_env(tmp_path))
     assert_same_training(tmp_path / "single", tmp_path / "ddp", one)
+
+
+def test_grad_accum_equals_the_big_batch_with_captions(tmp_path):
+    # a learned text encoder trained with the UNet; caption dropout is drawn for the global batch too
+    from diffusekit.run import RunConfig, resolve_run_config
+    from test_text_to_image import text_options
+    big, data = resolve_run_config(text_options(**{"train.steps": 4, "train.log_every": 1, "train.sample_every": 0,
+                                                   "train.caption_dropout": 0.3}))
+    accumulated = RunConfig.from_dict({**big.to_dict(), "train": {**big.train.to_dict(), "grad_accum": 2}})
+    train(big, tmp_path / "big", dataset=data, progress=False)
+    train(accumulated, tmp_path / "accum", dataset=data, progress=False)
+    assert_same_training(tmp_path / "big", tmp_path / "accum", big)
