@@ -150,9 +150,6 @@ def test_accelerate_launch_runs_the_same_entry_point(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train.py does not yet check that every rank resumes from the same step: "
-                                       "rank 0 resumes, a node without the folder starts at step 0, and their "
-                                       "gradients are averaged across different steps (fix sent to the lead)")
 def test_resume_refuses_a_run_folder_that_only_one_node_sees(tmp_path):
     cfg = tiny_distributed_run(steps=4)
     train(cfg, tmp_path / "node0", progress=False)      # a checkpoint at step 4 on one "machine" only

@@ -132,6 +132,19 @@ def _open_run(cfg: RunConfig, run_dir: Path, resume: bool, dist: Dist, folder: P
     return ckpt.read_trainer_state(folder, finish_interrupted=False)
 
 
+def _same_checkpoint_everywhere(dist: Dist, run_dir: Path, state: dict | None) -> None:
+    """Every rank resumes from the same step: a run folder that only some nodes see would mix steps silently."""
+    if dist.world_size == 1:
+        return
+    steps = [None] * dist.world_size
+    torch.distributed.all_gather_object(steps, None if state is None else state["step"])
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"rank {r}: {'no checkpoint' if s is None else f'step {s}'}" for r, s in enumerate(steps))
+        raise ckpt.CheckpointError(f"the processes see different checkpoints in {run_dir} ({seen}); every node "
+                                   f"must read the same run directory: put --out on a file system all nodes share, "
+                                   f"or copy the run to the same path on every node before resuming.")
+
+
 def _build(cfg: RunConfig, device: torch.device, folder: Path, state: dict | None):
     """Model, EMA and optimizer, identical on every rank; restored from the checkpoint when resuming."""
     tc = cfg.train
@@ -176,6 +189,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
                           f"multiple of {dist.world_size * tc.grad_accum}.")
     folder = ckpt.resume_folder(run_dir, resume_from) if resume else run_dir
     state = _open_run(cfg, run_dir, resume, dist, folder)
+    _same_checkpoint_everywhere(dist, run_dir, state)
     model, ema, opt, start, elapsed_before = _build(cfg, device, folder, state)
     ddp = dist.world_size > 1
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
