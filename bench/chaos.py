@@ -23,7 +23,7 @@ one comparison. The counts (issue 13):
   bad inputs            the table of tests/test_cli_errors.py through the CLI (click's CliRunner): exit 2,
                         a short message naming the file or option, no traceback, nothing written (goal: all)
 
-Usage:  OMP_NUM_THREADS=1 .venv/bin/python bench/chaos.py [--kill-trials 4] [--reader-trials 1]
+Usage:  OMP_NUM_THREADS=1 .venv/bin/python bench/chaos.py [--kill-trials 3] [--reader-trials 1]
             [--disk-trials 2] [--trainer-trials 1] [--steps 10] [--save-every 2] [--seed 0] [--json out.json]
 """
 from __future__ import annotations
@@ -147,18 +147,34 @@ def kill_phase(run: Path) -> str:
 # the trials
 
 
+def committed_save(run: Path) -> tuple | None:
+    """Changes with every completed save (trainer_state.pt is moved in last)."""
+    try:
+        st = os.stat(run / ckpt.STATE_FILE)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def saves_left(run: Path, args) -> int:
+    done = ckpt.read_trainer_state(run, finish_interrupted=False)["step"] if committed_save(run) else 0
+    return max(0, (args.steps - done) // args.save_every)
+
+
 def kill_once(cmd, run: Path, log: Path, rng: random.Random, args, train_seconds: float) -> str | None:
-    """Start cmd and SIGKILL it during a save (70%) or at a random moment; None if it finished first."""
+    """Start cmd and SIGKILL it during a save (70%) or at a random moment; None if it finished first.
+
+    Aimed: let a random number of saves complete (counted by trainer_state.pt being replaced), then
+    poll every 0.2 ms for the next save's ckpt.tmp/ or ckpt.ready/ and kill at once or a few ms in.
+    """
+    left = saves_left(run, args)
     proc = start(cmd, log)
-    if rng.random() < 0.7:
-        target, seen = rng.randrange(args.steps // args.save_every), 0
-        while seen <= target:
-            if not wait_for(lambda: saving(run), proc):
-                break
-            if seen < target:
-                wait_for(lambda: not saving(run), proc)
-            seen += 1
-        time.sleep(rng.choice([0, rng.uniform(0, 0.003)]))     # at once, or a few ms into the save
+    if rng.random() < 0.7 and left:
+        for _ in range(rng.randrange(left)):
+            before = committed_save(run)
+            wait_for(lambda: committed_save(run) != before, proc, poll=0.005)
+        wait_for(lambda: saving(run), proc, poll=0.0002)
+        time.sleep(rng.choice([0, rng.uniform(0, 0.003)]))
     else:
         wait_for(lambda: (run / ckpt.CONFIG_FILE).exists(), proc)
         time.sleep(rng.uniform(0, 0.7 * train_seconds))
@@ -170,13 +186,18 @@ def kill_once(cmd, run: Path, log: Path, rng: random.Random, args, train_seconds
 
 
 def kill_trials(args, cfg: Path, work: Path, ref, rng: random.Random, train_seconds: float) -> dict:
-    out = Counter()
-    phases = Counter()
+    """Runs killed once or twice (the second kill hits the resumed process), then resumed to the end."""
+    out, phases = Counter(), Counter()
     for trial in range(args.kill_trials):
         run, log = work / f"kill{trial}", work / f"kill{trial}.log"
-        cmd, kills_ok = cli("train", "--config", cfg, "--out", run), []
+
+        def command():
+            if (run / ckpt.CONFIG_FILE).exists():
+                return cli("train", "--out", run, "--resume")
+            return cli("train", "--config", cfg, "--out", run)
+        kills_ok = []
         for _ in range(rng.choice([1, 2])):
-            phase = kill_once(cmd, run, log, rng, args, train_seconds)
+            phase = kill_once(command(), run, log, rng, args, train_seconds)
             if phase is None:
                 break
             phases[phase] += 1
@@ -185,8 +206,7 @@ def kill_trials(args, cfg: Path, work: Path, ref, rng: random.Random, train_seco
             out["killed before the first save"] += state == "empty"
             if state not in ("loads", "empty"):
                 print(f"  kill{trial}: the run does not load after the kill: {state}", file=sys.stderr)
-            cmd = cli("train", "--out", run, "--resume")
-        rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=ENV, cwd=ROOT).returncode
+        rc = subprocess.run(command(), stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=ENV, cwd=ROOT).returncode
         if rc != 0:
             print(f"  kill{trial}: the resume failed ({rc}): {last_line(log)}", file=sys.stderr)
         out["kills"] += len(kills_ok)
@@ -343,13 +363,15 @@ def tiny_config(work: Path, args) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kill-trials", type=int, default=4, help="runs killed with SIGKILL (1 or 2 kills each)")
+    p.add_argument("--kill-trials", type=int, default=3, help="runs killed with SIGKILL (1 or 2 kills each)")
     p.add_argument("--reader-trials", type=int, default=1, help="trainings read by readers meanwhile")
     p.add_argument("--disk-trials", type=int, default=2, help="trainings whose disk fills up")
     p.add_argument("--trainer-trials", type=int, default=1, help="runs met by a second trainer (three kinds)")
     p.add_argument("--steps", type=int, default=10, help="training steps of the tiny run")
     p.add_argument("--save-every", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="seeds the chaos (kill times, limits) and the run")
+    p.add_argument("--sections", default="inputs,kill,readers,disk,trainers",
+                   help="which parts to run, comma-separated (default: all)")
     p.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = p.parse_args(argv)
@@ -373,7 +395,10 @@ def main(argv=None) -> int:
                                                      for i in range(args.reader_trials)]),
                 ("disk full", lambda: [disk_full_trial(i, args, cfg, work, ref, rng) for i in range(args.disk_trials)]),
                 ("two trainers", lambda: [trainers_trial(i, args, cfg, work, ref) for i in range(args.trainer_trials)])]
-    for name, run_section in sections:
+    chosen = args.sections.split(",")
+    for key, (name, run_section) in zip(["inputs", "kill", "readers", "disk", "trainers"], sections):
+        if key not in chosen:
+            continue
         start_section = time.time()
         report[name] = run_section()
         print(f"{name} ({time.time() - start_section:.0f} s): {json.dumps(report[name])}", flush=True)
