@@ -203,5 +203,11 @@ def test_only_the_cli_imports_the_trainer_and_no_private_names_cross_modules():
             assert not private, f"{rel} imports private names {private} from {module}"
 
 
-def test_train_module_is_short():
+def test_train_module_is_short_and_every_function_fits_a_screen():
     assert len((SRC / "train.py").read_text().splitlines()) < 300
+    long = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -176,6 +176,41 @@ def _autoencoder(cfg: RunConfig, run_dir: Path, device: torch.device, rank0: boo
     return load_autoencoder(copy, device=device), autoencoder_fingerprint(copy)
 
 
+def _saver(cfg: RunConfig, run_dir: Path, dist: Dist, model, ema, opt, inputs):
+    """save(step, elapsed): the checkpoint (rank 0), its checkpoint-STEP/ snapshot, the loss plot, the model card."""
+    tc, rank0 = cfg.train, dist.rank == 0
+
+    def save(step: int, elapsed: float) -> None:
+        if rank0:
+            trainer_state = {"optimizer": opt.state_dict(), "ema_num_updates": ema.num_updates,
+                             "elapsed": elapsed, "seed": tc.seed, "world_size": dist.world_size,
+                             "data_order": {"epoch": step // inputs.batches_per_epoch,
+                                            "batches_per_epoch": inputs.batches_per_epoch}}
+            ckpt.save_checkpoint(run_dir, step, ema=ema.model.state_dict(), raw=model.state_dict(),
+                                 trainer_state=trainer_state, config_json=cfg.to_json() + "\n",
+                                 metadata=weights_metadata(cfg))
+            # checkpoint-STEP/ (hard links to the files just saved), the newest checkpoints_total_limit kept
+            ckpt.snapshot_checkpoint(run_dir, step, tc.checkpoints_total_limit)
+            if (run_dir / "metrics.jsonl").stat().st_size:    # a loss picture once something is logged
+                plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            write_model_card(run_dir, cfg, step)
+        dist.barrier()
+    return save
+
+
+def _observers(cfg: RunConfig, run_dir: Path, schedule, device, autoencoder, dataset, ema, start: int):
+    """Rank 0's sample-grid writer, tracker (metrics.jsonl, TensorBoard) and evaluator; writes config.json."""
+    tc, grid, evaluate = cfg.train, None, None
+    if tc.sample_every:
+        sampler_grid = SampleGrid(cfg, schedule, device, autoencoder, dataset)
+        grid = lambda step: sampler_grid.save(ema.model, run_dir / "samples" / f"step_{step:06d}.png", tc.precision)  # noqa: E731
+    if tc.eval_every:
+        judge = RunEvaluator(reference_images(dataset), tc.eval_samples)
+        evaluate = lambda: judge(grid_pipeline(cfg, schedule, ema.model, device, autoencoder))   # noqa: E731
+    ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, cfg.to_json() + "\n")
+    return grid, Tracker(run_dir, start, tc.report_to), evaluate
+
+
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Dist, device: torch.device,
            dataset, resume_from) -> TrainResult:
     tc, rank0 = cfg.train, dist.rank == 0
@@ -219,33 +254,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         ema.update(model)
         return {"loss": loss_value, "grad_norm": grad_norm}
 
-    def save(step: int, elapsed: float) -> None:
-        if rank0:
-            trainer_state = {"optimizer": opt.state_dict(), "ema_num_updates": ema.num_updates,
-                             "elapsed": elapsed, "seed": tc.seed, "world_size": dist.world_size,
-                             "data_order": {"epoch": step // inputs.batches_per_epoch,
-                                            "batches_per_epoch": inputs.batches_per_epoch}}
-            ckpt.save_checkpoint(run_dir, step, ema=ema.model.state_dict(), raw=model.state_dict(),
-                                 trainer_state=trainer_state, config_json=cfg.to_json() + "\n",
-                                 metadata=weights_metadata(cfg))
-            # checkpoint-STEP/ (hard links to the files just saved), the newest checkpoints_total_limit kept
-            ckpt.snapshot_checkpoint(run_dir, step, tc.checkpoints_total_limit)
-            if (run_dir / "metrics.jsonl").stat().st_size:    # a loss picture once something is logged
-                plot_loss(run_dir / "metrics.jsonl", run_dir / "loss.png")
-            write_model_card(run_dir, cfg, step)
-        dist.barrier()
+    save = _saver(cfg, run_dir, dist, model, ema, opt, inputs)
 
-    grid = None
-    if rank0 and tc.sample_every:
-        sampler_grid = SampleGrid(cfg, schedule, device, autoencoder, dataset)
-        grid = lambda step: sampler_grid.save(ema.model, run_dir / "samples" / f"step_{step:06d}.png", tc.precision)
-    tracker = Tracker(run_dir, start, tc.report_to) if rank0 else None
-    evaluate = None
-    if rank0 and tc.eval_every:
-        judge = RunEvaluator(reference_images(dataset), tc.eval_samples)
-        evaluate = lambda: judge(grid_pipeline(cfg, schedule, ema.model, device, autoencoder))   # noqa: E731
-    if rank0:
-        ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, cfg.to_json() + "\n")
+    grid, tracker, evaluate = _observers(cfg, run_dir, schedule, device, autoencoder, dataset, ema, start) \
+        if rank0 else (None, None, None)
     hooks = _Hooks(cfg, save, grid, tracker, evaluate, start, elapsed_before)
     model.train()
     try:
