@@ -17,14 +17,21 @@ from diffusekit.nn.layers import GroupNorm, zero_module
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                                 key_mask: torch.Tensor | None = None, upcast_on_cpu: bool = True) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors; key_mask (B, L) bool, True = attend.
 
-    On CPU in bf16 the flash kernel is ~5x slower than the math one at these short sequences
-    (<= 256 tokens), so the math backend is picked there.
+    On CPU in bf16 / fp16, q, k and v go through the fp32 kernel and the result is cast back: the
+    CPU flash kernel in bf16 is ~9x slower in training at these short sequences (<= 256 tokens),
+    and the math backend, which computes in fp32 internally anyway, is ~2x slower than fp32 flash
+    (64 x 4 x 49 x 16, torch 2.13; bench in docs/BENCHMARKS.md). Same result to fp32 rounding.
+    `upcast_on_cpu=False` keeps the earlier path (math backend in the input dtype) for comparison.
     """
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]   # (B, L) -> (B, 1, 1, L)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        if upcast_on_cpu:
+            with torch.autocast("cpu", enabled=False):        # autocast would cast them back to bf16
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+            return out.to(q.dtype)
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

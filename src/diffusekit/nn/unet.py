@@ -193,13 +193,20 @@ class ResBlock(nn.Module):
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, cemb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        emb = self.emb_proj(F.silu(temb))[:, :, None, None]          # (B, C or 2C, 1, 1)
+    def project(self, temb: torch.Tensor, cemb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This block's conditioning factors: emb (B, C or 2C, 1, 1) and ctx = 1 + c (B, C, 1, 1) or None."""
+        emb = self.emb_proj(F.silu(temb))[:, :, None, None]
         # context UNet: h * (1 + c_emb); zero-initialised, so it starts as the unconditioned block
         ctx = None
         if self.ctx_proj is not None and cemb is not None:
-            ctx = 1 + self.ctx_proj(F.silu(cemb))[:, :, None, None]   # (B, C, 1, 1)
+            ctx = 1 + self.ctx_proj(F.silu(cemb))[:, :, None, None]
+        return emb, ctx
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, cemb: torch.Tensor | None = None,
+                projected: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """`projected`: this block's `project(temb, cemb)` computed ahead (see `project_all`)."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        emb, ctx = self.project(temb, cemb) if projected is None else projected
         if self.use_scale_shift_norm:
             # AdaGN: norm(h) * (1 + scale) + shift   (ADM, Dhariwal & Nichol 2021, sec. 3), times ctx:
             # (norm(h) * (1 + scale) + shift) * ctx, folded on the (B, C, 1, 1) factors into one addcmul
@@ -219,10 +226,10 @@ class ResBlock(nn.Module):
 class EmbedSequential(nn.Sequential):
     """Layers where residual blocks also receive the time and context embeddings, transformers the text."""
 
-    def forward(self, x, temb, cemb=None, context=None, context_mask=None):
+    def forward(self, x, temb, cemb=None, context=None, context_mask=None, projected=None):
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, temb, cemb)
+                x = layer(x, temb, cemb, None if projected is None else projected[layer])
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, context_mask)
             else:
@@ -233,6 +240,24 @@ class EmbedSequential(nn.Sequential):
 def _res_block(cfg, in_ch, out_ch, emb_dim, ctx_dim):
     return ResBlock(in_ch, out_ch, emb_dim, ctx_dim, groups=cfg.groups, dropout=cfg.dropout,
                     use_scale_shift_norm=cfg.use_scale_shift_norm)
+
+
+def project_all(blocks: list[ResBlock], temb: torch.Tensor, cemb: torch.Tensor | None = None) -> dict:
+    """Every block's `project(temb, cemb)` from one matmul per embedding: {block: (emb, ctx)}.
+
+    silu(temb) [W_1; ...; W_n]^T + [b_1; ...; b_n] holds the n per-block projections side by side, so one
+    (B, E) x (E, sum C_i) product replaces n small ones (and n silus); the split gives back each block's part.
+    """
+    def stacked(linears, e):
+        weight = torch.cat([lin.weight for lin in linears])            # (sum C_i, E)
+        bias = torch.cat([lin.bias for lin in linears])
+        return F.linear(F.silu(e), weight, bias).split([lin.out_features for lin in linears], dim=1)
+
+    embs = stacked([b.emb_proj for b in blocks], temb)
+    ctxs = [None] * len(blocks)
+    if cemb is not None and blocks[0].ctx_proj is not None:     # a UNet's blocks all have one, or none does
+        ctxs = [1 + c[:, :, None, None] for c in stacked([b.ctx_proj for b in blocks], cemb)]
+    return {b: (e[:, :, None, None], c) for b, e, c in zip(blocks, embs, ctxs)}
 
 
 class Encoder(nn.Module):
@@ -267,13 +292,13 @@ class Encoder(nn.Module):
                                       _res_block(cfg, ch, ch, emb_dim, ctx_dim))
         self.out_channels = ch
 
-    def forward(self, x, temb, cemb=None, context=None, context_mask=None):
+    def forward(self, x, temb, cemb=None, context=None, context_mask=None, projected=None):
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:
-            h = block(h, temb, cemb, context, context_mask)
+            h = block(h, temb, cemb, context, context_mask, projected)
             skips.append(h)
-        return self.middle(h, temb, cemb, context, context_mask), skips
+        return self.middle(h, temb, cemb, context, context_mask, projected), skips
 
 
 TEXT_KEYS = ("encoder_hidden_states", "encoder_attention_mask", "text_embeds")
@@ -374,6 +399,9 @@ class UNet(nn.Module):
                 self.up.append(EmbedSequential(*layers))
         self.out_norm = GroupNorm(cfg.groups, ch)
         self.out_conv = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        # the residual blocks in call order (a plain list: the modules are registered above)
+        self.res_blocks = [m for m in self.modules() if isinstance(m, ResBlock)]
+        self.batch_projections = True      # False: each block projects its own embeddings (same result)
 
     def forward(self, x: torch.Tensor, t, class_labels=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, text_embeds=None) -> torch.Tensor:
@@ -397,9 +425,10 @@ class UNet(nn.Module):
         w = self.encoder.middle[0].conv1.weight                       # (C, C, 3, 3), C > 1
         if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
             x = x.contiguous(memory_format=torch.channels_last)      # match the weights' memory format
-        h, skips = self.encoder(x, temb, cemb, context, context_mask)
+        projected = project_all(self.res_blocks, temb, cemb) if self.batch_projections else None
+        h, skips = self.encoder(x, temb, cemb, context, context_mask, projected)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), temb, cemb, context, context_mask)
+            h = block(torch.cat([h, skips.pop()], dim=1), temb, cemb, context, context_mask, projected)
         return self.out_conv(F.silu(self.out_norm(h)))
 
     def num_parameters(self, trainable_only: bool = False) -> int:

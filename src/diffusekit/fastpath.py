@@ -1,0 +1,143 @@
+"""Compiled fast paths: torch.compile of a denoiser with an eager fallback, when compiling pays, native bf16.
+
+`maybe_compile(model, enabled)` returns something called exactly like `model` that runs the
+torch.compile'd graph. Compiling happens at the first call; where it fails (no C++ compiler for
+inductor's CPU kernels, a platform torch.compile does not support, an op it cannot lower) a
+RuntimeWarning names the error once and the eager model runs from then on, so `compile=True` never
+turns a working run into a failing one. The wrapper holds no parameters of its own: save, load and
+update (EMA, optimizer) the original module.
+
+Whether compiling pays is a break-even count: it repays its one-off cost within a run when
+    calls * (eager_s - compiled_s) > compile_s
+(`compile_pays`). `BREAK_EVEN_CALLS` holds the counts measured by bench/train_throughput.py on a
+2-core AVX512-BF16 CPU (docs/BENCHMARKS.md); `should_compile` applies them to a planned run.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# model calls after which compiling the mnist28 UNet has repaid its cold compile time on a 2-core
+# AVX512-BF16 CPU, measured in one run of bench/train_throughput.py (docs/BENCHMARKS.md, 2026-11-29):
+# compile_s / (eager_s - compiled_s) per call, rounded up; a warm inductor cache (a second run on the
+# same machine) compiles in a fraction of the time, so these are conservative.
+BREAK_EVEN_CALLS = {"train": 600, "sample_batch": 1500, "sample_single": 12000}
+
+
+def compile_pays(calls: int, eager_s: float, compiled_s: float, compile_s: float) -> bool:
+    """Whether compiling repays itself within `calls` model calls: calls * (eager_s - compiled_s) > compile_s."""
+    return calls * (eager_s - compiled_s) > compile_s
+
+
+def should_compile(device: torch.device | str, calls: int, *, training: bool, batch_size: int) -> bool:
+    """The measured rule: compile when a run makes more model calls than `BREAK_EVEN_CALLS` for its kind.
+
+    `calls` counts the compiled model's calls in the run (training steps times micro-batches, or
+    sampler steps times batches). Off on devices other than the CPU and CUDA, and where torch.compile
+    is unsupported (`compile_unsupported_reason`).
+    """
+    if torch.device(device).type not in ("cpu", "cuda") or compile_unsupported_reason() is not None:
+        return False
+    kind = "train" if training else ("sample_single" if batch_size == 1 else "sample_batch")
+    return calls > BREAK_EVEN_CALLS[kind]
+
+
+def compile_unsupported_reason() -> str | None:
+    """Why torch.compile cannot run in this interpreter, or None where it can."""
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is None or not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if not dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python version or platform"
+    return None
+
+
+class CompiledModel:
+    """Call a torch.compile'd model; if compiling or running the compiled graph fails, warn once and run eagerly.
+
+    `model` is the eager module (parameters, state_dict, train/eval live there); `error` is the
+    compile failure once one happened (then every call is eager).
+    """
+
+    def __init__(self, model: Callable, compiled: Callable):
+        self.model, self.compiled, self.error = model, compiled, None
+
+    def __call__(self, *args, **kwargs):
+        if self.error is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:      # noqa: BLE001  (judged below by re-running eagerly)
+                # an error of the inputs or the model raises again eagerly, and is the caller's to see;
+                # one that the eager model does not raise came from compiling
+                out = self.model(*args, **kwargs)
+                self.error = error
+                warnings.warn(f"torch.compile failed here ({_root_cause(error)}); running the model "
+                              "eagerly from now on (same results, without the compiled speed-up). Pass "
+                              "compile=False to skip compiling.", RuntimeWarning, stacklevel=2)
+                return out
+        return self.model(*args, **kwargs)
+
+
+def _root_cause(error: BaseException) -> str:
+    """'Type: first line' of the innermost cause (torch wraps a backend's error in BackendCompilerFailed)."""
+    while True:
+        inner = getattr(error, "inner_exception", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def maybe_compile(model: Callable, enabled: bool = True, *, dynamic: bool | None = None, mode: str | None = None,
+                  backend: str | Callable = "inductor", fullgraph: bool = False) -> Callable:
+    """`model` wrapped to run compiled by torch.compile when `enabled` and supported, else `model` itself.
+
+    dynamic: None (torch's default) compiles for the first input shapes and recompiles with
+    symbolic sizes when a second batch size comes (a sampler's last, smaller batch); False
+    recompiles per shape; True starts symbolic. mode / backend / fullgraph go to torch.compile
+    (mode "max-autotune" searches kernels at a much larger compile cost).
+    """
+    if not enabled:
+        return model
+    reason = compile_unsupported_reason()
+    if reason is not None:
+        warnings.warn(f"compile=True but {reason}; running the model eagerly.", RuntimeWarning, stacklevel=2)
+        return model
+    return CompiledModel(model, torch.compile(model, dynamic=dynamic, mode=mode, backend=backend,
+                                              fullgraph=fullgraph))
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` multiplies bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX-BF16.
+
+    CPUs without them run bf16 autocast through fp32 conversions, usually slower than fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def default_precision(device: torch.device | str = "cpu") -> str:
+    """"bf16" where the device multiplies bf16 natively (`has_native_bf16`), else "fp32"."""
+    return "bf16" if has_native_bf16(device) else "fp32"
