@@ -1,8 +1,10 @@
-"""Local diffusers pipeline folders in diffusekit: DDPMPipeline / DDIMPipeline layouts, loaded as a Pipeline.
+"""Local diffusers pipeline folders in diffusekit: DDPMPipeline / DDIMPipeline and StableDiffusionPipeline layouts.
 
-A folder holds model_index.json, unet/ (a UNet2DModel: config.json + weights) and scheduler/
+A pixel folder holds model_index.json, unet/ (a UNet2DModel: config.json + weights) and scheduler/
 (scheduler_config.json). The UNet is wrapped once (`DiffusersUNet`) to diffusekit's model
 contract model(x, t, **cond); the scheduler config gives the schedule and the prediction type.
+A latent text-to-image folder adds vae/, text_encoder/ and tokenizer/ and has a
+UNet2DConditionModel: its wrapper and checks live in interop/text_to_image.py.
 Which sampler runs is the caller's choice, as for any Pipeline; `DiffusersFolder.sampler()`
 converts the folder's own scheduler when its options have a diffusekit counterpart.
 
@@ -22,6 +24,8 @@ from ..config import ConfigError
 from ..schedule import PREDICTION_TYPES
 from .export import ExportResult, export_diffusers  # the export half of this interface
 from .schedulers import sampler_from_diffusers_config, schedule_from_diffusers_config
+from .text_to_image import (NOT_RUN, DiffusersTextEncoder, DiffusersTextUNet, check_text_to_image_components,
+                            check_text_to_image_unet, is_text_to_image)
 
 __all__ = ["DiffusersFolder", "DiffusersUNet", "ExportResult", "export_diffusers", "is_diffusers_folder",
            "load_diffusers_pipeline", "read_diffusers_folder"]
@@ -30,9 +34,16 @@ __all__ = ["DiffusersFolder", "DiffusersUNet", "ExportResult", "export_diffusers
 SUPPORTED_UNETS = ("UNet2DModel",)
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                 "diffusion_pytorch_model.bin")
+# what each component folder must hold: (config file or None, weight files of which one must exist)
+_FOLDER_FILES = {
+    "unet": ("config.json", WEIGHT_FILES), "vae": ("config.json", WEIGHT_FILES),
+    "scheduler": ("scheduler_config.json", ()),
+    "text_encoder": ("config.json", ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")),
+    "tokenizer": (None, ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model")),
+}
 # components of pipelines we cannot drive yet, with what they are
 _UNSUPPORTED_COMPONENTS = {
-    "vae": "a latent pipeline (vae/)", "vqvae": "a latent pipeline (vqvae/)", "text_encoder": "a text encoder",
+    "vae": "a latent pipeline (vae/) without a text encoder", "vqvae": "a latent pipeline (vqvae/)",
     "transformer": "a transformer denoiser (DiT-style) instead of a UNet", "prior": "a prior model",
 }
 
@@ -46,6 +57,8 @@ class DiffusersFolder:
     unet_config: dict = field(default_factory=dict)
     scheduler_class: str = ""
     scheduler_config: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)    # name -> class, from model_index.json
+    not_run: tuple = ()                               # listed components diffusekit does not run (safety_checker)
 
     def sampler(self) -> tuple[str, dict]:
         """(sampler name, Pipeline.sample keyword arguments) equivalent to the folder's scheduler:
@@ -56,6 +69,11 @@ class DiffusersFolder:
         name, kwargs = sampler_from_diffusers_config(self.scheduler_config, self.scheduler_class)
         kwargs.pop("prediction_type")
         return name, kwargs
+
+    @property
+    def text_to_image(self) -> bool:
+        """Whether the folder is the latent text-to-image layout (StableDiffusionPipeline's)."""
+        return is_text_to_image(self.components)
 
 
 class DiffusersUNet(nn.Module):
@@ -154,31 +172,41 @@ def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
     index = read_json(path / "model_index.json", "the pipeline index")
     components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1]}
     pipeline_class = str(index.get("_class_name", "?"))
-    _check_components(path, pipeline_class, components)
-    unet_class = components["unet"][-1]
-    for name, files in (("unet", ("config.json",)), ("scheduler", ("scheduler_config.json",))):
-        for f in files:
-            if not (path / name / f).is_file():
-                raise ConfigError(f"{path} lists a {name} in model_index.json but {name}/{f} is missing; the folder "
-                                  "is incomplete (copy it again, or re-save the pipeline with save_pretrained).")
-    if not any((path / "unet" / w).is_file() for w in WEIGHT_FILES):
-        raise ConfigError(f"{path}/unet has no weights (none of {list(WEIGHT_FILES)}); the folder is incomplete.")
+    classes = {k: v[-1] for k, v in components.items()}
+    if is_text_to_image(classes):
+        check_text_to_image_components(path, pipeline_class, classes)
+    else:
+        _check_components(path, pipeline_class, components)
+    for name in sorted(set(components) & set(_FOLDER_FILES)):
+        _check_files(path, name)
     unet_config = read_json(path / "unet" / "config.json", "the UNet config")
     scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
-    return DiffusersFolder(str(path), pipeline_class, unet_class, unet_config,
-                           str(scheduler_config.get("_class_name", components["scheduler"][-1])), scheduler_config)
+    return DiffusersFolder(str(path), pipeline_class, components["unet"][-1], unet_config,
+                           str(scheduler_config.get("_class_name", components["scheduler"][-1])), scheduler_config,
+                           components=classes,
+                           not_run=tuple(k for k in NOT_RUN if k in components))
+
+
+def _check_files(path: Path, name: str) -> None:
+    config, weights = _FOLDER_FILES[name]
+    incomplete = "the folder is incomplete (copy it again, or re-save the pipeline with save_pretrained)"
+    if not (path / name).is_dir():
+        raise ConfigError(f"{path} lists a {name} in model_index.json but has no {name}/ folder; {incomplete}.")
+    if config and not (path / name / config).is_file():
+        raise ConfigError(f"{path} lists a {name} in model_index.json but {name}/{config} is missing; {incomplete}.")
+    if weights and not any((path / name / w).is_file() for w in weights):
+        what = "tokenizer files" if name == "tokenizer" else "weights"
+        raise ConfigError(f"{path}/{name} has no {what} (none of {list(weights)}); {incomplete}.")
 
 
 def _check_components(path: Path, pipeline_class: str, components: dict) -> None:
-    if "unet" in components and components["unet"][-1] == "UNet2DConditionModel" or "text_encoder" in components:
-        raise ConfigError(f"{path} is a text-to-image diffusers pipeline ({pipeline_class}, unet: "
-                          f"{components.get('unet', ['', '?'])[-1]}); text-to-image diffusers pipelines are not "
-                          "supported yet. diffusekit loads DDPMPipeline / DDIMPipeline folders (unet/ with a "
-                          "UNet2DModel, scheduler/).")
+    """The pixel layout (a text-to-image one is checked by check_text_to_image_components)."""
     for name, what in _UNSUPPORTED_COMPONENTS.items():
         if name in components:
             raise ConfigError(f"{path} ({pipeline_class}) has {what}, which diffusekit cannot drive yet; it loads "
-                              "DDPMPipeline / DDIMPipeline folders (unet/ with a UNet2DModel, scheduler/).")
+                              "DDPMPipeline / DDIMPipeline folders (unet/ with a UNet2DModel, scheduler/) and "
+                              "StableDiffusionPipeline folders (unet/ with a UNet2DConditionModel, vae/, "
+                              "text_encoder/, tokenizer/, scheduler/).")
     for name in ("unet", "scheduler"):
         if name not in components:
             raise ConfigError(f"{path} ({pipeline_class}) has no {name} component in model_index.json (it has "
@@ -206,12 +234,14 @@ def _check_vp_scheduler(folder: DiffusersFolder) -> None:
 
 def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
                             null_class_label: int | None = None):
-    """A local DDPMPipeline / DDIMPipeline folder as a diffusekit Pipeline (needs `pip install diffusers`).
+    """A local DDPMPipeline / DDIMPipeline or StableDiffusionPipeline folder as a diffusekit Pipeline.
 
-    The schedule and prediction type come from scheduler/scheduler_config.json; sampler options
-    there (spacing, clip_sample, ...) are not applied implicitly: pass them to Pipeline.sample, or
-    take them from `pipe.config.sampler()`. A folder written by `export_diffusers` for a model
-    without a UNet2DModel counterpart (diffusekit_unet/ instead of unet/) loads too.
+    Needs `pip install diffusers` (and transformers for a text encoder). The schedule and prediction
+    type come from scheduler/scheduler_config.json; sampler options there (spacing, clip_sample, ...)
+    are not applied implicitly: pass them to Pipeline.sample, or take them from `pipe.config.sampler()`.
+    A text-to-image folder gives a Pipeline with prompts, the VAE as its autoencoder (image_shape
+    in pixels, latent_shape the UNet's). A folder written by `export_diffusers` for a model without
+    a UNet2DModel counterpart (diffusekit_unet/ instead of unet/) loads too.
     """
     from ..device import resolve_device
     from ..pipeline import Pipeline
@@ -222,14 +252,14 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
     folder = read_diffusers_folder(path)
     _check_vp_scheduler(folder)
     schedule = schedule_from_diffusers_config(folder.scheduler_config)
-    try:
-        import diffusers
-    except ImportError as e:
-        raise ConfigError("loading a diffusers folder needs the diffusers package; pip install diffusers.") from e
+    diffusers = _import_diffusers()
     device = resolve_device(device)
-    # without accelerate, diffusers would print a notice on every load; its plain loading path is the same
-    low_memory = importlib.util.find_spec("accelerate") is not None
-    unet = diffusers.UNet2DModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=low_memory)
+    if folder.text_to_image:
+        if null_class_label is not None:
+            raise ConfigError(f"null_class_label={null_class_label} was given but {path} is a text-to-image pipeline "
+                              "(no class labels; its unconditional branch is the empty prompt); drop it.")
+        return _load_text_to_image(folder, schedule, device, precision)
+    unet = diffusers.UNet2DModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=_low_memory())
     model = DiffusersUNet(unet, null_class_label=null_class_label).to(device).eval()
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -237,3 +267,40 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
                     prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"),
                     num_classes=model.num_classes, config=folder, device=device, precision=precision,
                     source=str(path))
+
+
+def _import_diffusers():
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ConfigError("loading a diffusers folder needs the diffusers package; pip install diffusers.") from e
+    return diffusers
+
+
+def _low_memory() -> bool:
+    # without accelerate, diffusers would print a notice on every load; its plain loading path is the same
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def _load_text_to_image(folder: DiffusersFolder, schedule, device: torch.device, precision: str):
+    """A checked StableDiffusionPipeline folder as a Pipeline: UNet + text encoder the model, VAE the autoencoder."""
+    from ..nn.autoencoder import DiffusersAutoencoder
+    from ..pipeline import Pipeline
+    diffusers, path = _import_diffusers(), Path(folder.path)
+    vae_config = read_json(path / "vae" / "config.json", "the VAE config")
+    text = DiffusersTextEncoder.from_folders(path / "text_encoder", path / "tokenizer",
+                                             folder.components["text_encoder"])
+    check_text_to_image_unet(path, folder.unet_config, int(vae_config.get("latent_channels", 4)), text.dim)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=_low_memory())
+    vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", low_cpu_mem_usage=_low_memory())
+    # StableDiffusionPipeline's latents are z * scaling_factor (it has no shift_factor)
+    autoencoder = DiffusersAutoencoder(vae.eval().requires_grad_(False), shift_factor=0.0)
+    model = DiffusersTextUNet(unet.eval().requires_grad_(False), text).to(device).eval()
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    latent_shape = (int(unet.config.in_channels), int(height), int(width))
+    f = autoencoder.downsample_factor         # pixels per latent cell: 2^(len(block_out_channels) - 1)
+    image_shape = (autoencoder.in_channels, height * f, width * f)
+    return Pipeline(model, schedule, image_shape=image_shape, latent_shape=latent_shape, autoencoder=autoencoder,
+                    prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"), config=folder,
+                    device=device, precision=precision, source=str(path))

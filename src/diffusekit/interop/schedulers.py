@@ -98,7 +98,8 @@ SCHEDULER_CLASSES = sorted({s.class_name for s in SPECS if s.sampler in SAMPLERS
 _WHY = {
     "set_alpha_to_one": "diffusekit's last step always reaches abar = 1 (a clean sample); set_alpha_to_one=False "
                         "stops at abar_0 instead",
-    "steps_offset": "diffusekit places timesteps without an offset",
+    "steps_offset": "diffusekit places timesteps without an offset; the offset acts with timestep_spacing='leading' "
+                    "only, so 'trailing' or 'linspace' with any steps_offset converts",
     "thresholding": "diffusekit has no dynamic thresholding (Imagen); use clip_sample=True, or leave it off",
     "skip_prk_steps": "diffusekit's PLMS starts with one pseudo improved-Euler step (skip_prk_steps=True); the "
                       "Runge-Kutta warm-up is not implemented",
@@ -213,16 +214,18 @@ def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> t
     """
     class_name = class_name or cfg.get("_class_name")
     spec = _spec_for(class_name, cfg)
+    spacing = cfg.get("timestep_spacing", spec.spacing)
     for key, want in spec.required.items():
         have = cfg.get(key, spec.defaults.get(key, want))
-        if have != want:
+        # every class adds steps_offset to "leading" timesteps only (StableDiffusionPipeline forces it to 1)
+        if have != want and not (key == "steps_offset" and spacing != "leading"):
             raise _unsupported(class_name, key, have, want)
     prediction_type = cfg.get("prediction_type", "epsilon")
     if prediction_type not in spec.predictions:
         raise ConfigError(f"{class_name} option prediction_type={prediction_type!r} has no diffusekit counterpart "
                           f"here (diffusers steps {list(spec.predictions)} as diffusekit's {spec.sampler!r} does); "
                           "load the model with its schedule and pick another sampler.")
-    kwargs = dict(prediction_type=prediction_type, timestep_spacing=cfg.get("timestep_spacing", spec.spacing))
+    kwargs = dict(prediction_type=prediction_type, timestep_spacing=spacing)
     # a class without rescale_betas_zero_snr ignores the key, so it must not reach the schedule
     schedule_keys = set(SCHEDULE_KEYS) - (set() if spec.rescale else {"rescale_betas_zero_snr"})
     known = schedule_keys | set(spec.required) | set(spec.options) | set(_NO_EFFECT) | set(spec.no_effect)
