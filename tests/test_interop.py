@@ -311,7 +311,7 @@ def test_folders_diffusekit_cannot_drive_are_named(tmp_path):
     t2i = _fake_folder(tmp_path / "t2i", {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                                           "text_encoder": ["transformers", "CLIPTextModel"],
                                           "scheduler": ["diffusers", "PNDMScheduler"]})
-    with pytest.raises(ConfigError, match="text-to-image diffusers pipelines are not supported yet"):
+    with pytest.raises(ConfigError, match="is a text-to-image pipeline without \\['tokenizer'\\]"):
         dk.Pipeline.from_diffusers(t2i, device="cpu")
     latent = _fake_folder(tmp_path / "ldm", {"unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
                                              "scheduler": ["diffusers", "DDIMScheduler"]})
