@@ -361,6 +361,30 @@ def tiny_config(work: Path, args) -> Path:
     return path
 
 
+def summary(report: dict) -> dict:
+    """The headline counts (goals: all survived and identical, no reader disturbs, every input one line)."""
+    out = {}
+    if "kill -9" in report:
+        k = report["kill -9"]
+        out["kills survived"] = f"{k['kills survived']} of {k['kills']}"
+        out["resumes bit-identical (kill -9)"] = f"{k['resumes bit-identical']} of {k['runs']}"
+    if "readers during training" in report:
+        out["readers that disturbed a trainer"] = sum(r["readers that disturbed the trainer"]
+                                                      for r in report["readers during training"])
+    if "disk full" in report:
+        d = report["disk full"]
+        out["disk full: one line, checkpoint kept, resume bit-identical"] = \
+            f"{sum(r['one line'] and r['previous checkpoint loads'] and r['resumed bit-identical'] for r in d)} of {len(d)}"
+    if "two trainers" in report:
+        t = [v for r in report["two trainers"] for k, v in r.items() if k.startswith("second")]
+        out["second trainers refused in one line"] = f"{sum(t)} of {len(t)}"
+        out["first trainers undisturbed"] = sum(r["first trainer undisturbed"] for r in report["two trainers"])
+    if "bad inputs" in report:
+        b = report["bad inputs"]
+        out["bad inputs answered by one line"] = f"{b['answered by one line']} of {b['bad inputs']}"
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kill-trials", type=int, default=3, help="runs killed with SIGKILL (1 or 2 kills each)")
@@ -376,7 +400,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the counts here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="chaos-")) if args.work is None else args.work
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -389,11 +412,14 @@ def main(argv=None) -> int:
     ref = weights(work / "reference")
     report = {"settings": {k: str(v) for k, v in vars(args).items()},
               "uninterrupted run seconds": round(train_seconds, 1)}
+    # one random stream per part, so that each part's draws do not depend on which other parts ran
+    rng = {key: random.Random(f"{args.seed}-{key}") for key in ("kill", "readers", "disk")}
     sections = [("bad inputs", lambda: bad_inputs(work)),
-                ("kill -9", lambda: kill_trials(args, cfg, work, ref, rng, train_seconds)),
-                ("readers during training", lambda: [reader_trial(i, args, cfg, work, ref, rng)
+                ("kill -9", lambda: kill_trials(args, cfg, work, ref, rng["kill"], train_seconds)),
+                ("readers during training", lambda: [reader_trial(i, args, cfg, work, ref, rng["readers"])
                                                      for i in range(args.reader_trials)]),
-                ("disk full", lambda: [disk_full_trial(i, args, cfg, work, ref, rng) for i in range(args.disk_trials)]),
+                ("disk full", lambda: [disk_full_trial(i, args, cfg, work, ref, rng["disk"])
+                                       for i in range(args.disk_trials)]),
                 ("two trainers", lambda: [trainers_trial(i, args, cfg, work, ref) for i in range(args.trainer_trials)])]
     chosen = args.sections.split(",")
     for key, (name, run_section) in zip(["inputs", "kill", "readers", "disk", "trainers"], sections):
@@ -403,6 +429,7 @@ def main(argv=None) -> int:
         report[name] = run_section()
         print(f"{name} ({time.time() - start_section:.0f} s): {json.dumps(report[name])}", flush=True)
     report["seconds"] = round(time.time() - t0, 1)
+    report["summary"] = summary(report)
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
