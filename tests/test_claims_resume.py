@@ -22,6 +22,7 @@ from diffusekit import checkpoint as ckpt
 from diffusekit.cli import main
 from diffusekit.data import DataConfig
 from diffusekit.nn.unet import UNetConfig
+from diffusekit.pipeline import Pipeline
 from diffusekit.run import RunConfig, TrainConfig
 from diffusekit.schedule import ScheduleConfig
 
@@ -121,6 +122,9 @@ def test_cli_resume_after_sigkill_runs_the_missing_steps_and_equals_an_uninterru
     assert sa["step"] == sb["step"] == TOTAL
     for i, state in sa["optimizer"]["state"].items():
         assert all(torch.equal(state[key], sb["optimizer"]["state"][i][key]) for key in state)
-    # and the run learned something: the last five losses are below the first five
+    # and the run learned something (the last five losses are below the first five) and samples
     losses = [r["loss"] for r in after]
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), losses
+    pipe = Pipeline.load(killed, device="cpu", precision=saved["precision"])
+    x = pipe.sample(10, "dpmpp_2m", 5, generator=torch.Generator().manual_seed(0), class_labels=torch.arange(10))
+    assert x.shape == (10, 1, 8, 8) and torch.isfinite(x).all()
