@@ -31,7 +31,7 @@ class SlowOnBigBatches(torch.nn.Module):
 
     def forward(self, x, t, **cond):
         if len(x) >= 16:
-            time.sleep(0.05)
+            time.sleep(0.1)
         return self.model(x, t, **cond)
 
 
@@ -189,9 +189,11 @@ def stroke_layer(tmp_path, columns: slice, name="layer.png") -> str:
 
 
 def test_inpaint_fills_the_painted_pixels_and_keeps_the_rest(pipe, tmp_path):
-    image = h.starter_image(pipe, 0, "4")
+    image = h.starter_image(pipe, 0, "4")                # drawn with seed 1: other noise than the fill's
+    starter = pipe.sample(1, "dpmpp_2m", 20, generator=torch.Generator().manual_seed(1), class_labels=4)
+    np.testing.assert_array_equal(image, h.to_display(starter, h.display_factor(pipe)))
     editor = {"background": save_png(image, tmp_path / "bg.png"), "layers": [stroke_layer(tmp_path, slice(0, 128))]}
-    mask, out = h.inpaint(pipe, editor, "ddim", 6, 1, "4", "", 1.0, 1)   # not the starter's seed
+    mask, out = h.inpaint(pipe, editor, "ddim", 6, 0, "4", "", 1.0, 1)
     assert (mask[:, :128] == 255).all() and (mask[:, 128:] == 0).all()
     np.testing.assert_array_equal(out[:, 128:], image[:, 128:])
     assert not np.array_equal(out[:, :128], image[:, :128])
@@ -271,12 +273,12 @@ def test_ten_simultaneous_requests_each_get_their_own_seed(pipe, server, client)
 
 
 def test_a_slow_request_does_not_hold_up_the_page(server, client):
-    slow = client.submit("ddim", 100, 1.0, 0, "3", "", 16, api_name="/generate")   # >= 5 s asleep
+    slow = client.submit("ddim", 100, 1.0, 0, "3", "", 16, api_name="/generate")   # >= 10 s asleep
     time.sleep(0.5)
     started = time.monotonic()
     client.predict("ddim", 3, 0, "2", "", 1.0, 1, api_name="/trajectory")
     assert not slow.done(), f"the trajectory waited {time.monotonic() - started:.1f} s for the slow request"
-    slow.result(timeout=120)
+    slow.cancel()                        # the page closes the stream; sampling stops at its next step
 
 
 def test_errors_reach_the_api_caller_as_messages(client):

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,8 @@ def shots(tmp_path_factory) -> Path:
     return Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
 
 
-def screenshot(page, folder: Path, tab: str) -> Path:
-    """The whole page as a small PNG (a 64-colour palette keeps it a few tens of KB), notes closed."""
+def close_toasts(page):
+    """Close the notes and error messages in the page's corner."""
     toasts = page.get_by_test_id("toast-body")
     for _ in range(20):                  # one at a time: closing one moves the others
         if toasts.count() == 0:
@@ -103,6 +104,11 @@ def screenshot(page, folder: Path, tab: str) -> Path:
         except sync_api.TimeoutError:    # it expired meanwhile
             pass
     expect(toasts).to_have_count(0)
+
+
+def screenshot(page, folder: Path, tab: str) -> Path:
+    """The whole page as a small PNG (a 64-colour palette keeps it a few tens of KB), notes closed."""
+    close_toasts(page)
     picture = Image.open(io.BytesIO(page.screenshot(full_page=True)))
     path = folder / f"demo_{tab}.png"
     picture.convert("RGB").quantize(64).save(path, optimize=True)
@@ -136,13 +142,15 @@ def shown_pixels(page, selector: str) -> np.ndarray:
         expect(img).to_be_visible()
     except AssertionError as e:     # say what the page said instead (an error message, say)
         said = page.get_by_test_id("toast-body").all_inner_texts()
+        shot = Path(tempfile.gettempdir()) / "diffusekit_demo_failure.png"
+        page.screenshot(path=shot)
         raise AssertionError(f"no image in {selector}; the page says {said}, requests in flight: "
-                             f"{[r.url for r in page.in_flight]}") from e
+                             f"{[r.url for r in page.in_flight]} (screenshot: {shot})") from e
     body = page.request.get(img.get_attribute("src")).body()
     return np.asarray(Image.open(io.BytesIO(body)))
 
 
-def settle(page, quiet_ms: int = 600):
+def settle(page, quiet_ms: int = 1000):
     """Until the page has had no request in flight for quiet_ms (queued events, uploads, files)."""
     quiet = 0
     for _ in range(TIMEOUT_MS // 100):
@@ -206,25 +214,42 @@ def test_edit_tab_takes_an_upload_of_the_wrong_size(page, shots, tmp_path):
     screenshot(page, shots, "edit")
 
 
-def test_inpaint_tab_fills_what_the_mouse_painted(page, shots):
-    open_tab(page, "Inpaint")
-    page.get_by_role("button", name="Start from a sample").locator("visible=true").click()
-    wait_for_editor_image(page)
+def paint_left_half(page):
+    """Mouse strokes, zigzag, over the left part of the image in the inpainting editor."""
     canvas = page.locator("#inpaint-editor canvas").first.bounding_box()
     cx, cy = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
-    page.mouse.move(cx - 110, cy - 110)                         # zigzag over the left part of the image
+    page.mouse.move(cx - 110, cy - 110)
     page.mouse.down()
     for k in range(8):                                          # each pointer event costs a canvas redraw
         page.mouse.move(cx - 30, cy - 110 + 30 * k)
         page.mouse.move(cx - 110, cy - 95 + 30 * k)
     page.mouse.up()
+
+
+def test_inpaint_tab_fills_what_the_mouse_painted(page, shots):
+    open_tab(page, "Inpaint")
     set_number(page, "#inpaint-steps", 8)
-    settle(page)                                                # the editor has sent its strokes
-    page.get_by_role("button", name="Inpaint", exact=True).click()
+    toasts = page.get_by_test_id("toast-body")
+    # Gradio's ImageEditor can drop strokes drawn while it is still taking in an image the server set
+    # (gradio-app/gradio#7200); on a starved CPU that window outlasts any wait. The page then says so,
+    # and the test, like a person, starts again: at most three times.
+    for attempt in range(3):
+        page.get_by_role("button", name="Start from a sample").locator("visible=true").click()
+        wait_for_editor_image(page)
+        paint_left_half(page)
+        settle(page)                                            # the editor has sent its strokes
+        page.get_by_role("button", name="Inpaint", exact=True).click()
+        expect(page.locator("#inpaint-output img").or_(toasts).first).to_be_visible()
+        said = toasts.all_inner_texts()
+        if not said:
+            break
+        assert re.search("the mask is empty|no image yet", " ".join(said)), said
+        close_toasts(page)
     assert shown_pixels(page, "#inpaint-output").shape[:2] == (256, 256)
     mask = shown_pixels(page, "#inpaint-mask")
     mask = mask if mask.ndim == 2 else mask[..., 0]
-    assert mask[:, :96].mean() > 128 and (mask[:, 160:] == 0).all()   # painted left, right kept
+    filled = (mask[::32, ::32] > 128).astype(int)              # one entry per model pixel
+    assert filled[:, :3].mean() > 0.5 and not filled[:, 5:].any(), f"painted left, right kept:\n{filled}"
     screenshot(page, shots, "inpaint")
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from .demo_handlers import (DISPLAY_SIZE, MAX_IMAGES, DemoInputError, class_choices, display_factor, generate,
-                            import_gradio, inpaint, invert_and_edit, normalise_editor, schedule_picture, sdedit,
-                            starter_image, takes_prompt, trajectory_picture)
+from .demo_handlers import (DISPLAY_SIZE, MAX_IMAGES, MAX_STEPS, DemoInputError, class_choices, display_factor,
+                            generate, import_gradio, inpaint, invert_and_edit, normalise_editor, schedule_picture,
+                            sdedit, starter_image, takes_prompt, trajectory_picture)
 
 __all__ = ["build_demo", "launch", "DemoInputError"]
 
@@ -59,7 +59,7 @@ def _controls(gr, pipe, tab: str, steps: int = 20, each: bool = True):
     from .samplers import SAMPLERS
     with gr.Row():
         sampler = gr.Dropdown(sorted(SAMPLERS), value="dpmpp_2m", label="sampler", elem_id=f"{tab}-sampler")
-        steps = gr.Slider(1, 100, value=steps, step=1, label="steps", elem_id=f"{tab}-steps")
+        steps = gr.Slider(1, MAX_STEPS, value=steps, step=1, label="steps", elem_id=f"{tab}-steps")
         seed = gr.Number(0, precision=0, minimum=0, label="seed", elem_id=f"{tab}-seed")
     with gr.Row():
         choices = class_choices(pipe, each)
@@ -125,7 +125,7 @@ def _invert_tab(gr, pipe):
             before, recon = _shown(gr, "input at the model's size"), _shown(gr, "DDIM reconstruction")
             edited = _shown(gr, "reconstructed under the target class", elem_id="invert-output")
         with gr.Row():
-            steps = gr.Slider(2, 100, value=50, step=1, label="DDIM steps", elem_id="invert-steps")
+            steps = gr.Slider(2, MAX_STEPS, value=50, step=1, label="DDIM steps", elem_id="invert-steps")
             refine = gr.Slider(0, 10, value=0, step=1, label="refine steps (fixed-point iterations)")
             seed = gr.Number(0, precision=0, minimum=0, label="seed (for 'Start from a sample')")
         with gr.Row(visible=bool(pipe.num_classes) or takes_prompt(pipe)):
@@ -205,5 +205,5 @@ def launch(run_or_pipe, host: str = "127.0.0.1", port: int = 7860, share: bool =
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
-                show_error=False, ssr_mode=False, theme=theme)
+                show_error=False, ssr_mode=False, theme=theme, max_file_size="20mb")
     return demo

@@ -24,7 +24,7 @@ from .editing import psnr
 from .viz import make_grid, plot_schedule, save_trajectory
 
 DISPLAY_SIZE = 256          # images are shown upscaled (nearest) to about this many pixels a side
-MAX_IMAGES, MAX_STEPS = 16, 250
+MAX_IMAGES, MAX_STEPS = 16, 100       # what the sliders offer (Gradio checks API calls against them too)
 MASK_COVERAGE = 0.5         # a model pixel is filled when at least half of it is painted
 UNCONDITIONAL, EACH_CLASS = "unconditional", "each class in turn"
 # warnings.catch_warnings swaps process-wide state, so concurrent requests take turns loading images
@@ -237,10 +237,13 @@ def generate(pipe, sampler, steps, guidance, seed, label, prompt, n, every: floa
 
 
 def starter_image(pipe, seed, label) -> np.ndarray:
-    """One sample (20 DPM-Solver++ steps) shown at display size, to edit when there is no upload."""
-    cond = conditioning(pipe, EACH_CLASS if label in (None, "", EACH_CLASS) and pipe.num_classes else label,
-                        "", 1)
-    image = pipe.sample(1, "dpmpp_2m", 20, generator=_generator(seed), **cond)
+    """A sample to edit when there is no upload (20 DPM-Solver++ steps), shown at display size.
+
+    It is drawn with seed + 1, so that editing it with the page's seed starts from other noise
+    (with the same noise, inpainting would tend to paint the original back).
+    """
+    seed = _whole("seed", seed, 0, 2**63 - 2)
+    image = pipe.sample(1, "dpmpp_2m", 20, generator=_generator(seed + 1), **conditioning(pipe, label, "", 1))
     return to_display(image, display_factor(pipe))
 
 
