@@ -198,3 +198,34 @@ def test_native_bf16_detection(monkeypatch):
     monkeypatch.setattr(fastpath, "_cpu_flags", lambda: frozenset({"sse2", "avx512f"}))
     assert not fastpath.has_native_bf16("cpu") and fastpath.default_precision("cpu") == "fp32"
     assert fastpath.default_precision("meta") == "fp32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_modulated_group_norm_is_norm_times_scale_plus_shift(dtype, affine):
+    from diffusekit.nn.layers import GroupNorm
+    g = torch.Generator().manual_seed(5)
+    norm = GroupNorm(4, 8, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(1.0, 0.5, generator=g)
+            norm.bias.normal_(0.0, 0.5, generator=g)
+    x = (3 * torch.randn(3, 8, 5, 5, generator=g) + 1).to(dtype)
+    scale, shift = (torch.randn(3, 8, 1, 1, generator=g).to(dtype) for _ in range(2))
+    # the plain path, in fp64: norm(x) * scale + shift
+    ref = norm.double()(x.double()) * scale.double() + shift.double()
+    norm.float()
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = norm.modulated(inp, scale, shift)
+        assert out.shape == x.shape and out.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2 * ref.abs().max().item()
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=tol)
+    # gradients reach x, scale, shift and the affine parameters as in the plain path
+    xs, ss, hs = (a.double().requires_grad_() for a in (x, scale, shift))
+    norm.double()
+    w = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    params = [xs, ss, hs] + list(norm.parameters())
+    fast = torch.autograd.grad((norm.modulated(xs, ss, hs) * w).sum(), params)
+    plain = torch.autograd.grad(((norm(xs) * ss + hs) * w).sum(), params)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -93,10 +93,14 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def maybe_compile(model: Callable, enabled: bool = True, *, dynamic: bool | None = None, mode: str | None = None,
-                  backend: str | Callable = "inductor", fullgraph: bool = False) -> Callable:
+def maybe_compile(model: Callable, enabled: bool = True, *, freeze: bool = False, dynamic: bool | None = None,
+                  mode: str | None = None, backend: str | Callable = "inductor", fullgraph: bool = False) -> Callable:
     """`model` wrapped to run compiled by torch.compile when `enabled` and supported, else `model` itself.
 
+    freeze: inductor folds the weights into the compiled graph as constants (and pre-packs them
+    for oneDNN): faster inference (measured 1.2x at batch 1 on CPU), but the compiled model then
+    ignores later changes to the weights, so only for a model that is never trained or updated
+    again (a loaded pipeline, not an EMA model during training) and only under torch.no_grad().
     dynamic: None (torch's default) compiles for the first input shapes and recompiles with
     symbolic sizes when a second batch size comes (a sampler's last, smaller batch); False
     recompiles per shape; True starts symbolic. mode / backend / fullgraph go to torch.compile
@@ -108,8 +112,11 @@ def maybe_compile(model: Callable, enabled: bool = True, *, dynamic: bool | None
     if reason is not None:
         warnings.warn(f"compile=True but {reason}; running the model eagerly.", RuntimeWarning, stacklevel=2)
         return model
+    options = {"freezing": True} if freeze and backend == "inductor" else None
+    if options is not None and mode is not None:       # torch.compile takes one of mode and options
+        raise ValueError(f"freeze=True cannot be combined with mode={mode!r}; drop one of them.")
     return CompiledModel(model, torch.compile(model, dynamic=dynamic, mode=mode, backend=backend,
-                                              fullgraph=fullgraph))
+                                              fullgraph=fullgraph, options=options))
 
 
 @functools.cache

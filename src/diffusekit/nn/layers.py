@@ -25,6 +25,24 @@ class GroupNorm(nn.GroupNorm):
             x = x.contiguous()
         return super().forward(x)
 
+    def modulated(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """norm(x) * scale + shift with a per-sample, per-channel scale and shift (B, C, 1, 1), in one kernel.
+
+        With n the normalised x: (n * gamma + beta) * scale + shift = n * (gamma * scale) + (beta * scale + shift),
+        a (B, C) affine. A GroupNorm of x viewed as (1, B * C, H, W) with B * groups groups normalises the
+        same groups (each sample's stay apart) and takes that affine as its weight and bias, so one
+        group_norm pass replaces the norm plus a broadcast addcmul (~5x slower in bf16 on CPU).
+        """
+        B, C = x.shape[:2]
+        if x.device.type == "cpu" and not x.is_contiguous():
+            x = x.contiguous()
+        scale, shift = scale.reshape(B, C), shift.reshape(B, C)
+        weight = scale if self.weight is None else self.weight * scale
+        bias = shift if self.bias is None else self.bias * scale + shift
+        out = F.group_norm(x.reshape(1, B * C, *x.shape[2:]), B * self.num_groups, weight.reshape(-1),
+                           bias.reshape(-1), self.eps)
+        return out.reshape(x.shape)
+
 
 class Downsample(nn.Module):
     """Halve the resolution with a stride-2 3x3 conv."""

@@ -209,12 +209,12 @@ class ResBlock(nn.Module):
         emb, ctx = self.project(temb, cemb) if projected is None else projected
         if self.use_scale_shift_norm:
             # AdaGN: norm(h) * (1 + scale) + shift   (ADM, Dhariwal & Nichol 2021, sec. 3), times ctx:
-            # (norm(h) * (1 + scale) + shift) * ctx, folded on the (B, C, 1, 1) factors into one addcmul
+            # (norm(h) * (1 + scale) + shift) * ctx, folded on the (B, C, 1, 1) factors into the norm's affine
             scale, shift = emb.chunk(2, dim=1)
             scale = 1 + scale
             if ctx is not None:
                 scale, shift = scale * ctx, shift * ctx
-            h = torch.addcmul(shift, self.norm2(h), scale)
+            h = self.norm2.modulated(h, scale, shift)
         else:
             h = self.norm2(h + emb)                                   # DDPM: h + time embedding
             if ctx is not None:
