@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .config import ConfigError
-from .samplers.base import SAMPLER_SPACINGS, Denoiser, Sampler, get_sampler, logsnr_timesteps
+from .samplers.base import SAMPLER_SPACINGS, SAMPLERS, Denoiser, Sampler, get_sampler, logsnr_timesteps
 from .schedule import NoiseSchedule
 
 STEPS_FORMAT = "diffusekit.steps"
@@ -40,7 +40,6 @@ def deterministic_sampler(sampler_name: str, schedule: NoiseSchedule, prediction
     noise to give the same output)."""
     sampler = get_sampler(sampler_name, schedule, prediction_type=prediction_type, **(options or {}))
     if sampler.spec.stochastic or float(sampler.options.get("eta", 0.0)) > 0:
-        from .samplers.base import SAMPLERS
         ok = sorted(n for n, s in SAMPLERS.items() if not s.stochastic)
         raise ConfigError(f"sampler {sampler_name!r} with options {sampler.options} is stochastic; steps can be tuned "
                           f"for deterministic samplers only: {ok} (ddim with eta=0).")
@@ -97,29 +96,52 @@ def _golden_section(f: Callable[[float], float], a: float, b: float, evaluations
     return seen
 
 
+def _relocations(schedule: NoiseSchedule, ts: torch.Tensor, i: int) -> list[torch.Tensor]:
+    """Plans with time i taken out and put back in the middle (in log-SNR) of each other gap, the
+    gaps to t = T - 1 and t = 0 included: the moves that golden section between neighbours cannot make."""
+    rest = torch.cat([ts[:i], ts[i + 1:]])
+    ends = torch.cat([torch.tensor([schedule.num_train_timesteps - 1.0], dtype=torch.float64), rest,
+                      torch.zeros(1, dtype=torch.float64)])
+    plans = []
+    for j in range(len(ends) - 1):
+        if j == i or float(ends[j]) <= float(ends[j + 1]):
+            continue   # j == i is the gap it came from; equal ends (a time at T - 1 or 0) leave no room
+        middle = _t_of_log_snr(schedule, 0.5 * (_log_snr(schedule, float(ends[j])) + _log_snr(schedule, float(ends[j + 1]))))
+        plans.append(torch.cat([rest[:j], torch.tensor([middle], dtype=torch.float64), rest[j:]]))
+    return plans
+
+
+def _best_move(loss: Callable[[torch.Tensor], float], schedule: NoiseSchedule, ts: torch.Tensor,
+               i: int) -> tuple[torch.Tensor, float]:
+    """The best plan found by moving time i: golden section in log-SNR between its neighbours (the
+    domain's ends t = T - 1 and t = 0 tried as well), then relocation into every other gap."""
+    T = schedule.num_train_timesteps
+
+    def moved(t: float) -> torch.Tensor:
+        trial = ts.clone()
+        trial[i] = t
+        return trial
+    # neighbours bound the search, so the times stay strictly descending
+    hi_t = float(ts[i - 1]) if i > 0 else T - 1.0
+    lo_t = float(ts[i + 1]) if i < len(ts) - 1 else 0.0
+    tried = [(moved(_t_of_log_snr(schedule, lam)), v) for lam, v in _golden_section(
+        lambda lam: loss(moved(_t_of_log_snr(schedule, lam))), _log_snr(schedule, hi_t), _log_snr(schedule, lo_t),
+        GOLDEN_EVALUATIONS)]
+    tried += [(moved(t), loss(moved(t))) for t, end in ((T - 1.0, i == 0), (0.0, i == len(ts) - 1)) if end]
+    tried += [(plan, loss(plan)) for plan in _relocations(schedule, ts, i)]
+    return min(tried, key=lambda pv: pv[1])
+
+
 def _coordinate_descent(loss: Callable[[torch.Tensor], float], schedule: NoiseSchedule, ts: torch.Tensor,
                         sweeps: int, bar=None) -> tuple[torch.Tensor, float]:
-    """Move each time in turn to its best place between its neighbours (golden section in log-SNR);
-    the domain's ends, t = T - 1 and t = 0, are tried as well. Never accepts a worse plan."""
-    T = schedule.num_train_timesteps
+    """Move each time in turn to its best place (see _best_move); never accepts a worse plan."""
     ts, best = ts.clone(), loss(ts)
     for _ in range(sweeps):
         start = best
         for i in range(len(ts)):
-            def at(t: float, i=i) -> float:
-                trial = ts.clone()
-                trial[i] = t
-                return loss(trial)
-            # neighbours bound the search, so the times stay strictly descending
-            hi_t = float(ts[i - 1]) if i > 0 else T - 1.0
-            lo_t = float(ts[i + 1]) if i < len(ts) - 1 else 0.0
-            tried = [(_t_of_log_snr(schedule, lam), v) for lam, v in _golden_section(
-                lambda lam: at(_t_of_log_snr(schedule, lam)), _log_snr(schedule, hi_t), _log_snr(schedule, lo_t),
-                GOLDEN_EVALUATIONS)]
-            tried += [(t, at(t)) for t, end in ((T - 1.0, i == 0), (0.0, i == len(ts) - 1)) if end]
-            t, value = min(tried, key=lambda tv: tv[1])
+            plan, value = _best_move(loss, schedule, ts, i)
             if value < best:
-                ts[i], best = t, value
+                ts, best = plan, value
             if bar is not None:
                 bar.update(1)
         if not best < start:
