@@ -3,9 +3,10 @@
 In the spirit of "Align Your Steps" (Sabour et al. 2024), but by direct discrepancy minimisation:
 from the same starting noise, a deterministic sampler run with n model-call times should land where
 a many-step solution of the same probability-flow ODE lands. The times are tuned one at a time by
-golden-section search in log-SNR between their neighbours (coordinate descent), starting from the
-best of the built-in spacings ("logsnr" first). The result is a descending list of fractional
-timesteps for Sampler.sample(..., timesteps=...), saved and loaded as JSON with save_steps / load_steps.
+golden-section search in log-SNR between their neighbours and by trial moves into every other gap
+(coordinate descent), starting from the best of the built-in spacings ("logsnr" first). The result
+is a descending list of fractional timesteps for Sampler.sample(..., timesteps=...), saved and
+loaded as JSON with save_steps / load_steps.
 """
 from __future__ import annotations
 
@@ -159,7 +160,7 @@ def tune_timesteps(denoiser_or_model, schedule: NoiseSchedule, sampler_name: str
     reference_steps-step solution from the same noise x_T (a tensor, or a shape drawn from generator).
     All deterministic samplers solve the same probability-flow ODE, so the reference comes from the
     most accurate one here (UniPC on the log-SNR grid) whatever sampler is tuned. iterations: sweeps
-    of coordinate descent (each costs n * 13 sampler runs); cond: conditioning passed to the model.
+    of coordinate descent (each costs about n * (13 + n) sampler runs); cond: conditioning passed to the model.
     """
     sampler = deterministic_sampler(sampler_name, schedule, prediction_type, sampler_options)
     n = steps_for_nfe(sampler, nfe)
@@ -187,7 +188,7 @@ def tune_timesteps(denoiser_or_model, schedule: NoiseSchedule, sampler_name: str
                   for s in ("logsnr",) + tuple(s for s in SAMPLER_SPACINGS if s != "logsnr")
                   if not (s == "leading" and sampler.spec.style == "solver" and n >= schedule.num_train_timesteps)]
         ts = min(starts, key=loss)
-        if n == 1 or iterations == 0:
+        if iterations == 0:
             return ts
         from tqdm.auto import tqdm
         with tqdm(total=iterations * n, desc=f"tuning {sampler_name} steps", disable=not progress, leave=False) as bar:
