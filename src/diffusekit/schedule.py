@@ -18,6 +18,11 @@ PredictionType = Literal["epsilon", "sample", "v_prediction"]
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
+# What a sampler that needs a finite sigma or log-SNR uses for abar = 0 (zero terminal SNR): diffusers'
+# value, "close to 0 without being 0 so first sigma is not inf" (EulerDiscreteScheduler and others)
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
+
+
 @dataclass
 class ScheduleConfig(Config):
     kind: ScheduleKind = "linear"
@@ -161,8 +166,12 @@ class NoiseSchedule:
 
     @property
     def sigmas(self) -> torch.Tensor:
-        """k-diffusion's sigma_t = sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) = x0 + sigma_t * eps."""
-        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        """k-diffusion's sigma_t = sqrt((1 - abar_t) / abar_t): x_t / sqrt(abar_t) = x0 + sigma_t * eps.
+
+        A zero abar (zero terminal SNR) counts as ZERO_SNR_ALPHA_BAR here, so sigma_max is 4096, not inf.
+        """
+        abar = torch.where(self.alphas_cumprod > 0, self.alphas_cumprod, ZERO_SNR_ALPHA_BAR)
+        return ((1 - abar) / abar).sqrt()
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """abar at (possibly fractional) timesteps, interpolating log(sigma) linearly between integers."""

@@ -9,7 +9,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..config import ConfigError, check_choice
-from ..schedule import PREDICTION_TYPES, NoiseSchedule, as_batch, eps_from_x0, to_x0_eps
+from ..schedule import PREDICTION_TYPES, ZERO_SNR_ALPHA_BAR, NoiseSchedule, as_batch, eps_from_x0, to_x0_eps
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' spacings, placed exactly as diffusers does
 # plus spacings of our own, placed the same way for every sampler style (see Sampler.plan)
@@ -126,16 +126,18 @@ class SamplerSpec:
     karras: bool = True           # whether use_karras_sigmas is allowed
     options: dict = field(default_factory=dict)  # option name -> default
     first_step_evals: int = 1     # PLMS: 2 (a pseudo improved Euler start, so NFE = n + 1 for n > 1)
+    exact_zero_snr: bool = False  # DDIM, DDPM: step from abar = 0 itself (else from ZERO_SNR_ALPHA_BAR)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = False,
-             karras: bool = True, first_step_evals: int = 1, **options):
+             karras: bool = True, first_step_evals: int = 1, exact_zero_snr: bool = False, **options):
     """Decorator: add a sampler function to the registry under name."""
     def wrap(fn):
-        SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options, first_step_evals)
+        SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options, first_step_evals,
+                                     exact_zero_snr)
         return fn
     return wrap
 
@@ -202,14 +204,21 @@ class Sampler:
         Explicit timesteps (a descending list, fractional allowed, e.g. from diffusekit.tune) replace
         the spacing: the noise levels are then schedule.alpha_bar_at(timesteps), as for "logsnr".
         """
+        ts, abars = self._plan(num_steps, timesteps)
+        if not self.spec.exact_zero_snr:
+            # zero terminal SNR: a sigma or log-SNR solver starts just below it, at abar = 2^-24 (as diffusers)
+            abars = torch.where(abars > 0, abars, ZERO_SNR_ALPHA_BAR)
+        return ts, torch.cat([abars, torch.ones(1, dtype=torch.float64)])
+
+    def _plan(self, num_steps, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         sched = self.schedule
         if timesteps is not None:
             ts = self._check_timesteps(timesteps, num_steps)
-            return ts, torch.cat([sched.alpha_bar_at(ts), torch.ones(1, dtype=torch.float64)])
+            return ts, sched.alpha_bar_at(ts)
         n = self._check_steps(num_steps)
         if self.timestep_spacing == "logsnr":
             ts = logsnr_timesteps(sched, n, self.spec.style)
-            return ts, torch.cat([sched.alpha_bar_at(ts), torch.ones(1, dtype=torch.float64)])
+            return ts, sched.alpha_bar_at(ts)
         ts = spaced_timesteps(sched.num_train_timesteps, n, self.timestep_spacing, self.spec.style)
         if self.options.get("use_karras_sigmas"):
             # Karras et al. 2022: sigmas between the schedule's extremes, times from log-sigma interpolation
@@ -224,10 +233,8 @@ class Sampler:
                 # diffusers' DPM-Solver and UniPC call the model at rounded timesteps here; we follow
                 # them so results stay comparable (the noise level itself stays the Karras sigma)
                 ts = ts.round()
-            abars = 1 / (1 + sigmas**2)
-        else:
-            abars = sched.alpha_bar_at(ts)
-        return ts, torch.cat([abars, torch.ones(1, dtype=torch.float64)])
+            return ts, 1 / (1 + sigmas**2)
+        return ts, sched.alpha_bar_at(ts)
 
     def timesteps(self, num_steps: int | None = None, timesteps=None) -> torch.Tensor:
         """The timesteps the model will be called at, in order (Heun's second calls included)."""
