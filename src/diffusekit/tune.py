@@ -63,6 +63,8 @@ def steps_for_nfe(sampler: Sampler, nfe: int) -> int:
 def _log_snr(schedule: NoiseSchedule, t: float) -> float:
     # lambda = log(abar / (1 - abar)), at the noise level the sampler uses for time t
     abar = float(schedule.alpha_bar_at(torch.tensor([t], dtype=torch.float64)))
+    # a zero-terminal-SNR schedule has abar = 0 at t = T - 1: a finite search bound instead of -inf
+    abar = min(max(abar, 1e-12), 1 - 1e-12)
     return math.log(abar) - math.log1p(-abar)
 
 
