@@ -5,7 +5,10 @@ thrash badly; scripts/test.sh runs two pytest workers (pytest-xdist) to use both
 """
 import os
 
-import torch
+# before numpy and torch load their thread pools: inherited by subprocesses (torchrun, the killed trainer)
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
-os.environ["OMP_NUM_THREADS"] = "1"   # inherited by subprocesses (torchrun, the killed trainer)
+import torch  # noqa: E402
+
 torch.set_num_threads(1)
