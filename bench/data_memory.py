@@ -16,6 +16,8 @@ workers), one fresh process:
      0.5 s at ~5 ms CPU per process per sample; PSS splits pages shared between the trainer and
      its forked workers, so it does not count them twice as summed RSS would). RSS right after
      the imports is the baseline.
+  5. index: the Python heap the folder's index holds (tracemalloc around index_folder, in its own
+     process): what grows with the folder when the pixels are streamed.
 The driver imports neither torch nor numpy, so the measured processes do not inherit its peak RSS.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/data_memory.py --data-dir /tmp/diffusekit-data \
@@ -138,6 +140,17 @@ def measure(folder: str, mode: str, workers: int, batch_size: int, loader_steps:
             "peak_tree_pss_mib": tree.peak_pss / mib, "peak_tree_rss_sum_mib": tree.peak_rss_sum / mib}
 
 
+def index_memory(folder: str) -> dict:
+    """Python heap held by the folder's index (paths, captions, metadata columns), by tracemalloc, in MiB."""
+    import tracemalloc
+
+    from diffusekit.data import DataConfig, index_folder
+    tracemalloc.start()
+    index = index_folder(DataConfig(source=folder, class_labels=False))
+    held, peak = tracemalloc.get_traced_memory()
+    return {"folder_images": len(index), "index_mib": held / 2 ** 20, "indexing_peak_mib": peak / 2 ** 20}
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver (no torch here)
 
@@ -180,6 +193,10 @@ def report(results: dict) -> str:
                      f"{r['first_batch_s']:.2f} | {r['loader_images_per_s']:.0f} | {r['loader_cpu_ms_per_image']:.2f} | "
                      f"{r['train_images_per_s']:.0f} | {r['train_cpu_s_per_step']:.2f} | "
                      f"{r['baseline_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {worker_rss} | {r['peak_tree_pss_mib']:.0f} |")
+    for n, r in sorted(results.get("index", {}).items(), key=lambda kv: int(kv[0])):
+        lines.append(f"\nIndex of {int(n):,} images: {r['index_mib']:.1f} MiB of Python objects held "
+                     f"({1024 * r['index_mib'] / int(n):.2f} KiB per image), {r['indexing_peak_mib']:.1f} MiB at the peak "
+                     "of indexing.")
     return "\n".join(lines)
 
 
@@ -188,6 +205,9 @@ def main() -> None:
         from diffusekit.data import write_shapes_folder
         write_shapes_folder(sys.argv[2], int(sys.argv[3]))
         print("ok")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "index":
+        print(json.dumps(index_memory(sys.argv[2])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "measure":
         folder, mode, workers, batch, loader_steps, train_steps, run_dir = sys.argv[2:9]
@@ -201,7 +221,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--loader-steps", type=int, default=40)
     p.add_argument("--train-steps", type=int, default=30)
-    p.add_argument("--paths", nargs="+", default=[f"{m}:{w}" for m, w in PATHS],
+    p.add_argument("--paths", nargs="*", default=[f"{m}:{w}" for m, w in PATHS],
                    help="MODE:WORKERS to measure (memory:0, stream:0, stream:1, stream:2)")
     p.add_argument("--append", action="store_true", help="keep the rows already in --out (re-measured ones replaced)")
     p.add_argument("--report", type=Path, help="print the markdown table of a results JSON and exit")
@@ -214,10 +234,13 @@ def main() -> None:
     results = {"machine": machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "rows": []}
     if args.append and args.out.exists():
-        results["rows"] = json.loads(args.out.read_text())["rows"]
+        old = json.loads(args.out.read_text())
+        results["rows"], results["index"] = old["rows"], old.get("index", {})
+        results["machine"]["load_average_earlier"] = old["machine"]["load_average"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.sizes:
         folder = ensure_folder(args.data_dir, n)
+        results.setdefault("index", {})[str(n)] = json.loads(child("index", str(folder)))
         for mode, workers in (path.split(":") for path in args.paths):
             run_dir = args.data_dir / "runs" / f"{n}-{mode}-w{workers}-{time.time_ns()}"
             row = json.loads(child("measure", str(folder), mode, workers, str(args.batch_size),

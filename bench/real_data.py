@@ -121,7 +121,8 @@ def evaluate(name: str, spec: dict, record: dict, args) -> dict:
     grid_labels = torch.arange(100) % 10 if spec["labels"] else None
     x = pipe.sample(100, sampler=SAMPLER, num_steps=SAMPLE_STEPS, generator=g, class_labels=grid_labels)
     from diffusekit.viz import save_grid
-    grid = save_grid(x, args.img_dir / f"real_{name}_samples.png", nrow=10, upscale=2)
+    # small PNGs: 28 px images doubled, 32 px and up as they are
+    grid = save_grid(x, args.img_dir / f"real_{name}_samples.png", nrow=10, upscale=2 if x.shape[-1] < 32 else 1)
     scores, judge_features = {}, judge(name, spec, args)
     for features in ["raw", *([judge_features] if judge_features else [])]:
         c0 = time.process_time()
