@@ -29,6 +29,11 @@ def _inputs(batch: int = 3, seed: int = 1):
     return torch.randn(batch, 1, 8, 8, generator=g), torch.rand(batch, generator=g) * 999
 
 
+def _assert_close_to_scale(actual, expected, rel):
+    """|actual - expected| <= rel * max|expected|: float rounding of a reordered computation, at the tensor's scale."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * expected.abs().max().item() + 1e-12)
+
+
 def _out_and_grads(model, x, t, **cond):
     out = model(x, t, **cond)
     params = (model.model if isinstance(model, fastpath.CompiledModel) else model).parameters()
@@ -125,9 +130,11 @@ def test_compiled_graph_matches_eager_forward_and_gradients():
     compiled = fastpath.maybe_compile(model, True, backend="aot_eager", fullgraph=True)
     out, grads = _out_and_grads(compiled, x, t)
     assert compiled.error is None
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # the compiled graph takes the plain formulations (nn/ keeps its eager-only fast paths out of
+    # inductor's way), so it agrees with eager to fp32 rounding, not bit for bit
+    _assert_close_to_scale(out, ref, 1e-5)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+        _assert_close_to_scale(g, r, 1e-4)
 
 
 def test_compiled_class_conditional_unet_matches_eager():
@@ -138,8 +145,7 @@ def test_compiled_class_conditional_unet_matches_eager():
     labels = torch.tensor([1, -1, 2])
     compiled = fastpath.maybe_compile(model, True, backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, t, class_labels=labels), model(x, t, class_labels=labels),
-                                   rtol=1e-5, atol=1e-6)
+        _assert_close_to_scale(compiled(x, t, class_labels=labels), model(x, t, class_labels=labels), 1e-5)
         with pytest.raises(ValueError, match="class_labels contains 4"):
             compiled(x, t, class_labels=torch.tensor([4, 0, 1]))
     assert compiled.error is None
@@ -179,14 +185,19 @@ def test_compile_pays_break_even():
     assert fastpath.compile_pays(100, eager_s=0.3, compiled_s=0.2, compile_s=9.0)
     assert not fastpath.compile_pays(100, eager_s=0.3, compiled_s=0.2, compile_s=11.0)
     assert not fastpath.compile_pays(10 ** 6, eager_s=0.2, compiled_s=0.2, compile_s=1.0)   # no gain, never
-    n = fastpath.BREAK_EVEN_CALLS["train"]
-    assert fastpath.should_compile("cpu", n + 1, training=True, batch_size=64) == (
-        fastpath.compile_unsupported_reason() is None)
-    assert not fastpath.should_compile("cpu", n, training=True, batch_size=64)
-    single, batch = fastpath.BREAK_EVEN_CALLS["sample_single"], fastpath.BREAK_EVEN_CALLS["sample_batch"]
-    assert not fastpath.should_compile("cpu", single, training=False, batch_size=1)
-    assert not fastpath.should_compile("meta", 10 ** 9, training=False, batch_size=64)
-    assert single > batch      # at batch 1 a call saves little, so it takes more calls to repay
+
+
+def test_should_compile_follows_the_measured_table(monkeypatch):
+    monkeypatch.setattr(fastpath, "CPU_BREAK_EVEN_CALLS", {"train": None, "sample_batch": 500, "sample_single": 9000})
+    monkeypatch.setattr(fastpath, "compile_unsupported_reason", lambda: None)
+    assert not fastpath.should_compile("cpu", 10 ** 9, training=True, batch_size=64)       # None: never pays
+    assert fastpath.should_compile("cpu", 501, training=False, batch_size=64)
+    assert not fastpath.should_compile("cpu", 500, training=False, batch_size=64)
+    assert not fastpath.should_compile("cpu", 8000, training=False, batch_size=2)          # CFG at batch 1
+    assert fastpath.should_compile("cpu", 9001, training=False, batch_size=1)
+    assert not fastpath.should_compile("meta", 10 ** 9, training=False, batch_size=64)     # not measured
+    monkeypatch.setattr(fastpath, "compile_unsupported_reason", lambda: "no dynamo here")
+    assert not fastpath.should_compile("cpu", 10 ** 9, training=False, batch_size=1)
 
 
 def test_native_bf16_detection(monkeypatch):

@@ -9,8 +9,12 @@ update (EMA, optimizer) the original module.
 
 Whether compiling pays is a break-even count: it repays its one-off cost within a run when
     calls * (eager_s - compiled_s) > compile_s
-(`compile_pays`). `BREAK_EVEN_CALLS` holds the counts measured by bench/train_throughput.py on a
-2-core AVX512-BF16 CPU (docs/BENCHMARKS.md); `should_compile` applies them to a planned run.
+(`compile_pays`). `CPU_BREAK_EVEN_CALLS` holds what bench/train_throughput.py measured on an
+AVX512-BF16 CPU (docs/BENCHMARKS.md); `should_compile` applies it to a planned run. On that CPU
+compiling pays only for long runs of batch-1 sampling: training and batch-64 sampling are bound by
+the convolutions, which inductor hands to the same oneDNN kernels as eager PyTorch.
+CUDA graphs (torch.compile mode="reduce-overhead") are not used: untested here, and they reuse output
+buffers across calls, which a sampler that keeps earlier model outputs would see overwritten.
 """
 from __future__ import annotations
 
@@ -21,11 +25,11 @@ from typing import Callable
 
 import torch
 
-# model calls after which compiling the mnist28 UNet has repaid its cold compile time on a 2-core
-# AVX512-BF16 CPU, measured in one run of bench/train_throughput.py (docs/BENCHMARKS.md, 2026-11-29):
-# compile_s / (eager_s - compiled_s) per call, rounded up; a warm inductor cache (a second run on the
-# same machine) compiles in a fraction of the time, so these are conservative.
-BREAK_EVEN_CALLS = {"train": 600, "sample_batch": 1500, "sample_single": 12000}
+# Model calls after which torch.compile has repaid its cold compile (empty inductor cache) for the
+# mnist28 UNet on an AVX512-BF16 CPU, one thread (bench/train_throughput.py, docs/BENCHMARKS.md,
+# 2026-11-29): compile CPU-seconds / CPU-seconds saved per call against the fastest eager precision,
+# rounded up. None: the compiled model was not faster there, so compiling never pays.
+CPU_BREAK_EVEN_CALLS: dict[str, int | None] = {"train": None, "sample_batch": None, "sample_single": 20000}
 
 
 def compile_pays(calls: int, eager_s: float, compiled_s: float, compile_s: float) -> bool:
@@ -34,16 +38,18 @@ def compile_pays(calls: int, eager_s: float, compiled_s: float, compile_s: float
 
 
 def should_compile(device: torch.device | str, calls: int, *, training: bool, batch_size: int) -> bool:
-    """The measured rule: compile when a run makes more model calls than `BREAK_EVEN_CALLS` for its kind.
+    """The measured rule: compile when a run makes more model calls than `CPU_BREAK_EVEN_CALLS` for its kind.
 
-    `calls` counts the compiled model's calls in the run (training steps times micro-batches, or
-    sampler steps times batches). Off on devices other than the CPU and CUDA, and where torch.compile
-    is unsupported (`compile_unsupported_reason`).
+    `calls` counts the model calls of the run (training steps times micro-batches, or sampler steps
+    times batches); batch_size is the model's batch (1, or 2 for batch 1 with classifier-free
+    guidance, counts as single). False on other devices (not measured: pass compile=True to try)
+    and where torch.compile is unsupported (`compile_unsupported_reason`).
     """
-    if torch.device(device).type not in ("cpu", "cuda") or compile_unsupported_reason() is not None:
+    if torch.device(device).type != "cpu" or compile_unsupported_reason() is not None:
         return False
-    kind = "train" if training else ("sample_single" if batch_size == 1 else "sample_batch")
-    return calls > BREAK_EVEN_CALLS[kind]
+    kind = "train" if training else ("sample_single" if batch_size <= 2 else "sample_batch")
+    break_even = CPU_BREAK_EVEN_CALLS[kind]
+    return break_even is not None and calls > break_even
 
 
 def compile_unsupported_reason() -> str | None:
@@ -138,8 +144,8 @@ def has_native_bf16(device: torch.device | str = "cpu") -> bool:
     CPUs without them run bf16 autocast through fp32 conversions, usually slower than fp32.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":      # emulated bf16 (pre-Ampere GPUs) does not count
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     return False

@@ -24,11 +24,12 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     CPU flash kernel in bf16 is ~9x slower in training at these short sequences (<= 256 tokens),
     and the math backend, which computes in fp32 internally anyway, is ~2x slower than fp32 flash
     (64 x 4 x 49 x 16, torch 2.13; bench in docs/BENCHMARKS.md). Same result to fp32 rounding.
-    `upcast_on_cpu=False` keeps the earlier path (math backend in the input dtype) for comparison.
+    `upcast_on_cpu=False` keeps the earlier path (math backend in the input dtype) for comparison;
+    under torch.compile it is taken too (inductor's own attention kernels are faster than the upcast).
     """
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]   # (B, L) -> (B, 1, 1, L)
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        if upcast_on_cpu:
+        if upcast_on_cpu and not torch.compiler.is_compiling():
             with torch.autocast("cpu", enabled=False):        # autocast would cast them back to bf16
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
             return out.to(q.dtype)

@@ -425,7 +425,9 @@ class UNet(nn.Module):
         w = self.encoder.middle[0].conv1.weight                       # (C, C, 3, 3), C > 1
         if w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
             x = x.contiguous(memory_format=torch.channels_last)      # match the weights' memory format
-        projected = project_all(self.res_blocks, temb, cemb) if self.batch_projections else None
+        # one matmul for all blocks' projections in eager mode; inductor does better with the per-block ones
+        batch = self.batch_projections and not torch.compiler.is_compiling()
+        projected = project_all(self.res_blocks, temb, cemb) if batch else None
         h, skips = self.encoder(x, temb, cemb, context, context_mask, projected)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), temb, cemb, context, context_mask, projected)
