@@ -144,18 +144,24 @@ def train_ours(out: Path, budget_s: float, batch_size: int, images, data: Path) 
 # theirs
 
 
-def train_peer(name: str, budget_s: float, batch_size: int, images, recipe: str) -> tuple[dict, torch.nn.Module]:
-    """Their Unet + GaussianDiffusion loss for budget_s CPU seconds; returns (record, EMA Unet)."""
+def train_peer(name: str, budget_s: float, batch_size: int, images, recipe: str, seed: int = 0,
+               snapshot_s=(), on_snapshot=None) -> tuple[dict, torch.nn.Module]:
+    """Their Unet + GaussianDiffusion loss for budget_s CPU seconds; returns (record, EMA Unet).
+
+    on_snapshot(cpu_s, step, ema_unet) is called once the CPU time passes each mark of snapshot_s
+    (legitimate only for a constant learning rate, i.e. recipe "theirs").
+    """
     from diffusekit.loop import EMA, lr_at
     from diffusekit.run import TrainConfig
     Unet, GaussianDiffusion = import_lucidrains()
-    torch.manual_seed(0)  # benchmark entry point: their code draws t and noise from the global RNG
+    torch.manual_seed(seed)  # benchmark entry point: their code draws t and noise from the global RNG
     unet = Unet(dim=24, dim_mults=(1, 2, 3), channels=1)
     diffusion = GaussianDiffusion(unet, image_size=28, timesteps=1000, objective="pred_noise",
                                   beta_schedule="linear", auto_normalize=True)
     assert float(diffusion.normalize(torch.ones(1))) == 1.0   # auto_normalize: [0, 1] -> [-1, 1]
     images01 = (images + 1) / 2              # ours are in [-1, 1]; theirs take [0, 1] and normalise
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
+    marks = sorted(snapshot_s)
     if recipe == "theirs":
         from ema_pytorch import EMA as TheirEMA
         opt = torch.optim.Adam(unet.parameters(), lr=1e-4, betas=(0.9, 0.99))
@@ -180,6 +186,10 @@ def train_peer(name: str, budget_s: float, batch_size: int, images, recipe: str)
         opt.step()
         ema.update() if recipe == "theirs" else ema.update(unet)
         step, loss_v = step + 1, loss.item()
+        while marks and time.process_time() - c0 >= marks[0] and on_snapshot is not None:
+            ema_now = ema.ema_model if recipe == "theirs" else ema.model
+            on_snapshot(time.process_time() - c0, step, ema_now)
+            marks.pop(0)
         if tc is not None and step == 8 and tc.steps == 10**6:
             per_step = (time.process_time() - c0) / step
             tc = TrainConfig(steps=max(step + 1, int(budget_s / per_step)), batch_size=batch_size)

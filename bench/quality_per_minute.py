@@ -1,0 +1,367 @@
+"""Quality per CPU-minute on MNIST: a recipe search for diffusekit and FD against training CPU time.
+
+Every job is one process on one thread; the budget is its CPU time (time.process_time), so other
+jobs on a shared machine change the wall time, not the result. Jobs (each writes
+OUT/results/NAME.json, so two can run at once):
+
+  real                 the reference: 1,000 MNIST train images against t10k (FD floor at this n),
+                       and the judge's confident share on real t10k and train images
+  ours  --recipe R     diffusekit.train.train with recipe R (dotted RunConfig options, RECIPES below)
+                       for --budget-cpu-min; steps = budget / CPU s per step measured on a probe of
+                       the same network, loss, batch and precision, so the cosine schedule ends at
+                       the budget; then scored
+  peer                 lucidrains' Unet + GaussianDiffusion with their Trainer defaults (Adam 1e-4,
+                       constant, EMA 0.995 every 10 steps, fp32; bench/vs_lucidrains.py::train_peer);
+                       a constant lr, so EMA snapshots of one run at --snapshots CPU-minutes are the
+                       models a shorter run would have given; each snapshot is scored
+  report / plot        tables of OUT/results; docs/img/quality_per_minute.png and a sample grid
+
+Scoring (identical for all): diffusekit DDIM, eta 0, 20 steps (--steps) (trailing spacing), bf16 autocast,
+n = 1,000 unconditional samples from the same starting noise; judge = a `diffusekit
+train-classifier` MNIST classifier; FD / KID / precision / recall of its penultimate features against
+MNIST t10k (diffusekit.metrics); "confident" = judge max softmax probability >= 0.9.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality_per_minute.py real --judge runs/judge --data path/to/mnist
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality_per_minute.py ours --recipe defaults --budget-cpu-min 5 \\
+        --judge runs/judge --data path/to/mnist
+    OMP_NUM_THREADS=1 .venv/bin/python bench/quality_per_minute.py peer --budget-cpu-min 10 --snapshots 1 2 5 10 \\
+        --judge runs/judge --data path/to/mnist
+    .venv/bin/python bench/quality_per_minute.py report
+    .venv/bin/python bench/quality_per_minute.py plot --img-dir docs/img
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vs_lucidrains import mnist_train, n_params, peer_pipeline, train_peer  # noqa: E402
+
+CONFIDENT = 0.9          # judge max softmax probability that counts as "a confident digit"
+STRICTER = (0.99, 0.999)  # also reported: the judge is confident on some noise images at 0.9
+
+# dotted RunConfig options on top of the MNIST defaults (mnist28 preset, unconditional, bf16,
+# channels_last); "defaults" is what `diffusekit train --data path/to/mnist` uses today
+RECIPES: dict[str, dict] = {
+    "defaults": {},
+    "b32": {"train.batch_size": 32},
+    "lr4e-3": {"train.lr": 4e-3},
+    "minsnr": {"train.loss_weighting": "min_snr", "train.min_snr_gamma": 5.0},
+    "v-cosine": {"model.prediction_type": "v_prediction", "schedule.kind": "cosine"},
+    "noattn": {"model.attention_resolutions": ()},
+    "b32-lr4e-3": {"train.batch_size": 32, "train.lr": 4e-3},
+    "b32-minsnr": {"train.batch_size": 32, "train.loss_weighting": "min_snr", "train.min_snr_gamma": 5.0},
+}
+
+
+def base_options(data: Path, seed: int, budget_steps: int) -> dict:
+    return {"data.source": str(data), "data.split": "train", "data.class_labels": False,
+            "train.precision": "bf16", "train.channels_last": True, "train.sample_every": 0,
+            "train.save_every": budget_steps, "train.log_every": 25, "train.seed": seed,
+            "train.steps": budget_steps, "train.device": "cpu"}
+
+
+def our_config(recipe: str, data: Path, seed: int, steps: int):
+    from diffusekit.run import resolve_run_config
+    return resolve_run_config({**base_options(data, seed, steps), **RECIPES[recipe]})
+
+
+def probe_cpu_s_per_step(cfg, images: torch.Tensor, steps: int = 12) -> float:
+    """CPU seconds per optimiser step of cfg's UNet, loss, batch and precision (after 3 warm-up steps)."""
+    from diffusekit.loop import EMA
+    from diffusekit.losses import diffusion_loss
+    from diffusekit.nn.unet import UNet
+    from diffusekit.schedule import NoiseSchedule
+    tc, sc = cfg.train, cfg.schedule
+    torch.manual_seed(0)  # benchmark entry point
+    model = UNet(cfg.model).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr)
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    sched = NoiseSchedule.create(sc.kind, num_train_timesteps=sc.num_train_timesteps,
+                                 beta_start=sc.beta_start, beta_end=sc.beta_end)
+    g = torch.Generator().manual_seed(0)
+    t0 = 0.0
+    for i in range(steps + 3):
+        if i == 3:
+            t0 = time.process_time()
+        x0 = images[torch.randint(0, len(images), (tc.batch_size,), generator=g)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = diffusion_loss(model, sched, x0.contiguous(memory_format=torch.channels_last),
+                                  cfg.model.prediction_type, g, tc.loss_weighting, tc.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        ema.update(model)
+    return (time.process_time() - t0) / steps
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+class Judge:
+    """The judge classifier: penultimate features for FD and max softmax probability for confidence."""
+
+    def __init__(self, judge_dir: Path):
+        from diffusekit.evaluation import feature_extractor
+        self.extractor = feature_extractor(f"classifier:{judge_dir}")
+        self.model = self.extractor.model
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(features (N, F) float64, max softmax probability (N,)) of images in [-1, 1]."""
+        feats, conf = [], []
+        for i in range(0, len(images), 500):
+            f = self.extractor(images[i:i + 500])
+            p = torch.softmax(self.model.head(f.to(next(self.model.parameters()).dtype)).float(), dim=1)
+            feats.append(f.double().numpy())
+            conf.append(p.max(1).values.numpy())
+        return np.concatenate(feats), np.concatenate(conf)
+
+
+def score_images(images: torch.Tensor, judge: Judge, data: Path, cache: Path, seed: int = 0) -> dict:
+    """FD / KID / precision / recall against MNIST t10k and the confident share of images in [-1, 1]."""
+    from diffusekit import metrics as M
+    from diffusekit.data import DataConfig
+    from diffusekit.evaluation import reference_statistics
+    feats, conf = judge(images)
+    ref = DataConfig(source=str(data), split="t10k", class_labels=False)
+    ref_stats = reference_statistics(ref, judge.extractor, cache)
+    r = M.evaluate(feats, ref_stats, seed=seed)
+    r.update({"confident": float((conf >= CONFIDENT).mean()), "confident_threshold": CONFIDENT,
+              **{f"confident_{t:g}": float((conf >= t).mean()) for t in STRICTER},
+              "mean_max_prob": float(conf.mean()), "n": len(images)})
+    return r
+
+
+def sample(pipe, n: int, steps: int, seed: int = 0, batch: int = 100) -> torch.Tensor:
+    """n DDIM samples (eta 0), batch k from a generator seeded by (seed, "eval", first index)."""
+    from diffusekit.loop import derive_seed
+    out = []
+    for first in range(0, n, batch):
+        g = torch.Generator().manual_seed(derive_seed(seed, "eval", first))
+        b = min(batch, n - first)
+        out.append(pipe.sample(b, sampler="ddim", num_steps=steps, generator=g, batch_size=b,
+                               progress=False).float().clamp(-1, 1))
+    return torch.cat(out)
+
+
+def score_pipe(pipe, args, out_npz: Path) -> dict:
+    c0 = time.process_time()
+    images = sample(pipe, args.n, args.steps)
+    sample_cpu = time.process_time() - c0
+    out_npz.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_npz, images=((images[:100] + 1) * 127.5).round().to(torch.uint8).numpy())
+    r = score_images(images, Judge(args.judge), args.data, ROOT / "runs/bench_cache")
+    r.update({"sampler": "ddim", "sampler_steps": args.steps, "sample_cpu_s": sample_cpu,
+              "eval_cpu_s": time.process_time() - c0})
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs
+
+
+def meta(args) -> dict:
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_start": os.getloadavg(),
+            "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}"}
+
+
+def save(args, name: str, record: dict) -> None:
+    path = args.out / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=float))
+    print(f"{name}: {json.dumps({k: record['eval'][k] for k in ('fd', 'confident', 'precision', 'recall')})}",
+          flush=True)
+
+
+def job_real(args) -> None:
+    from diffusekit.data import DataConfig, load_dataset
+    m = meta(args)
+    judge = Judge(args.judge)
+    train = mnist_train(args.data)
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:args.n]
+    r = score_images(train[idx], judge, args.data, ROOT / "runs/bench_cache")
+    test = load_dataset(DataConfig(source=str(args.data), split="t10k", class_labels=False)).images
+    _, conf = judge(test)
+    r["t10k_confident"] = float((conf >= CONFIDENT).mean())
+    r.update({f"t10k_confident_{t:g}": float((conf >= t).mean()) for t in STRICTER})
+    r["t10k_mean_max_prob"] = float(conf.mean())
+    save(args, "real", {**m, "kind": "real", "eval": r})
+
+
+def job_ours(args) -> None:
+    from diffusekit.pipeline import Pipeline
+    from diffusekit.train import train
+    m = meta(args)
+    budget = args.budget_cpu_min * 60
+    name = f"ours-{args.recipe}-{args.budget_cpu_min:g}min-s{args.seed}"
+    cfg, dataset = our_config(args.recipe, args.data, args.seed, 10)
+    per_step = probe_cpu_s_per_step(cfg, dataset.images)
+    steps = max(1, int(budget / per_step))
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, save_every=steps))
+    print(f"{name}: {per_step:.3f} CPU s/step -> {steps} steps", flush=True)
+    run_dir = args.out / "runs" / name
+    c0, w0 = time.process_time(), time.time()
+    result = train(cfg, run_dir, progress=False, dataset=dataset)
+    record = {"name": name, "kind": "ours", "recipe": args.recipe, "options": RECIPES[args.recipe],
+              "seed": args.seed, "budget_cpu_min": args.budget_cpu_min, "probe_cpu_s_per_step": per_step,
+              "steps": result.step, "batch_size": cfg.train.batch_size, "cpu_s": time.process_time() - c0,
+              "wall_s": time.time() - w0, "final_loss": result.loss, "params": n_params(result.model),
+              "loadavg_end_train": os.getloadavg()}
+    print(f"{name}: trained {record}", flush=True)
+    pipe = Pipeline.load(run_dir, device="cpu", precision="bf16")
+    record["eval"] = score_pipe(pipe, args, args.out / "results" / f"{name}.npz")
+    save(args, name, {**m, **record})
+
+
+def job_peer(args) -> None:
+    m = meta(args)
+    images = mnist_train(args.data)
+    budget = args.budget_cpu_min * 60
+    snaps: list[tuple[float, int, dict]] = []
+    marks = [s * 60 for s in args.snapshots] if args.snapshots else [budget]
+
+    def keep(cpu_s, step, ema_unet):
+        snaps.append((cpu_s, step, {k: v.detach().clone() for k, v in ema_unet.state_dict().items()}))
+
+    w0 = time.time()
+    record, unet = train_peer("lucidrains", budget, 64, images, "theirs", seed=args.seed,
+                              snapshot_s=marks, on_snapshot=keep)
+    record.update({"wall_s_train": time.time() - w0, "loadavg_end_train": os.getloadavg()})
+    print(f"lucidrains: trained {record}", flush=True)
+    for (cpu_s, step, state), mark in zip(snaps, marks):
+        name = f"lucidrains-{mark / 60:g}min-s{args.seed}"
+        unet.load_state_dict(state)
+        r = {"name": name, "kind": "lucidrains", "seed": args.seed, "budget_cpu_min": mark / 60,
+             "steps": step, "batch_size": 64, "cpu_s": cpu_s, "params": record["params"],
+             "full_run": record, "eval": score_pipe(peer_pipeline(unet.eval()), args,
+                                                    args.out / "results" / f"{name}.npz")}
+        save(args, name, {**m, **r})
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def load_results(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))}
+
+
+def report(out: Path) -> str:
+    res = load_results(out)
+    rows = ["| run | params | steps x batch | train CPU min | train wall min | load avg | loss | FD | "
+            "confident >= 0.9 / 0.99 | KID | precision | recall |", "|" + " --- |" * 12]
+    for name, r in res.items():
+        e = r["eval"]
+        if r["kind"] == "real":
+            rows.append(f"| real: {e['n']} train images | - | - | - | - | - | - | {e['fd']:.3f} | "
+                        f"{e['confident']:.3f} / {e['confident_0.99']:.3f} (t10k {e['t10k_confident']:.3f} / "
+                        f"{e['t10k_confident_0.99']:.3f}) | {e['kid_mean']:.4f} | "
+                        f"{e['precision']:.3f} | {e['recall']:.3f} |")
+            continue
+        wall = r.get("wall_s", r.get("full_run", {}).get("wall_s_train", float("nan")) * r["cpu_s"]
+                     / max(1e-9, r.get("full_run", {}).get("cpu_s", float("nan"))))
+        load = f"{r['loadavg_start'][0]:.1f}-{r.get('loadavg_end_train', r.get('full_run', {}).get('loadavg_end_train', [float('nan')]))[0]:.1f}"
+        loss = r.get("final_loss", r.get("full_run", {}).get("final_loss", float("nan")))
+        rows.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['steps']} x {r['batch_size']} | "
+                    f"{r['cpu_s'] / 60:.2f} | {wall / 60:.1f} | {load} | {loss:.4f} | {e['fd']:.2f} | "
+                    f"{e['confident']:.3f} / {e['confident_0.99']:.3f} | {e['kid_mean']:.4f} | {e['precision']:.3f} | {e['recall']:.3f} |")
+    return "\n".join(rows)
+
+
+def plot(out: Path, img_dir: Path, recipe: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = load_results(out)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {f"diffusekit ({recipe})": [r for r in res.values() if r.get("recipe") == recipe],
+              "diffusekit (old defaults)": [r for r in res.values() if r.get("recipe") == "defaults"],
+              "denoising-diffusion-pytorch (Trainer defaults)": [r for r in res.values()
+                                                                 if r["kind"] == "lucidrains"]}
+    for (label, runs), marker in zip(series.items(), "osD"):
+        if not runs or (label.endswith("(old defaults)") and recipe == "defaults"):
+            continue
+        by_budget: dict[float, list] = {}
+        for r in runs:
+            by_budget.setdefault(r["budget_cpu_min"], []).append(r)
+        xs = sorted(by_budget)
+        seed0 = [next((r for r in by_budget[x] if r["seed"] == 0), by_budget[x][0]) for x in xs]
+        line = ax.plot([r["cpu_s"] / 60 for r in seed0], [r["eval"]["fd"] for r in seed0], marker=marker,
+                       label=label)[0]
+        for x in xs:
+            if len(by_budget[x]) > 1:
+                fds = [r["eval"]["fd"] for r in by_budget[x]]
+                cpu = np.mean([r["cpu_s"] / 60 for r in by_budget[x]])
+                ax.errorbar([cpu], [np.mean(fds)], yerr=[[np.mean(fds) - min(fds)], [max(fds) - np.mean(fds)]],
+                            color=line.get_color(), capsize=4, fmt="none")
+                ax.scatter([cpu] * len(fds), fds, color=line.get_color(), s=10, alpha=0.6)
+    if "real" in res:
+        fd_real = res["real"]["eval"]["fd"]
+        ax.axhline(fd_real, color="gray", ls=":", label=f"real images (floor, FD {fd_real:.2f})")
+        ax.axhline(3 * fd_real, color="gray", ls="--", lw=0.8, label="goal: 3x the floor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training CPU-minutes (1 thread)")
+    ax.set_ylabel("judge-feature FD vs MNIST t10k (n = 1,000)")
+    ax.set_title("MNIST: quality per CPU-minute (DDIM-20)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(img_dir / "quality_per_minute.png", dpi=120)
+
+
+def grid(out: Path, name: str, path: Path) -> None:
+    from PIL import Image
+    imgs = np.load(out / "results" / f"{name}.npz")["images"][:100, 0]
+    tiles = imgs.reshape(10, 10, 28, 28).transpose(0, 2, 1, 3).reshape(280, 280)
+    Image.fromarray(tiles).resize((560, 560), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("job", choices=["real", "ours", "peer", "report", "plot", "grid"])
+    parser.add_argument("--judge", type=Path)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--recipe", default="defaults", choices=sorted(RECIPES))
+    parser.add_argument("--budget-cpu-min", type=float, default=5.0)
+    parser.add_argument("--snapshots", type=float, nargs="*", default=[], help="peer: CPU-minutes to score")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (eta 0)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/quality_per_minute")
+    parser.add_argument("--img-dir", type=Path, default=ROOT / "docs/img")
+    parser.add_argument("--grid-run", help="grid: the result name whose samples to tile")
+    args = parser.parse_args()
+    if args.job == "report":
+        print(report(args.out))
+        return
+    if args.job == "plot":
+        plot(args.out, args.img_dir, args.recipe)
+        return
+    if args.job == "grid":
+        grid(args.out, args.grid_run, args.img_dir / "mnist_10min_samples.png")
+        return
+    if args.judge is None or args.data is None:
+        parser.error("--judge and --data are required for real / ours / peer")
+    torch.set_num_threads(1)
+    {"real": job_real, "ours": job_ours, "peer": job_peer}[args.job](args)
+
+
+if __name__ == "__main__":
+    main()
