@@ -241,7 +241,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         total = torch.zeros((), device=device)
         for k, sl in enumerate(micro_batches(len(x0), tc.grad_accum)):
             last = k == tc.grad_accum - 1
-            with (net.no_sync() if ddp and not last else nullcontext()), autocast(device, tc.precision):
+            with (net.no_sync() if ddp and not last else nullcontext()), autocast(device, tc.precision), \
+                    inputs.dropout_masks(step, sl):
                 loss = diffusion_loss(net, schedule, x0[sl], cfg.model.prediction_type, None, tc.loss_weighting,
                                       tc.min_snr_gamma, t=t[sl], noise=noise[sl], **slice_cond(cond, sl))
                 loss = loss / tc.grad_accum       # the mean over the rank's slice

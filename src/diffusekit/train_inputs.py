@@ -1,7 +1,8 @@
 """What one diffusion training step sees: x0 (pixels or latents), t, noise and the conditioning.
 
 Every random draw of a step (timesteps, noise, label and caption dropout) is made for the whole
-GLOBAL batch from a generator seeded by (seed, step), and each torchrun rank takes its slice. So
+GLOBAL batch from a generator seeded by (seed, step), and each torchrun rank takes its slice; the
+model's dropout masks are drawn per global row from (seed, step, layer, row) (`dropout_masks`). So
 one process at batch B and k processes at batch B see the same numbers, and gradient
 accumulation (micro-batches of one rank's slice) sees them too: results depend on the global batch
 alone, up to floating-point reduction order. Images come from data.BatchSource (in memory or
@@ -18,6 +19,7 @@ from .data.batches import BatchSource
 from .loop import Dist, derive_seed
 from .losses import draw_t_noise
 from .models import cached_latents
+from .nn.layers import row_dropout_seeds
 
 
 class StepInputs:
@@ -70,6 +72,15 @@ class StepInputs:
         if tc.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         return x0, t, noise, cond
+
+    def dropout_masks(self, step: int, sl: slice):
+        """The block in which the model's dropout layers draw masks by global row: rows sl of this rank's slice.
+
+        With masks a function of (seed, step, layer, global row), dropout too is the same for one process,
+        k ranks and K micro-batches (nn.layers.row_dropout_seeds).
+        """
+        lo = self.dist.rank * self.per_rank
+        return row_dropout_seeds(derive_seed(self.cfg.train.seed, "dropout", step), range(lo + sl.start, lo + sl.stop))
 
     def close(self) -> None:
         self.source.close()

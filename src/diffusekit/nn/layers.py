@@ -1,6 +1,9 @@
 """Small layers shared by the UNet, the attention blocks and the autoencoder."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -67,3 +70,68 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# --- dropout that does not depend on how the batch is split ---------------------------------------
+
+_ROW_SEEDS: contextvars.ContextVar = contextvars.ContextVar("diffusekit_row_dropout", default=None)
+
+
+class _RowSeeds:
+    """The per-forward state of `row_dropout_seeds`: the step's seed, the rows' global indices, a call counter."""
+
+    def __init__(self, seed: int, rows: list[int]):
+        self.seed, self.rows, self.calls = seed, rows, 0
+
+    def next_layer(self) -> int:
+        self.calls += 1
+        return self.calls
+
+
+@contextlib.contextmanager
+def row_dropout_seeds(seed: int, rows):
+    """Inside this block every `RowDropout` draws row i's mask from (seed, layer call order, rows[i]).
+
+    `rows` are the global batch positions of the rows this process feeds the model (e.g. rank *
+    per_rank + micro-batch offset + i). A row's mask then depends only on the step and its position in
+    the global batch, so one process at batch B, k torchrun ranks at B/k and gradient accumulation in
+    micro-batches draw the same masks and train the same weights. Nestable; one forward per block.
+    """
+    token = _ROW_SEEDS.set(_RowSeeds(int(seed), [int(r) for r in rows]))
+    try:
+        yield
+    finally:
+        _ROW_SEEDS.reset(token)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a few integers (splitmix64 finaliser on a running hash)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h & (2**63 - 1)
+
+
+class RowDropout(nn.Dropout):
+    """nn.Dropout whose masks, inside `row_dropout_seeds`, are drawn per row from (seed, layer, global row).
+
+    Outside that block (evaluation, a user's own training loop) it is exactly nn.Dropout. Inside it,
+    keep = u >= p with u ~ U[0, 1) from a generator seeded per row, scaled by 1 / (1 - p) (inverted
+    dropout, as nn.Dropout). Costs one small generator per row and layer; weights are plain nn.Dropout's
+    (none), so checkpoints are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = _ROW_SEEDS.get()
+        if state is None or not self.training or self.p == 0:
+            return super().forward(x)
+        if len(state.rows) != x.shape[0]:
+            raise ValueError(f"row_dropout_seeds was given {len(state.rows)} row indices for a batch of "
+                             f"{x.shape[0]}: pass the global position of every row the model sees.")
+        layer = state.next_layer()
+        masks = []
+        for row in state.rows:
+            g = torch.Generator(x.device).manual_seed(_mix(state.seed, layer, row))
+            masks.append(torch.rand(x.shape[1:], generator=g, device=x.device) >= self.p)
+        return x * torch.stack(masks).to(x.dtype) / (1 - self.p)

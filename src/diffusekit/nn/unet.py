@@ -35,7 +35,7 @@ from diffusekit.config import Config, ConfigError, check_range
 from diffusekit.schedule import PredictionType
 from diffusekit.nn.attention import AttentionBlock, SpatialTransformer
 from diffusekit.nn.embeddings import ClassEmbedding, TextEmbedding, TimestepEmbedding, as_timestep_batch
-from diffusekit.nn.layers import Downsample, GroupNorm, Upsample, zero_module
+from diffusekit.nn.layers import Downsample, GroupNorm, RowDropout, Upsample, zero_module
 
 PRESETS: dict[str, dict] = {
     # 8x8 sklearn digits, 1 channel: fast on a 2-core CPU
@@ -189,7 +189,7 @@ class ResBlock(nn.Module):
         self.emb_proj = nn.Linear(emb_dim, out_ch * (2 if use_scale_shift_norm else 1))
         self.ctx_proj = zero_module(nn.Linear(ctx_dim, out_ch)) if ctx_dim else None
         self.norm2 = GroupNorm(groups, out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = RowDropout(dropout)         # masks by global row in training (train_inputs)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
