@@ -14,6 +14,7 @@ OUT/results/NAME.json, so two can run at once):
                        constant, EMA 0.995 every 10 steps, fp32; bench/vs_lucidrains.py::train_peer);
                        a constant lr, so EMA snapshots of one run at --snapshots CPU-minutes are the
                        models a shorter run would have given; each snapshot is scored
+  rescore --grid-run N score run N of ours again (e.g. --steps 50)
   report / plot        tables of OUT/results; docs/img/quality_per_minute.png and a sample grid
 
 Scoring (identical for all): diffusekit DDIM, eta 0, 20 steps (--steps) (trailing spacing), bf16 autocast,
@@ -63,6 +64,12 @@ RECIPES: dict[str, dict] = {
     "noattn": {"model.attention_resolutions": ()},
     "b32-lr4e-3": {"train.batch_size": 32, "train.lr": 4e-3},
     "b32-minsnr": {"train.batch_size": 32, "train.loss_weighting": "min_snr", "train.min_snr_gamma": 5.0},
+    "b32-v": {"train.batch_size": 32, "model.prediction_type": "v_prediction"},
+    "b32-v-cosine": {"train.batch_size": 32, "model.prediction_type": "v_prediction", "schedule.kind": "cosine"},
+    "b16-v": {"train.batch_size": 16, "model.prediction_type": "v_prediction"},
+    "b16-v-cosine": {"train.batch_size": 16, "model.prediction_type": "v_prediction", "schedule.kind": "cosine"},
+    "b32-v-minsnr": {"train.batch_size": 32, "model.prediction_type": "v_prediction",
+                     "train.loss_weighting": "min_snr", "train.min_snr_gamma": 5.0},
 }
 
 
@@ -254,6 +261,18 @@ def job_peer(args) -> None:
         save(args, name, {**m, **r})
 
 
+def job_rescore(args) -> None:
+    """Score an existing run of ours again (e.g. with --steps 50) into results/rescore/NAME-ddimSTEPS.json."""
+    from diffusekit.pipeline import Pipeline
+    m = meta(args)
+    pipe = Pipeline.load(args.out / "runs" / args.grid_run, device="cpu", precision="bf16")
+    name = f"{args.grid_run}-ddim{args.steps}"
+    r = score_pipe(pipe, args, args.out / "results" / "rescore" / f"{name}.npz")
+    path = args.out / "results" / "rescore" / f"{name}.json"
+    path.write_text(json.dumps({**m, "name": name, "kind": "rescore", "eval": r}, indent=1, default=float))
+    print(f"{name}: fd {r['fd']:.3f} confident {r['confident']:.3f}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 
@@ -330,12 +349,13 @@ def grid(out: Path, name: str, path: Path) -> None:
     from PIL import Image
     imgs = np.load(out / "results" / f"{name}.npz")["images"][:100, 0]
     tiles = imgs.reshape(10, 10, 28, 28).transpose(0, 2, 1, 3).reshape(280, 280)
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(tiles).resize((560, 560), Image.NEAREST).save(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", choices=["real", "ours", "peer", "report", "plot", "grid"])
+    parser.add_argument("job", choices=["real", "ours", "peer", "rescore", "report", "plot", "grid"])
     parser.add_argument("--judge", type=Path)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--recipe", default="defaults", choices=sorted(RECIPES))
@@ -346,7 +366,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (eta 0)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/quality_per_minute")
     parser.add_argument("--img-dir", type=Path, default=ROOT / "docs/img")
-    parser.add_argument("--grid-run", help="grid: the result name whose samples to tile")
+    parser.add_argument("--grid-name", help="grid: file name under --img-dir")
+    parser.add_argument("--grid-run", help="grid / rescore: the result (run) name")
     args = parser.parse_args()
     if args.job == "report":
         print(report(args.out))
@@ -355,12 +376,12 @@ def main() -> None:
         plot(args.out, args.img_dir, args.recipe)
         return
     if args.job == "grid":
-        grid(args.out, args.grid_run, args.img_dir / "mnist_10min_samples.png")
+        grid(args.out, args.grid_run, args.img_dir / (args.grid_name or "mnist_10min_samples.png"))
         return
     if args.judge is None or args.data is None:
         parser.error("--judge and --data are required for real / ours / peer")
     torch.set_num_threads(1)
-    {"real": job_real, "ours": job_ours, "peer": job_peer}[args.job](args)
+    {"real": job_real, "ours": job_ours, "peer": job_peer, "rescore": job_rescore}[args.job](args)
 
 
 if __name__ == "__main__":
