@@ -57,7 +57,7 @@ def tiny_config() -> RunConfig:
     model = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                        attention_resolutions=(), num_heads=2, groups=4, num_classes=10)
     return RunConfig(model=model, schedule=ScheduleConfig(num_train_timesteps=100), data=DataConfig(),
-                     train=TrainConfig(steps=STEPS, batch_size=BATCH, lr=3e-3, warmup_steps=2, log_every=1,
+                     train=TrainConfig(steps=STEPS, batch_size=BATCH, lr=3e-3, warmup_steps=2, log_every=1, precision="fp32",
                                        save_every=STEPS, sample_every=0, class_dropout=0.3, ema_decay=0.9,
                                        device="cpu"))
 

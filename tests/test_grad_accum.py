@@ -106,7 +106,7 @@ def test_grad_accum_equals_the_big_batch_with_captions(tmp_path):
     from diffusekit.run import RunConfig, resolve_run_config
     from test_text_to_image import text_options
     big, data = resolve_run_config(text_options(**{"train.steps": 4, "train.log_every": 1, "train.sample_every": 0,
-                                                   "train.caption_dropout": 0.3}))
+                                                   "train.caption_dropout": 0.3, "train.precision": "fp32"}))
     accumulated = RunConfig.from_dict({**big.to_dict(), "train": {**big.train.to_dict(), "grad_accum": 2}})
     train(big, tmp_path / "big", dataset=data, progress=False)
     train(accumulated, tmp_path / "accum", dataset=data, progress=False)

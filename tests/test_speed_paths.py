@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusekit import fastpath
+from diffusekit import device, fastpath
 from diffusekit.nn.attention import scaled_dot_product_attention
 from diffusekit.nn.unet import UNet, UNetConfig, project_all
 
@@ -200,14 +200,20 @@ def test_should_compile_follows_the_measured_table(monkeypatch):
     assert not fastpath.should_compile("cpu", 10 ** 9, training=False, batch_size=1)
 
 
-def test_native_bf16_detection(monkeypatch):
-    fastpath._cpu_flags.cache_clear()
-    monkeypatch.setattr(fastpath, "_cpu_flags", lambda: frozenset({"sse2", "avx512f", "avx512_bf16"}))
+def test_native_bf16_detection_and_auto_precision(monkeypatch):
+    device._cpu_flags.cache_clear()
+    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"sse2", "avx512f", "avx512_bf16"}))
     assert fastpath.has_native_bf16("cpu") and fastpath.default_precision("cpu") == "bf16"
-    monkeypatch.setattr(fastpath, "_cpu_flags", lambda: frozenset({"sse2", "avx2", "amx_bf16"}))
+    assert device.resolve_precision("auto", "cpu") == "bf16" and device.resolve_precision("fp32", "cpu") == "fp32"
+    with device.autocast("cpu", "auto"):                                    # "auto" autocasts to bf16 here
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"sse2", "avx2", "amx_bf16"}))
     assert fastpath.default_precision("cpu") == "bf16"
-    monkeypatch.setattr(fastpath, "_cpu_flags", lambda: frozenset({"sse2", "avx512f"}))
+    monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"sse2", "avx512f"}))
     assert not fastpath.has_native_bf16("cpu") and fastpath.default_precision("cpu") == "fp32"
+    assert device.resolve_precision("auto", "cpu") == "fp32"
+    with device.autocast("cpu", "auto"):                                    # and runs fp32 where bf16 is emulated
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     assert fastpath.default_precision("meta") == "fp32"
 
 
@@ -240,3 +246,45 @@ def test_modulated_group_norm_is_norm_times_scale_plus_shift(dtype, affine):
     plain = torch.autograd.grad(((norm(xs) * ss + hs) * w).sum(), params)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_training_compiles_on_request_and_trains_what_eager_trains(tmp_path, monkeypatch):
+    # train.compile="on" routes the training forward through fastpath.maybe_compile (here with the
+    # aot_eager backend: torch.compile's graph capture and autograd without the C++ compiler) and
+    # trains the weights eager training trains; "auto" follows the measured table (never, for CPU
+    # training); "off" never compiles
+    from test_multinode import assert_same_training, tiny_distributed_run
+    from diffusekit import train as train_module
+    calls = []
+
+    def recording_compile(model, enabled=True, **kw):
+        calls.append(enabled)
+        return fastpath.maybe_compile(model, enabled, backend="aot_eager")
+    monkeypatch.setattr(train_module, "maybe_compile", recording_compile)
+    runs = {}
+    for choice in ("off", "on", "auto"):
+        runs[choice] = tiny_distributed_run(steps=4, batch_size=16, precision="fp32", compile=choice)
+        train_module.train(runs[choice], tmp_path / choice, progress=False)
+    assert calls == [False, True, fastpath.should_compile("cpu", 4, training=True, batch_size=16)]
+    assert_same_training(tmp_path / "off", tmp_path / "on", runs["off"])
+    with pytest.raises(ValueError, match="compile='sometimes'"):
+        fastpath.compile_wanted("sometimes", "cpu", 10, training=True, batch_size=1)
+
+
+def test_pipeline_compile_samples_what_eager_samples(monkeypatch):
+    # Pipeline.compile("on") routes the sampler's model calls through the compiled network (aot_eager
+    # here); "off" and "auto" for a short CPU run (below the measured break-even) leave it eager
+    from diffusekit.pipeline import Pipeline
+    from diffusekit.schedule import NoiseSchedule
+    real = fastpath.maybe_compile
+    monkeypatch.setattr(fastpath, "maybe_compile", lambda model, enabled=True, **kw: real(model, enabled, backend="aot_eager"))
+    torch._dynamo.reset()
+    pipe = Pipeline(_perturbed_unet(), NoiseSchedule.create("linear", num_train_timesteps=100),
+                    image_shape=(1, 8, 8), device="cpu")
+    eager = pipe.sample(3, "ddim", 4, generator=torch.Generator().manual_seed(0))
+    assert not pipe.compile("auto", calls=4, batch_size=3) and pipe.compiled is None
+    assert pipe.compile("on") and isinstance(pipe.compiled, fastpath.CompiledModel)
+    compiled = pipe.sample(3, "ddim", 4, generator=torch.Generator().manual_seed(0))
+    assert pipe.compiled.error is None
+    _assert_close_to_scale(compiled, eager, 1e-4)
+    assert not pipe.compile("off") and pipe.compiled is None

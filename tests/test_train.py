@@ -30,8 +30,9 @@ def tiny_run(num_classes: int = 10, prediction_type: str = "epsilon", **train_kw
     model = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                        attention_resolutions=(), num_heads=2, groups=4, num_classes=num_classes,
                        prediction_type=prediction_type)
+    # fp32: the exact-equality tests (resume, grad accumulation, processes) compare at fp32 rounding
     kw = dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, log_every=5, save_every=10, sample_every=0,
-              num_sample_images=10, sample_steps=4, device="cpu")
+              num_sample_images=10, sample_steps=4, device="cpu", precision="fp32")
     return RunConfig(model=model, schedule=ScheduleConfig(num_train_timesteps=100),
                      data=DataConfig(class_labels=num_classes > 0), train=TrainConfig(**{**kw, **train_kw}))
 

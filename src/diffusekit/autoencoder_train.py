@@ -69,7 +69,7 @@ class AutoencoderTrainConfig(Config):
     grad_clip: float = 1.0              # max global grad norm; 0 = no clipping
     ema_decay: float = 0.999
     ema_warmup: bool = True             # decay_n = min(ema_decay, (1 + n) / (10 + n)) after n updates
-    precision: Precision = "fp32"       # bf16 / fp16: autocast of the network (fp16 adds a grad scaler)
+    precision: Precision = "auto"       # auto (bf16 where native, else fp32) / fp32 / bf16 / fp16 (grad scaler)
     logvar_init: float | None = -8.0    # initial posterior log-variance (see init_posterior_logvar); None = as built
     seed: int = 0
     device: DeviceChoice = "auto"

@@ -50,8 +50,9 @@ def common_options(fn):
     """--seed, --dry-run, --device and --precision: every command has them."""
     from .device import DEVICES, PRECISIONS
     fn = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-                      help="Network precision: fp32, bf16 (autocast; fast on recent CPUs and GPUs) or fp16 "
-                           "(GPU). Default: fp32 (train: the run's setting).")(fn)
+                      help="Network precision: auto (bf16 where the device runs it natively: recent x86 "
+                           "CPUs with AVX512-BF16/AMX and bf16 GPUs; else fp32), fp32, bf16 (autocast) or fp16 "
+                           "(GPU). Default: auto (train --resume: the run's setting).")(fn)
     fn = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                       help="auto = CUDA, then Apple MPS, then CPU.")(fn)
     fn = click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")(fn)
@@ -162,8 +163,8 @@ def _load_pipeline(path, device="auto", precision=None):
     from .pipeline import Pipeline
     from .interop.diffusers import is_diffusers_folder
     if is_diffusers_folder(path):
-        return Pipeline.from_diffusers(path, device=device, precision=precision or "fp32")
-    return Pipeline.load(path, device=device, precision=precision or "fp32")
+        return Pipeline.from_diffusers(path, device=device, precision=precision or "auto")
+    return Pipeline.load(path, device=device, precision=precision or "auto")
 
 
 def _tuned_steps(run, pipe, sampler, steps, timesteps_file):
@@ -252,6 +253,9 @@ def _train_options(fn):
                      help="Noise schedule."),
         click.option("--loss-weighting", type=literal_choices(TrainConfig, "loss_weighting"), default=None),
         click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format."),
+        click.option("--compile", "compile_", type=literal_choices(TrainConfig, "compile"), default=None,
+                     help="torch.compile the UNet: auto (where measured to repay its compile time; on this "
+                          "project's CPU measurements never for training), on, off. Default: auto."),
         click.option("--class-dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="Share of null labels, for classifier-free guidance."),
         click.option("--sample-every", type=click.IntRange(0), default=None, help="Write a sample grid every N steps."),
@@ -264,7 +268,7 @@ def _train_options(fn):
 
 def _train_overrides(source, image_size, channels, crop, hflip, strict, workers, autoencoder, text_kind, text_encoder,
                      text_conditioning, caption_dropout, grad_accum, checkpoints_total_limit, report_to, eval_every, split, unconditional, train_steps, batch_size,
-                     lr, prediction_type, schedule_kind, loss_weighting, channels_last, class_dropout,
+                     lr, prediction_type, schedule_kind, loss_weighting, channels_last, compile_, class_dropout,
                      sample_every, save_every, seed, device, precision) -> dict:
     """The dotted config options that were given explicitly (None = not given)."""
     if text_encoder and text_kind != "pretrained":
@@ -279,7 +283,7 @@ def _train_overrides(source, image_size, channels, crop, hflip, strict, workers,
              "data.split": split, "data.class_labels": False if unconditional else None,
              "model.prediction_type": prediction_type, "schedule.kind": schedule_kind,
              "train.steps": train_steps, "train.batch_size": batch_size, "train.lr": lr,
-             "train.loss_weighting": loss_weighting, "train.channels_last": channels_last,
+             "train.loss_weighting": loss_weighting, "train.channels_last": channels_last, "train.compile": compile_,
              "train.class_dropout": class_dropout, "train.sample_every": sample_every,
              "train.save_every": save_every, "train.seed": seed, "train.precision": precision,
              "train.device": device if device != "auto" else None}
@@ -344,10 +348,20 @@ def train(out, config_path, resume, overwrite, preset, seed, dry_run, device, pr
         return
     for note in getattr(dataset, "notes", []) or []:
         click.echo(f"data: {note}", err=True)
+    from .device import resolve_device, resolve_precision
+    device = resolve_device(cfg.train.device)
+    auto = " (auto)" if cfg.train.precision == "auto" else ""
+    click.echo(f"device: {device}, precision {resolve_precision(cfg.train.precision, device)}{auto}", err=True)
     result = run_training(cfg, out, resume=bool(resume), progress=True, dataset=dataset, resume_from=resume)
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     click.echo(f"trained {result.step} steps in {result.seconds:.0f} s (final loss {loss}); "
                f"run directory: {result.run_dir}")
+
+
+def _compile(pipe, choice: str, steps: int, n: int, batch_size: int, guidance: float) -> None:
+    """--compile for a sampling job: n images in batches of batch_size, steps calls each (CFG: 2 branches)."""
+    per_call = 2 if guidance != 1.0 else 1
+    pipe.compile(choice, calls=steps * -(-n // batch_size) * per_call, batch_size=min(n, batch_size) * per_call)
 
 
 def _clear_run(out: Path) -> None:
@@ -382,11 +396,14 @@ def _clear_run(out: Path) -> None:
 @click.option("--trajectory", type=click.Path(dir_okay=False), default=None,
               help="Also draw x_t and predicted x0 along the way for a few images.")
 @click.option("--batch-size", type=click.IntRange(1), default=256)
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the network: auto = where the measured break-even says this many model calls "
+                   "repay the compile time (fastpath.CPU_BREAK_EVEN_CALLS).")
 @common_options
 @friendly_errors
 def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, guides, guide_weighting, guide_window,
            classifier_path, classifier_scale, n, class_label, prompt, negative_prompt, prompts_file, timesteps_file,
-           out, nrow, trajectory, batch_size, seed, dry_run, device, precision):
+           out, nrow, trajectory, batch_size, compile_, seed, dry_run, device, precision):
     """Sample images from a trained run (or a diffusers pipeline folder) and save a grid.
 
     \b
@@ -401,7 +418,7 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
     settings = dict(run=run, sampler=sampler, steps=steps or 20, n=n, class_label=class_label, guidance=guidance,
                     guides=list(guides), guide_weighting=guide_weighting, classifier=classifier_path,
                     prompt=prompt, negative_prompt=negative_prompt, prompts_file=prompts_file,
-                    seed=seed or 0, out=out, device=device, precision=precision or "fp32", **kw)
+                    seed=seed or 0, out=out, device=device, precision=precision or "auto", **kw)
     if dry_run:
         _dump(settings)
         return
@@ -413,18 +430,17 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
         # image k gets class k mod K, so a grid with K images per row shows one class per column
         label = target = torch.arange(n) % pipe.num_classes
         nrow = nrow or pipe.num_classes
-    guide_kw = _guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path, classifier_scale,
-                         target)
-    guide_kw["negative_prompt"] = negative_prompt
+    guide_kw = {**_guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
+                            classifier_scale, target), "negative_prompt": negative_prompt}
     steps, tuned = _tuned_steps(run, pipe, sampler, steps, timesteps_file)
-    if tuned is not None:
-        kw["timesteps"] = tuned
+    kw.update({"timesteps": tuned} if tuned is not None else {})
     prompt_list = None
     if prompts_file:
         prompt_list = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
         if not prompt_list:
             raise UserError(f"--prompts-file {prompts_file} holds no prompts; write one prompt per line.")
         prompt, nrow, n = [p for p in prompt_list for _ in range(n)], n, n * len(prompt_list)
+    _compile(pipe, compile_, steps, n, batch_size, guidance)
     start = time.perf_counter()
     images = pipe.sample(n, sampler=sampler, num_steps=steps, generator=_generator(seed), class_labels=label,
                          batch_size=batch_size, progress=True, prompt=prompt, **guide_kw, **kw)
@@ -921,7 +937,7 @@ def demo(run, host, port, share, seed, dry_run, device, precision):
         _dump(dict(run=run, host=host, port=port, share=share, device=device))
         return
     from .demo import launch
-    launch(run, host=host, port=port, share=share, device=device, precision=precision or "fp32")
+    launch(run, host=host, port=port, share=share, device=device, precision=precision or "auto")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def _pipeline(source, device, precision):
 
 
 def launch(run_or_pipe, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *, concurrency: int = 2,
-           device: str = "auto", precision: str = "fp32", block: bool = True, quiet: bool = False):
+           device: str = "auto", precision: str = "auto", block: bool = True, quiet: bool = False):
     """Serve the demo for a run directory, a diffusers folder or a Pipeline at http://host:port.
 
     share=True asks Gradio for a public link (off by default: the page runs models on this machine).

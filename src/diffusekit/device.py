@@ -1,23 +1,26 @@
 """Where tensors live and in what precision: one device picker, one autocast, one rank/world reader.
 
 Every command and every library entry point that runs a network takes `device="auto"` (CUDA, then
-Apple's MPS, then the CPU) and `precision="fp32" | "bf16" | "fp16"` (autocast of the network call;
-fp16 training adds a gradient scaler). Noise is always drawn on the generator's device and then
+Apple's MPS, then the CPU) and `precision="auto" | "fp32" | "bf16" | "fp16"` (autocast of the network call;
+fp16 training adds a gradient scaler; "auto" is bf16 where the device multiplies bf16 natively,
+else fp32: `resolve_precision`). Noise is always drawn on the generator's device and then
 moved (`randn`), so a CPU generator drives a CUDA run reproducibly and vice versa.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from .config import ConfigError, check_choice
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DeviceChoice = Literal["auto", "cpu", "cuda", "mps"]
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,10 +58,16 @@ def check_precision(precision: str, device: torch.device | None = None) -> str:
     return precision
 
 
-def autocast(device: torch.device | str, precision: str):
-    """Autocast of the network call for bf16/fp16; a no-op context for fp32."""
-    device = torch.device(device) if not isinstance(device, torch.device) else device
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The concrete precision: "auto" -> `default_precision(device)`, the others as they are (validated)."""
     check_precision(precision)
+    return default_precision(device) if precision == "auto" else precision
+
+
+def autocast(device: torch.device | str, precision: str):
+    """Autocast of the network call for bf16/fp16 ("auto": see resolve_precision); a no-op context for fp32."""
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=_DTYPES[precision])
@@ -87,3 +96,34 @@ def rank_world() -> tuple[int, int, int]:
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
             int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether `device` multiplies bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX-BF16.
+
+    CPUs without them run bf16 autocast through fp32 conversions, usually slower than fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":      # emulated bf16 (pre-Ampere GPUs) does not count
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def default_precision(device: torch.device | str = "cpu") -> str:
+    """"bf16" where the device multiplies bf16 natively (`has_native_bf16`), else "fp32"."""
+    return "bf16" if has_native_bf16(device) else "fp32"

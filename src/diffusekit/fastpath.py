@@ -18,12 +18,12 @@ buffers across calls, which a sampler that keeps earlier model outputs would see
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .device import default_precision, has_native_bf16  # noqa: F401  (re-exported)
 
 # Model calls after which torch.compile has repaid its cold compile (empty inductor cache) for the
 # mnist28 UNet on an AVX512-BF16 CPU, one thread (bench/train_throughput.py, docs/BENCHMARKS.md,
@@ -50,6 +50,15 @@ def should_compile(device: torch.device | str, calls: int, *, training: bool, ba
     kind = "train" if training else ("sample_single" if batch_size <= 2 else "sample_batch")
     break_even = CPU_BREAK_EVEN_CALLS[kind]
     return break_even is not None and calls > break_even
+
+
+def compile_wanted(choice: str, device: torch.device | str, calls: int, *, training: bool, batch_size: int) -> bool:
+    """`--compile auto|on|off` for a planned run: on and off as said, auto by `should_compile` (measured)."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"compile={choice!r}: expected 'auto', 'on' or 'off'.")
+    if choice == "auto":
+        return should_compile(device, calls, training=training, batch_size=batch_size)
+    return choice == "on"
 
 
 def compile_unsupported_reason() -> str | None:
@@ -123,34 +132,3 @@ def maybe_compile(model: Callable, enabled: bool = True, *, freeze: bool = False
         raise ValueError(f"freeze=True cannot be combined with mode={mode!r}; drop one of them.")
     return CompiledModel(model, torch.compile(model, dynamic=dynamic, mode=mode, backend=backend,
                                               fullgraph=fullgraph, options=options))
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (Linux); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def has_native_bf16(device: torch.device | str = "cpu") -> bool:
-    """Whether `device` multiplies bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX-BF16.
-
-    CPUs without them run bf16 autocast through fp32 conversions, usually slower than fp32.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":      # emulated bf16 (pre-Ampere GPUs) does not count
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def default_precision(device: torch.device | str = "cpu") -> str:
-    """"bf16" where the device multiplies bf16 natively (`has_native_bf16`), else "fp32"."""
-    return "bf16" if has_native_bf16(device) else "fp32"

@@ -13,7 +13,7 @@ import torch
 
 from . import editing
 from .config import ConfigError
-from .device import autocast, check_precision, randn, resolve_device
+from .device import autocast, check_precision, randn, resolve_device, resolve_precision
 from .guidance import Guide, SourceGuidance, guided_denoiser
 from .samplers import Denoiser, Sampler, get_sampler
 from .schedule import NoiseSchedule
@@ -37,7 +37,7 @@ class Pipeline:
                  config=None, device: str | torch.device = "cpu", precision: str = "fp32", source: str = "",
                  latent_shape=None, autoencoder=None):
         self.device = resolve_device(device)
-        self.precision = check_precision(precision, self.device)
+        self.precision = resolve_precision(check_precision(precision, self.device), self.device)
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.schedule, self.config, self.source = schedule, config, source
         self.prediction_type, self.num_classes = prediction_type, int(num_classes)
@@ -45,6 +45,7 @@ class Pipeline:
         self.latent_shape = tuple(int(v) for v in latent_shape) if latent_shape is not None else self.image_shape
         self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None
         self.class_names = list(class_names)
+        self.compiled = None            # the torch.compile'd network call, after `compile`
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
@@ -77,9 +78,19 @@ class Pipeline:
         return get_sampler(name, self.schedule, prediction_type=self.prediction_type,
                            timestep_spacing=timestep_spacing or DEFAULT_SPACING, **options)
 
+    def compile(self, choice: str = "on", calls: int = 0, batch_size: int = 1) -> bool:
+        """torch.compile the network call from now on: choice "on", "off", or "auto" (where the measured
+        break-even says `calls` model calls at `batch_size` repay the compile: fastpath.compile_wanted).
+        Same results as eager to float tolerance; a failed compile warns once and runs eagerly. Returns
+        whether the network is now compiled."""
+        from .fastpath import compile_wanted, maybe_compile
+        wanted = compile_wanted(choice, self.device, calls, training=False, batch_size=batch_size)
+        self.compiled = maybe_compile(self.model, True) if wanted else None
+        return wanted
+
     def network(self) -> Callable:
         """The raw model call in this pipeline's precision, returning float32."""
-        model, device, precision = self.model, self.device, self.precision
+        model, device, precision = self.compiled or self.model, self.device, self.precision
 
         def call(x, t, **cond):
             with autocast(device, precision):

@@ -49,8 +49,9 @@ class TrainConfig(Config):
     ema_warmup: bool = True             # decay_n = min(ema_decay, (1 + n) / (10 + n)) after n updates
     loss_weighting: Literal["none", "min_snr"] = "none"
     min_snr_gamma: float = 5.0          # Hang et al. 2023
-    precision: Precision = "fp32"       # bf16 / fp16: autocast of the model call (fp16 adds a grad scaler)
+    precision: Precision = "auto"       # auto (bf16 where native, else fp32) / fp32 / bf16 / fp16 (adds a grad scaler)
     channels_last: bool = False
+    compile: Literal["auto", "on", "off"] = "auto"   # torch.compile the UNet; auto: where measured to pay (fastpath)
     class_dropout: float = 0.1          # prob. of the null label (for CFG); ignored by unconditional models
     caption_dropout: float = 0.1        # prob. of the empty prompt "" (for CFG); text-conditioned runs only
     grad_accum: int = 1                 # micro-batches per step (batch_size / grad_accum images each)

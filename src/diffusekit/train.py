@@ -28,6 +28,7 @@ from diffusekit import checkpoint as ckpt
 from diffusekit.config import ConfigError
 from diffusekit.data import open_dataset
 from diffusekit.device import autocast, grad_scaler, rank_world
+from diffusekit.fastpath import compile_wanted, maybe_compile
 from diffusekit.loop import EMA, Dist, check_loss, clip_and_step, derive_seed, run_loop, setup_processes
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_model
@@ -229,6 +230,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     ddp = dist.world_size > 1
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if ddp else model
+    call = _training_call(net, tc, device, start, dist)
     schedule = NoiseSchedule.from_config(cfg.schedule)
     autoencoder, ae_fingerprint = _autoencoder(cfg, run_dir, device, rank0)
     inputs = StepInputs(cfg, dataset, schedule, dist, device, autoencoder, ae_fingerprint, run_dir, progress and rank0)
@@ -243,7 +245,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
             last = k == tc.grad_accum - 1
             with (net.no_sync() if ddp and not last else nullcontext()), autocast(device, tc.precision), \
                     inputs.dropout_masks(step, sl):
-                loss = diffusion_loss(net, schedule, x0[sl], cfg.model.prediction_type, None, tc.loss_weighting,
+                loss = diffusion_loss(call, schedule, x0[sl], cfg.model.prediction_type, None, tc.loss_weighting,
                                       tc.min_snr_gamma, t=t[sl], noise=noise[sl], **slice_cond(cond, sl))
                 loss = loss / tc.grad_accum       # the mean over the rank's slice
             check_loss(loss.item())
@@ -270,6 +272,13 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
         if tracker is not None:
             tracker.close()
     return TrainResult(run_dir, max(start, tc.steps), hooks.last_loss, hooks.elapsed(), model, ema.model)
+
+
+def _training_call(net, tc, device: torch.device, start: int, dist: Dist):
+    """The training forward, compiled where it pays (fastpath.should_compile) or on request; DDP hooks stay on net."""
+    micro_batch = tc.batch_size // dist.world_size // tc.grad_accum
+    return maybe_compile(net, compile_wanted(tc.compile, device, (tc.steps - start) * tc.grad_accum, training=True,
+                                             batch_size=micro_batch))
 
 
 def main(argv: list[str] | None = None) -> int:

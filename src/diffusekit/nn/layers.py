@@ -74,6 +74,7 @@ class Upsample(nn.Module):
 
 # --- dropout that does not depend on how the batch is split ---------------------------------------
 
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)       # torch >= 2.3
 _ROW_SEEDS: contextvars.ContextVar = contextvars.ContextVar("diffusekit_row_dropout", default=None)
 
 
@@ -116,16 +117,17 @@ def _mix(*values: int) -> int:
 class RowDropout(nn.Dropout):
     """nn.Dropout whose masks, inside `row_dropout_seeds`, are drawn per row from (seed, layer, global row).
 
-    Outside that block (evaluation, a user's own training loop) it is exactly nn.Dropout. Inside it,
-    keep = u >= p with u ~ U[0, 1) from a generator seeded per row, scaled by 1 / (1 - p) (inverted
-    dropout, as nn.Dropout). Costs one small generator per row and layer; weights are plain nn.Dropout's
+    Outside that block (evaluation, a user's own training loop) and under torch.compile it is exactly
+    nn.Dropout. Inside it, keep = u >= p with u ~ U[0, 1) from a generator seeded per row, scaled by
+    1 / (1 - p) (inverted dropout, as nn.Dropout). Costs one small generator per row and layer; weights are plain nn.Dropout's
     (none), so checkpoints are unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = _ROW_SEEDS.get()
-        if state is None or not self.training or self.p == 0:
+        # under torch.compile (which cannot trace the context or the per-row generators): torch's own masks
+        if not self.training or self.p == 0 or _compiling() or _ROW_SEEDS.get() is None:
             return super().forward(x)
+        state = _ROW_SEEDS.get()
         if len(state.rows) != x.shape[0]:
             raise ValueError(f"row_dropout_seeds was given {len(state.rows)} row indices for a batch of "
                              f"{x.shape[0]}: pass the global position of every row the model sees.")
