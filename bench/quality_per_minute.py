@@ -303,46 +303,67 @@ def report(out: Path) -> str:
     return "\n".join(rows)
 
 
-def plot(out: Path, img_dir: Path, recipe: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    res = load_results(out)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    series = {f"diffusekit ({recipe})": [r for r in res.values() if r.get("recipe") == recipe],
-              "diffusekit (old defaults)": [r for r in res.values() if r.get("recipe") == "defaults"],
-              "denoising-diffusion-pytorch (Trainer defaults)": [r for r in res.values()
-                                                                 if r["kind"] == "lucidrains"]}
+def _series(res: dict, recipe: str) -> dict[str, list]:
+    series = {f"diffusekit ({recipe})": [r for r in res.values() if r.get("recipe") == recipe]}
+    if recipe != "defaults":
+        series["diffusekit (old defaults)"] = [r for r in res.values() if r.get("recipe") == "defaults"]
+    series["denoising-diffusion-pytorch (Trainer defaults)"] = [r for r in res.values() if r["kind"] == "lucidrains"]
+    return series
+
+
+def _plot_metric(ax, series: dict, key: str) -> None:
+    """One line per series through the seed-0 runs; min-max bars and dots where a budget has several seeds."""
     for (label, runs), marker in zip(series.items(), "osD"):
-        if not runs or (label.endswith("(old defaults)") and recipe == "defaults"):
+        if not runs:
             continue
         by_budget: dict[float, list] = {}
         for r in runs:
             by_budget.setdefault(r["budget_cpu_min"], []).append(r)
         xs = sorted(by_budget)
         seed0 = [next((r for r in by_budget[x] if r["seed"] == 0), by_budget[x][0]) for x in xs]
-        line = ax.plot([r["cpu_s"] / 60 for r in seed0], [r["eval"]["fd"] for r in seed0], marker=marker,
+        line = ax.plot([r["cpu_s"] / 60 for r in seed0], [r["eval"][key] for r in seed0], marker=marker,
                        label=label)[0]
         for x in xs:
             if len(by_budget[x]) > 1:
-                fds = [r["eval"]["fd"] for r in by_budget[x]]
-                cpu = np.mean([r["cpu_s"] / 60 for r in by_budget[x]])
-                ax.errorbar([cpu], [np.mean(fds)], yerr=[[np.mean(fds) - min(fds)], [max(fds) - np.mean(fds)]],
+                vals = [r["eval"][key] for r in by_budget[x]]
+                cpu = [r["cpu_s"] / 60 for r in by_budget[x]]
+                mid = float(np.mean(vals))
+                ax.errorbar([np.mean(cpu)], [mid], yerr=[[mid - min(vals)], [max(vals) - mid]],
                             color=line.get_color(), capsize=4, fmt="none")
-                ax.scatter([cpu] * len(fds), fds, color=line.get_color(), s=10, alpha=0.6)
+                ax.scatter(cpu, vals, color=line.get_color(), s=10, alpha=0.6)
+
+
+def plot(out: Path, img_dir: Path, recipe: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    res = load_results(out)
+    series = _series(res, recipe)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    _plot_metric(ax, series, "fd")
+    _plot_metric(ax2, series, "confident")
     if "real" in res:
-        fd_real = res["real"]["eval"]["fd"]
-        ax.axhline(fd_real, color="gray", ls=":", label=f"real images (floor, FD {fd_real:.2f})")
-        ax.axhline(3 * fd_real, color="gray", ls="--", lw=0.8, label="goal: 3x the floor")
-    ax.set_xscale("log")
+        e = res["real"]["eval"]
+        ax.axhline(e["fd"], color="gray", ls=":", label=f"1,000 real train images (FD {e['fd']:.3f})")
+        ax.axhline(3 * e["fd"], color="gray", ls="--", lw=0.8, label="goal: 3x the real images' FD")
+        ax2.axhline(e["t10k_confident"], color="gray", ls=":", label=f"real t10k images ({e['t10k_confident']:.3f})")
+        ax2.axhline(0.9, color="gray", ls="--", lw=0.8, label="goal: 0.9")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xticks([1, 2, 5, 10, 20])
+        a.xaxis.set_major_formatter(ScalarFormatter())
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.set_xlabel("training CPU-minutes (1 thread)")
+        a.legend(fontsize=7)
     ax.set_yscale("log")
-    ax.set_xlabel("training CPU-minutes (1 thread)")
     ax.set_ylabel("judge-feature FD vs MNIST t10k (n = 1,000)")
-    ax.set_title("MNIST: quality per CPU-minute (DDIM-20)")
-    ax.legend(fontsize=7)
+    ax2.set_ylabel(f"share of samples with judge max prob >= {CONFIDENT}")
+    ax2.set_ylim(0, 1)
+    fig.suptitle("MNIST, unconditional: quality per training CPU-minute (DDIM-20 samples)")
     fig.tight_layout()
     img_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(img_dir / "quality_per_minute.png", dpi=120)
+    fig.savefig(img_dir / "quality_per_minute.png", dpi=110)
 
 
 def grid(out: Path, name: str, path: Path) -> None:
