@@ -743,7 +743,7 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
 @click.option("--factor", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="Downsampling factor: 32x32 images give 8x8 (4) or 4x4 (8) latents.")
 @click.option("--latent-channels", type=click.IntRange(1, 64), default=4, show_default=True)
-@click.option("--train-steps", type=click.IntRange(1), default=None, help="Optimiser steps [default: 1500].")
+@click.option("--train-steps", type=click.IntRange(1), default=None, help="Optimiser steps [default: 1000].")
 @click.option("--batch-size", type=click.IntRange(1), default=None)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate.")
 @click.option("--resume", is_flag=True, help="Continue the autoencoder in --out exactly where it stopped.")
