@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,3 +432,32 @@ def test_failed_move_after_the_commit_rolls_forward_later(tmp_path, monkeypatch)
     _assert_one_save(ckpt.read_checkpoint(tmp_path, (ckpt.EMA_FILE, ckpt.RAW_FILE), trainer_state=True), 2)
     assert ckpt.recover(tmp_path) == "rolled_forward"
     _assert_one_save(ckpt.read_checkpoint(tmp_path, (ckpt.EMA_FILE, ckpt.RAW_FILE), trainer_state=True), 2)
+
+
+def test_pictures_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    # a write that fails half-way (a kill, a full disk) leaves the previous picture and no temporary file
+    import matplotlib.figure
+    from diffusekit.viz import figure, save_figure, save_grid
+    grid, plot = tmp_path / "grid.png", tmp_path / "loss.png"
+    save_grid(torch.zeros(4, 1, 8, 8), grid)
+    fig = figure(2, 2)
+    fig.add_subplot().plot([0, 1])
+    save_figure(fig, plot)
+    before = grid.read_bytes(), plot.read_bytes()
+
+    def half_write(self, fname, **kw):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        save_figure(fig, plot)
+    import PIL.Image
+
+    def half_image(self, fp, *args, **kw):
+        Path(fp).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(PIL.Image.Image, "save", half_image)
+    with pytest.raises(OSError, match="No space left"):
+        save_grid(torch.ones(4, 1, 8, 8), grid)
+    assert (grid.read_bytes(), plot.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "loss.png"]

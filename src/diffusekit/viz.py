@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from diffusekit.data import to_pixels
+from diffusekit.data import to_pixels, write_pixels
 
 DEFAULT_TS = (0, 100, 250, 500, 750, 999)
 
@@ -53,11 +54,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2,
 
 
 def _save_pixels(pixels: np.ndarray, path: str | Path) -> Path:
-    from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[:, :, 0] if pixels.shape[-1] == 1 else pixels).save(path)
-    return path
+    """Through a temporary file and os.replace (data.write_pixels): a killed or failed write leaves no half image."""
+    return write_pixels(pixels, path)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2,
@@ -76,9 +74,16 @@ def figure(width: float, height: float):
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """fig to path (format from the suffix) through a temporary file and os.replace, so a kill or a full
+    disk mid-write leaves the previous picture, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -19,7 +19,7 @@ from diffusekit.data.dataset import DataInfo, ImageDataset, load_dataset, load_f
 from diffusekit.data.folder import FolderIndex, index_folder
 from diffusekit.data.images import (LUMA_WEIGHTS, ImageFileError, augment_item, center_crop, fit_image, from_pixels,
                                     load_image, random_crop, random_hflip, read_image, read_image_array,
-                                    resize_center_crop, save_image, to_pixels)
+                                    resize_center_crop, save_image, to_pixels, write_pixels)
 from diffusekit.data.shapes import generate_shapes, write_shapes_folder
 from diffusekit.data.streaming import StreamingImageFolder, open_dataset
 
@@ -31,4 +31,4 @@ __all__ = ["ARRAY_EXTENSIONS", "IMAGE_EXTENSIONS", "LUMA_WEIGHTS", "Batch", "Bat
            "fit_image", "from_pixels", "generate_shapes", "index_folder", "load_dataset", "load_folder",
            "load_image", "open_dataset", "random_crop", "random_hflip", "read_idx", "read_image",
            "read_image_array", "resize_center_crop", "resolve_kind", "save_image", "to_pixels",
-           "write_shapes_folder"]
+           "write_pixels", "write_shapes_folder"]
