@@ -207,6 +207,10 @@ def job_real(args) -> None:
     _, conf = judge(test)
     r["t10k_confident"] = float((conf >= CONFIDENT).mean())
     r.update({f"t10k_confident_{t:g}": float((conf >= t).mean()) for t in STRICTER})
+    # the same test on pure noise: N(0, 1) images clamped to [-1, 1] (what an untrained model gives)
+    noise = torch.randn(args.n, 1, 28, 28, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    _, conf = judge(noise)
+    r.update({f"noise_confident_{t:g}": float((conf >= t).mean()) for t in (CONFIDENT, *STRICTER)})
     r["t10k_mean_max_prob"] = float(conf.mean())
     save(args, "real", {**m, "kind": "real", "eval": r})
 
