@@ -254,8 +254,8 @@ def _train_options(fn):
         click.option("--loss-weighting", type=literal_choices(TrainConfig, "loss_weighting"), default=None),
         click.option("--channels-last", is_flag=True, default=None, help="channels_last memory format."),
         click.option("--compile", "compile_", type=literal_choices(TrainConfig, "compile"), default=None,
-                     help="torch.compile the UNet: auto (where measured to repay its compile time; on this "
-                          "project's CPU measurements never for training), on, off. Default: auto."),
+                     help="torch.compile the UNet: auto (where measured to repay its compile time: on the CPUs "
+                          "measured, never for training), on, off. Default: auto."),
         click.option("--class-dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
                      help="Share of null labels, for classifier-free guidance."),
         click.option("--sample-every", type=click.IntRange(0), default=None, help="Write a sample grid every N steps."),

@@ -26,10 +26,12 @@ import torch
 from .device import default_precision, has_native_bf16  # noqa: F401  (re-exported)
 
 # Model calls after which torch.compile has repaid its cold compile (empty inductor cache) for the
-# mnist28 UNet on an AVX512-BF16 CPU, one thread (bench/train_throughput.py, docs/BENCHMARKS.md,
-# 2026-11-29): compile CPU-seconds / CPU-seconds saved per call against the fastest eager precision,
-# rounded up. None: the compiled model was not faster there, so compiling never pays.
-CPU_BREAK_EVEN_CALLS: dict[str, int | None] = {"train": None, "sample_batch": None, "sample_single": 20000}
+# mnist28 UNet on an AVX512-BF16 CPU, one thread (bench/train_throughput.py --threads 1 --clock cpu,
+# docs/BENCHMARKS.md, 2026-11-30): compile CPU-seconds / CPU-seconds saved per call against eager
+# bf16, rounded up. None: the compiled model was not faster there, so compiling never pays
+# (training: 0.97x eager). Sampling at batch 64: 1.09x after 63 s of compiling (an earlier run on
+# 2026-11-29 saw no gain); at batch 1: 1.52x after 60 s.
+CPU_BREAK_EVEN_CALLS: dict[str, int | None] = {"train": None, "sample_batch": 4000, "sample_single": 15000}
 
 
 def compile_pays(calls: int, eager_s: float, compiled_s: float, compile_s: float) -> bool:
