@@ -172,3 +172,9 @@ def test_tune_steps_then_sample_uses_them(tiny_run, tmp_path):
     r = CliRunner().invoke(main, ["sample", str(tiny_run), "--sampler", "dpmpp_2m", "--timesteps", str(out),
                                   "--out", str(tmp_path / "h.png")])
     assert r.exit_code == 2 and "tuned for sampler 'ddim'" in r.output
+    # eval takes the same steps file: 3 counted model calls per sample, at the tuned times
+    r = run("eval", tiny_run, "--sampler", "ddim", "--timesteps", out, "--n", 8, "--batch-size", 8,
+            "--out", tmp_path / "e.json", "--cache-dir", tmp_path / "cache")
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["nfe"] == 3 and result["settings"]["timesteps"] == pytest.approx(record["timesteps"])

@@ -693,11 +693,14 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, tr
 @click.option("--batch-size", type=click.IntRange(1), default=250, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=".cache/diffusekit", show_default=True,
               help="Where reference statistics are cached.")
+@click.option("--timesteps", "timesteps_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A steps file from `diffusekit tune-steps` (as sample: default RUN/tuned_steps.json when it "
+                   "was tuned for this sampler and --steps is not given).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here.")
 @common_options
 @friendly_errors
 def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras, variance_type, features, guidance,
-             classes, batch_size, cache_dir, out, seed, dry_run, device, precision):
+             classes, batch_size, cache_dir, timesteps_file, out, seed, dry_run, device, precision):
     """Score a run's samples: Frechet distance, KID, precision/recall, NFE and time.
 
     \b
@@ -705,10 +708,10 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
       diffusekit eval runs/mnist --ref path/to/mnist --ref-split t10k --n 5000 \\
         --sampler dpmpp_2m --steps 20 --features classifier:runs/judge --out eval.json
     """
-    steps = steps or 20
     from .data import DataConfig
     from .evaluation import evaluate_run
     pipe = _load_pipeline(run, device, precision) if not dry_run else None
+    steps, tuned = _tuned_steps(run, pipe, sampler, steps, timesteps_file) if pipe else (steps or 20, None)
     from .run import read_run_config
     c, size = (pipe.image_shape[0], pipe.image_shape[1]) if pipe else \
         (read_run_config(run).model.in_channels, read_run_config(run).model.image_size)
@@ -716,10 +719,11 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
     kw = _sampler_kwargs(spacing, eta, karras, variance_type)
     settings = dict(run=run, ref=ref.to_dict(), n=n, sampler=sampler, steps=steps, features=features,
                     guidance=guidance, classes=classes, batch_size=batch_size, cache_dir=cache_dir, seed=seed or 0,
-                    out=out, device=device, **kw)
+                    out=out, device=device, timesteps=None if tuned is None else [float(v) for v in tuned], **kw)
     if dry_run:
         _dump(settings)
         return
+    kw.update({"timesteps": tuned} if tuned is not None else {})
     result = evaluate_run(pipe, ref, n, sampler=sampler, num_steps=steps, features=features, cache_dir=cache_dir,
                           seed=seed or 0, batch_size=batch_size, guidance_scale=guidance,
                           class_labels="uniform" if classes == "uniform" else None, progress=True, **kw)

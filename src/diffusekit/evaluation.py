@@ -244,7 +244,8 @@ def _nfe(pipe, sampler, num_steps, guidance_scale, local, n, options) -> tuple[f
         # images through the network / samples: CFG's batched cond+uncond pass counts twice
         nfe = local["model_images"] / n
         return (int(nfe) if nfe == int(nfe) else nfe), "counted"
-    nfe = pipe.sampler_for(sampler, **options).nfe(num_steps)
+    plain = {k: v for k, v in options.items() if k != "timesteps"}          # tuned call times count as given
+    nfe = pipe.sampler_for(sampler, **plain).nfe(num_steps, options.get("timesteps"))
     if guidance_scale != 1.0 and local["labels"] is not None:
         nfe *= 2
     return nfe, "sampler.nfe"
