@@ -300,9 +300,9 @@ def report(out: Path) -> str:
         wall = r.get("wall_s", r.get("full_run", {}).get("wall_s_train", float("nan")) * r["cpu_s"]
                      / max(1e-9, r.get("full_run", {}).get("cpu_s", float("nan"))))
         load = f"{r['loadavg_start'][0]:.1f}-{r.get('loadavg_end_train', r.get('full_run', {}).get('loadavg_end_train', [float('nan')]))[0]:.1f}"
-        loss = r.get("final_loss", r.get("full_run", {}).get("final_loss", float("nan")))
+        loss = f"{r['final_loss']:.4f}" if "final_loss" in r else "-"   # snapshots: the loop logs no loss
         rows.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['steps']} x {r['batch_size']} | "
-                    f"{r['cpu_s'] / 60:.2f} | {wall / 60:.1f} | {load} | {loss:.4f} | {e['fd']:.2f} | "
+                    f"{r['cpu_s'] / 60:.2f} | {wall / 60:.1f} | {load} | {loss} | {e['fd']:.2f} | "
                     f"{e['confident']:.3f} / {e['confident_0.99']:.3f} | {e['kid_mean']:.4f} | {e['precision']:.3f} | {e['recall']:.3f} |")
     return "\n".join(rows)
 
