@@ -363,6 +363,9 @@ def plot(out: Path, img_dir: Path, recipe: str) -> None:
         ax.axhline(3 * e["fd"], color="gray", ls="--", lw=0.8, label="goal: 3x the real images' FD")
         ax2.axhline(e["t10k_confident"], color="gray", ls=":", label=f"real t10k images ({e['t10k_confident']:.3f})")
         ax2.axhline(0.9, color="gray", ls="--", lw=0.8, label="goal: 0.9")
+        if "noise_confident_0.9" in e:
+            ax2.axhline(e["noise_confident_0.9"], color="red", ls=":", lw=0.8,
+                        label=f"pure noise images ({e['noise_confident_0.9']:.2f})")
     for a in (ax, ax2):
         a.set_xscale("log")
         a.set_xticks([1, 2, 5, 10, 20])
