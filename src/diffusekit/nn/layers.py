@@ -8,6 +8,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from diffusekit.loop import derive_seed
+
 
 def zero_module(m: nn.Module) -> nn.Module:
     """Zero a module's parameters, so a residual branch starts as the identity (ADM)."""
@@ -105,35 +107,26 @@ def row_dropout_seeds(seed: int, rows):
         _ROW_SEEDS.reset(token)
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from a few integers (splitmix64 finaliser on a running hash)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return h & (2**63 - 1)
-
-
 class RowDropout(nn.Dropout):
     """nn.Dropout whose masks, inside `row_dropout_seeds`, are drawn per row from (seed, layer, global row).
 
     Outside that block (evaluation, a user's own training loop) and under torch.compile it is exactly
-    nn.Dropout. Inside it, keep = u >= p with u ~ U[0, 1) from a generator seeded per row, scaled by
-    1 / (1 - p) (inverted dropout, as nn.Dropout). Costs one small generator per row and layer; weights are plain nn.Dropout's
-    (none), so checkpoints are unchanged.
+    nn.Dropout. Inside it, keep = u >= p with u ~ U[0, 1) from a generator seeded per row by
+    loop.derive_seed, scaled by 1 / (1 - p) (inverted dropout, as nn.Dropout). Costs one small
+    generator per row and layer; it has no weights, so checkpoints are unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # under torch.compile (which cannot trace the context or the per-row generators): torch's own masks
-        if not self.training or self.p == 0 or _compiling() or _ROW_SEEDS.get() is None:
+        state = None if not self.training or self.p == 0 or _compiling() else _ROW_SEEDS.get()
+        if state is None:
             return super().forward(x)
-        state = _ROW_SEEDS.get()
         if len(state.rows) != x.shape[0]:
             raise ValueError(f"row_dropout_seeds was given {len(state.rows)} row indices for a batch of "
                              f"{x.shape[0]}: pass the global position of every row the model sees.")
         layer = state.next_layer()
         masks = []
         for row in state.rows:
-            g = torch.Generator(x.device).manual_seed(_mix(state.seed, layer, row))
+            g = torch.Generator(x.device).manual_seed(derive_seed(state.seed, "row_dropout", layer, row))
             masks.append(torch.rand(x.shape[1:], generator=g, device=x.device) >= self.p)
         return x * torch.stack(masks).to(x.dtype) / (1 - self.p)
