@@ -150,6 +150,21 @@ def shown_pixels(page, selector: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(body)))
 
 
+def shows_eventually(page, selector: str, expected: np.ndarray) -> np.ndarray:
+    """The image in selector once it equals expected, or the last one seen after the timeout.
+
+    A streamed handler (Generate) sends previews before the final picture; the status box can show the
+    final text a moment before the <img> swaps its source, so one read may still see the last preview.
+    """
+    for _ in range(TIMEOUT_MS // 250):
+        shown = shown_pixels(page, selector)
+        shown = shown if shown.ndim == 2 else shown[..., 0]
+        if shown.shape == expected.shape and np.array_equal(shown, expected):
+            break
+        page.wait_for_timeout(250)
+    return shown
+
+
 def settle(page, quiet_ms: int = 1000):
     """Until the page has had no request in flight for quiet_ms (queued events, uploads, files)."""
     quiet = 0
@@ -182,12 +197,12 @@ def test_sample_tab_generates_the_seeds_images(page, pipe, shots):
     choose(page, "#sample-class", label)
     page.get_by_role("button", name="Generate").click()
     expect(page.locator("#sample-status textarea")).to_have_value(re.compile("seed 5"))
-    grid = shown_pixels(page, "#sample-output")
     x = pipe.sample(4, "ddim", 6, generator=torch.Generator().manual_seed(5),
                     **h.conditioning(pipe, "3" if pipe.num_classes else "", "", 4))
     expected = h.to_display(x, h.display_factor(pipe))
+    grid = shows_eventually(page, "#sample-output", expected)
     assert grid.shape[:2] == expected.shape[:2] == (2 * (256 + 2) + 2,) * 2
-    np.testing.assert_array_equal(grid if grid.ndim == 2 else grid[..., 0], expected)
+    np.testing.assert_array_equal(grid, expected)
     screenshot(page, shots, "sample")
 
 
