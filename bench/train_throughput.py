@@ -1,6 +1,7 @@
 """Training and sampling throughput of the diffusekit UNet against diffusers' UNet2DModel, with FLOP/s.
 
-MNIST-size models (28x28, 1 channel) at matched parameter counts, same threads, one process:
+MNIST-size models (28x28, 1 channel) at matched parameter counts (diffusekit: the mnist28 preset and the
+mnist28-lean preset, which moves the channels to the small feature maps), same threads, one process:
   train     images/s of forward + backward + AdamW step (eps-prediction MSE loss), batch --batch-size
   sample    images/s of one denoiser call under torch.no_grad(), batch --batch-size
   sample1   the same at batch 1 (the interactive case), --single-calls calls per timed repeat
@@ -43,13 +44,15 @@ from diffusekit.nn.unet import UNet, UNetConfig
 
 IMAGE_SIZE, CHANNELS, TASKS = 28, 1, ("train", "sample", "sample1")
 DEFAULT_VARIANTS = {"diffusekit": "fp32,bf16,bf16+cl,bf16+compile,bf16+compile+freeze",
+                    "diffusekit-lean": "fp32,bf16,bf16+cl,bf16+compile,bf16+compile+freeze",
                     "diffusers": "fp32,bf16,bf16+cl", "lucidrains": "fp32,bf16,bf16+cl"}
 
 
 def build(name: str) -> torch.nn.Module:
     """One of the 28x28 UNets, wrapped to the call `model(x, t) -> eps` (~1.1-1.2M parameters each)."""
-    if name == "diffusekit":
-        model = UNet(UNetConfig.preset("mnist28"))      # widths 32/64/64, 1 res block, attention at 7x7
+    if name in ("diffusekit", "diffusekit-lean"):
+        # mnist28: widths 32/64/64, 1 res block, attention at 7x7; mnist28-lean: widths 16/32/80
+        model = UNet(UNetConfig.preset("mnist28" if name == "diffusekit" else "mnist28-lean"))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():       # weights for the zero-initialised layers: compiled-vs-eager checks compare
             for p in model.parameters():                # non-zero outputs
@@ -57,17 +60,21 @@ def build(name: str) -> torch.nn.Module:
                     p.normal_(0.0, 0.02, generator=g)
         return model
     if name == "diffusers":
-        from diffusers import UNet2DModel
-        net = UNet2DModel(sample_size=IMAGE_SIZE, in_channels=CHANNELS, out_channels=CHANNELS,
-                          block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                          attention_head_dim=16,
-                          down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                          up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
-        return _Wrap(net, lambda m, x, t: m(x, t, return_dict=False)[0])
+        return _Wrap(diffusers_unet2d(), lambda m, x, t: m(x, t, return_dict=False)[0])
     if name == "lucidrains":
         net = _import_lucidrains_unet()(dim=24, dim_mults=(1, 2, 3), channels=CHANNELS)   # 28 -> 14 -> 7
         return _Wrap(net, lambda m, x, t: m(x, t))
-    raise ValueError(f"unknown model {name!r}; expected diffusekit, diffusers or lucidrains")
+    raise ValueError(f"unknown model {name!r}; expected {', '.join(DEFAULT_VARIANTS)}")
+
+
+def diffusers_unet2d():
+    """The peer: diffusers' UNet2DModel matched to mnist28 (widths 32/64/64, 1 res block, attention at 7x7)."""
+    from diffusers import UNet2DModel
+    return UNet2DModel(sample_size=IMAGE_SIZE, in_channels=CHANNELS, out_channels=CHANNELS,
+                       block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                       attention_head_dim=16,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
 
 
 class _Wrap(torch.nn.Module):
@@ -253,7 +260,7 @@ def _best(results: list, task: str, peers_compiled: bool) -> dict:
     """{model: (images/s, variant)} of each model's fastest variant (a peer's compiled ones only if asked)."""
     best = {}
     for r in results:
-        if f"{task}_img_s" not in r or (r["model"] != "diffusekit" and "compile" in r["variant"]
+        if f"{task}_img_s" not in r or (not r["model"].startswith("diffusekit") and "compile" in r["variant"]
                                          and not peers_compiled):
             continue
         if r[f"{task}_img_s"] > best.get(r["model"], (0, ""))[0]:
@@ -274,9 +281,8 @@ def summary(results: list, tasks=TASKS) -> list[str]:
             if compiled and best == _best(results, task, False):
                 continue
             text = ", ".join(f"{m} {v:.1f} ({var})" for m, (v, var) in best.items())
-            ratio = ""
-            if "diffusekit" in best and "diffusers" in best:
-                ratio = f" -> diffusekit / diffusers = {best['diffusekit'][0] / best['diffusers'][0]:.2f}x"
+            ratio = "".join(f" -> {ours} / diffusers = {best[ours][0] / best['diffusers'][0]:.2f}x"
+                            for ours in ("diffusekit", "diffusekit-lean") if ours in best and "diffusers" in best)
             label = "with compiled peers" if compiled else "peers eager"
             lines.append(f"- {task} ({label}): best {text}{ratio}")
     for r in results:
@@ -319,9 +325,9 @@ def main():
     ap.add_argument("--single-calls", type=int, default=20, help="calls per timed repeat at batch 1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-    ap.add_argument("--models", default="diffusekit,diffusers")
+    ap.add_argument("--models", default="diffusekit,diffusekit-lean,diffusers")
     for name, default in DEFAULT_VARIANTS.items():
-        ap.add_argument(f"--{name}-variants", default=default)
+        ap.add_argument(f"--{name}-variants", dest=f"{name.replace('-', '_')}_variants", default=default)
     ap.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk cache (default: a cold one)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)   # aot_eager: a quick smoke run
@@ -330,7 +336,7 @@ def main():
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load_start = os.getloadavg()
     models = args.models.split(",")
-    variants = {m: getattr(args, f"{m}_variants").split(",") for m in models}
+    variants = {m: getattr(args, f"{m.replace('-', '_')}_variants").split(",") for m in models}
     runners = build_runners(models, variants, args.batch_size, args.compile_backend)
     cold_dirs = []
     for r in runners:

@@ -17,6 +17,20 @@ def _perturb(model: torch.nn.Module, generator: torch.Generator, scale: float = 
             p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
+def test_lean_preset_keeps_the_parameters_and_halves_the_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def params_and_flops(name):
+        model = UNet(UNetConfig.preset(name)).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.randn(1, 1, 28, 28), torch.tensor([500.0]))
+        return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
+
+    (p_full, f_full), (p_lean, f_lean) = params_and_flops("mnist28"), params_and_flops("mnist28-lean")
+    assert 0.8 < p_lean / p_full < 1.0
+    assert f_lean / f_full < 0.55
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_output_shape(name):
     cfg = UNetConfig.preset(name)

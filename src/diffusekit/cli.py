@@ -242,8 +242,8 @@ def _train_options(fn):
                      help="FD/KID of a few hundred samples against the training data every N steps (0 = never)."),
         click.option("--split", default=None, help="Split of the data (IDX: train or t10k)."),
         click.option("--unconditional", is_flag=True, default=None, help="Ignore class labels."),
-        click.option("--preset", default=None, help="UNet preset (tiny8, small16, mnist28, cifar32, 64); default "
-                     "by image size."),
+        click.option("--preset", default=None, help="UNet preset (tiny8, small16, mnist28, mnist28-lean, cifar32, "
+                     "64); default by image size."),
         click.option("--train-steps", type=click.IntRange(1), default=None, help="Optimiser steps [default: 2000]."),
         click.option("--batch-size", type=click.IntRange(1), default=None, help="Global batch size."),
         click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate."),
