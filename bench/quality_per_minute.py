@@ -66,6 +66,9 @@ RECIPES: dict[str, dict] = {
     "b32-minsnr": {"train.batch_size": 32, "train.loss_weighting": "min_snr", "train.min_snr_gamma": 5.0},
     "b32-v": {"train.batch_size": 32, "model.prediction_type": "v_prediction"},
     "b32-v-cosine": {"train.batch_size": 32, "model.prediction_type": "v_prediction", "schedule.kind": "cosine"},
+    # the same with the mnist28-lean network (widths 16/32/80: the same parameters, half the FLOPs)
+    "b32-v-cosine-lean": {"train.batch_size": 32, "model.prediction_type": "v_prediction", "schedule.kind": "cosine",
+                          "model.base_channels": 16, "model.channel_mult": [1, 2, 5]},
     "b16-v": {"train.batch_size": 16, "model.prediction_type": "v_prediction"},
     "b16-v-cosine": {"train.batch_size": 16, "model.prediction_type": "v_prediction", "schedule.kind": "cosine"},
     "b32-v-minsnr": {"train.batch_size": 32, "model.prediction_type": "v_prediction",

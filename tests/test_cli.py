@@ -178,3 +178,16 @@ def test_tune_steps_then_sample_uses_them(tiny_run, tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["nfe"] == 3 and result["settings"]["timesteps"] == pytest.approx(record["timesteps"])
+
+
+def test_threads_sets_torchs_thread_count_and_refuses_zero(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        want = 1 if before != 1 else 2
+        r = run("--threads", want, "train", "--data", "digits", "--out", tmp_path / "x", "--dry-run")
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+    r = CliRunner().invoke(main, ["--threads", "0", "train", "--dry-run"])
+    assert r.exit_code == 2 and "--threads" in r.output
