@@ -333,6 +333,9 @@ def main():
     ap.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)   # aot_eager: a quick smoke run
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # every compiled runner of one network shares its forward's code object, and each shape or weight set
+    # is a recompile: past dynamo's limit (8) later runners would silently run eagerly
+    torch._dynamo.config.recompile_limit = 64
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     load_start = os.getloadavg()
     models = args.models.split(",")
