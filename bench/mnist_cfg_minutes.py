@@ -11,6 +11,8 @@ class that was asked for.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/mnist_cfg_minutes.py --judge runs/judge --data path/to/mnist \\
         --budget-cpu-min 10 --guidance 1 2 3 --out runs/mnist_cfg
+    OMP_NUM_THREADS=1 .venv/bin/python bench/mnist_cfg_minutes.py --judge runs/judge --data path/to/mnist \
+        --guidance 2 --run runs/mnist          # score a run trained elsewhere (the README's command)
 """
 from __future__ import annotations
 
@@ -61,14 +63,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs/mnist_cfg")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="score this run (trained elsewhere, e.g. by the README's command) instead of training one; "
+                         "the scores go to RUN.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from diffusekit.data import DataConfig, load_dataset
     from diffusekit.pipeline import Pipeline
     from diffusekit.train import train
-    run = args.out / f"{args.recipe}-{args.budget_cpu_min:g}min-s{args.seed}"
+    run = args.run or args.out / f"{args.recipe}-{args.budget_cpu_min:g}min-s{args.seed}"
     record_path = run.with_suffix(".json")
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if args.run is not None:
+        record["train"] = {"run": str(args.run), "config": json.loads((args.run / "config.json").read_text())}
     if "train" not in record:
         images = load_dataset(DataConfig(source=str(args.data), split="train")).images
         per_step = probe_cpu_s_per_step(config(args.data, args.recipe, 1, args.seed)[0], images)
