@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusekit.fastpath import has_native_bf16, maybe_compile
+from diffusekit.device import has_native_bf16
+from diffusekit.fastpath import maybe_compile
 from diffusekit.nn.unet import UNet, UNetConfig
 
 IMAGE_SIZE, CHANNELS, TASKS = 28, 1, ("train", "sample", "sample1")

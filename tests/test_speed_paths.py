@@ -203,18 +203,18 @@ def test_should_compile_follows_the_measured_table(monkeypatch):
 def test_native_bf16_detection_and_auto_precision(monkeypatch):
     device._cpu_flags.cache_clear()
     monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"sse2", "avx512f", "avx512_bf16"}))
-    assert fastpath.has_native_bf16("cpu") and fastpath.default_precision("cpu") == "bf16"
+    assert device.has_native_bf16("cpu") and device.default_precision("cpu") == "bf16"
     assert device.resolve_precision("auto", "cpu") == "bf16" and device.resolve_precision("fp32", "cpu") == "fp32"
     with device.autocast("cpu", "auto"):                                    # "auto" autocasts to bf16 here
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"sse2", "avx2", "amx_bf16"}))
-    assert fastpath.default_precision("cpu") == "bf16"
+    assert device.default_precision("cpu") == "bf16"
     monkeypatch.setattr(device, "_cpu_flags", lambda: frozenset({"sse2", "avx512f"}))
-    assert not fastpath.has_native_bf16("cpu") and fastpath.default_precision("cpu") == "fp32"
+    assert not device.has_native_bf16("cpu") and device.default_precision("cpu") == "fp32"
     assert device.resolve_precision("auto", "cpu") == "fp32"
     with device.autocast("cpu", "auto"):                                    # and runs fp32 where bf16 is emulated
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    assert fastpath.default_precision("meta") == "fp32"
+    assert device.default_precision("meta") == "fp32"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

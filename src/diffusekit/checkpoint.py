@@ -47,7 +47,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import safetensors.torch
 import torch
@@ -272,31 +272,32 @@ def _save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dic
     save_file(state_dict, path, metadata={**metadata, HASH_KEY: content_hash(state_dict)})
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text to path through a temporary file and os.replace, so readers never see half a file."""
+def replace_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """write(tmp) to a temporary file beside path, then os.replace it over path: readers never see half a
+    file, and a failed write (a kill, a full disk) leaves the previous file intact and no temporary behind."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        _write_bytes(tmp, text.encode())
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         _remove_quietly(tmp)
         raise _write_error(e, path, f"could not write {path}", "the previous file is intact; ") from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text to path through a temporary file and os.replace, so readers never see half a file."""
+    return replace_atomically(path, lambda tmp: _write_bytes(tmp, text.encode()))
 
 
 def write_weights_atomic(path: str | Path, state_dict: dict[str, torch.Tensor],
                          metadata: dict[str, str] | None = None) -> Path:
     """Write one safetensors file (with its content hash) through a temporary file and os.replace."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        _save_weights(tmp, state_dict, metadata or {})
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise _write_error(e, path, f"could not write {path}", "the previous file is intact; ") from e
-    return path
+    return replace_atomically(path, lambda tmp: _save_weights(tmp, state_dict, metadata or {}))
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, ema: dict[str, torch.Tensor],

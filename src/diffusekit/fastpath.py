@@ -23,8 +23,6 @@ from typing import Callable
 
 import torch
 
-from .device import default_precision, has_native_bf16  # noqa: F401  (re-exported)
-
 # Model calls after which torch.compile has repaid its cold compile (empty inductor cache) for the
 # mnist28 UNet on an AVX512-BF16 CPU, one thread (bench/train_throughput.py --threads 1 --clock cpu,
 # docs/BENCHMARKS.md, 2026-11-30): compile CPU-seconds / CPU-seconds saved per call against eager

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -229,12 +228,9 @@ def save_steps(path: str | Path, timesteps, meta: dict) -> Path:
               "nfe": sampler.nfe(timesteps=ts), "timesteps": ts.tolist(),
               "schedule": {"fingerprint": schedule_fingerprint(schedule), "kind": schedule.config.kind,
                            "num_train_timesteps": schedule.num_train_timesteps}, **meta}
-    path = Path(path)
+    from .checkpoint import write_text_atomic
     # write then rename: a crash never leaves a half-written steps file behind
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def load_steps(path: str | Path, sampler: str | None = None,

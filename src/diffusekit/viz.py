@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -76,15 +75,11 @@ def figure(width: float, height: float):
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """fig to path (format from the suffix) through a temporary file and os.replace, so a kill or a full
     disk mid-write leaves the previous picture, never a truncated one."""
+    from diffusekit.checkpoint import replace_atomically
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
 
 
 def show_grid(ax, grid: np.ndarray, col_labels: Sequence[str], row_labels: Sequence[str],
