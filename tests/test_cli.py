@@ -191,3 +191,12 @@ def test_threads_sets_torchs_thread_count_and_refuses_zero(tmp_path):
         torch.set_num_threads(before)
     r = CliRunner().invoke(main, ["--threads", "0", "train", "--dry-run"])
     assert r.exit_code == 2 and "--threads" in r.output
+
+
+def test_sample_refuses_cuda_graphs_on_the_cpu(tiny_run, tmp_path):
+    r = run("sample", tiny_run, "--n", 2, "--steps", 2, "--device", "cpu", "--cuda-graphs", "on",
+            "--out", tmp_path / "x.png")
+    assert r.exit_code != 0 and "needs a CUDA device; this model runs on cpu" in r.output
+    assert not (tmp_path / "x.png").exists()
+    r = run("sample", tiny_run, "--n", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "y.png")
+    assert r.exit_code == 0, r.output        # auto: off on the CPU

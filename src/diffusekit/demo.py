@@ -187,8 +187,11 @@ def _pipeline(source, device, precision):
     if not isinstance(source, (str, Path)):
         return source
     if (Path(source) / "model_index.json").exists():       # a diffusers pipeline folder
-        return Pipeline.from_diffusers(source, device=device, precision=precision)
-    return Pipeline.load(source, device=device, precision=precision)
+        pipe = Pipeline.from_diffusers(source, device=device, precision=precision)
+    else:
+        pipe = Pipeline.load(source, device=device, precision=precision)
+    pipe.use_cuda_graphs("auto")        # on a GPU: the page samples small batches, where launches dominate
+    return pipe
 
 
 def launch(run_or_pipe, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *, concurrency: int = 2,

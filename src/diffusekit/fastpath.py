@@ -13,12 +13,20 @@ Whether compiling pays is a break-even count: it repays its one-off cost within 
 AVX512-BF16 CPU (docs/BENCHMARKS.md); `should_compile` applies it to a planned run. On that CPU
 compiling pays only for long runs of batch-1 sampling: training and batch-64 sampling are bound by
 the convolutions, which inductor hands to the same oneDNN kernels as eager PyTorch.
-CUDA graphs (torch.compile mode="reduce-overhead") are not used: untested here, and they reuse output
-buffers across calls, which a sampler that keeps earlier model outputs would see overwritten.
+
+CUDA graphs for fixed-shape sampling on a GPU (`GraphedModel`): a sampler calls the network with the
+same shapes at every step, so the network's kernel launches are recorded once per input signature
+and replayed, which removes the per-launch CPU overhead that dominates small batches. torch.compile's
+mode="reduce-overhead" is not used for this: it reuses its output buffers across calls, so a
+multistep sampler that keeps earlier model outputs would see them overwritten; `GraphedModel`
+returns a copy of the graph's output instead, checks the first replay of every graph against the
+eager model, and runs eagerly (warning once) wherever capturing fails or would be wrong.
 """
 from __future__ import annotations
 
+import threading
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -132,3 +140,140 @@ def maybe_compile(model: Callable, enabled: bool = True, *, freeze: bool = False
         raise ValueError(f"freeze=True cannot be combined with mode={mode!r}; drop one of them.")
     return CompiledModel(model, torch.compile(model, dynamic=dynamic, mode=mode, backend=backend,
                                               fullgraph=fullgraph, options=options))
+
+
+# --- CUDA graphs --------------------------------------------------------------------------------
+class CudaGraphCapture:
+    """Records fn's kernels into a torch.cuda.CUDAGraph (after warm-up runs on a side stream, as CUDA
+    graphs require) and returns (replay, output). Each graph keeps its own memory pool: graphs of
+    different batch sizes are replayed in any order, which a shared pool does not allow."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup = warmup
+
+    def __call__(self, fn: Callable[[], torch.Tensor], device: torch.device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):        # cuDNN / cuBLAS pick their kernels and workspaces here
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph.replay, out
+
+
+@dataclass
+class _Graph:
+    inputs: list            # the static input tensors, refilled before every replay
+    replay: Callable
+    output: torch.Tensor    # the static output tensor, overwritten by every replay
+
+
+@dataclass
+class GraphedModel:
+    """`model(x, t, **cond)` replayed from one CUDA graph per input signature; eager where it cannot be.
+
+    The signature is every tensor input's shape, dtype and device plus every other input's value, so
+    a sampler's fixed-shape steps replay one graph and a last, smaller batch records its own (up to
+    max_graphs; then eager). Each replay copies the inputs into the graph's static buffers and returns
+    a copy of its static output, so outputs kept across calls (multistep solvers) stay intact; a lock
+    serialises callers (a web page's concurrent requests share the buffers). Eager
+    instead: with autograd enabled (gradient guidance differentiates through the model), for inputs
+    that are not plain values, and for a signature whose capture failed or whose first replay
+    differed from the eager model beyond `rtol` (both warn once). `capture(fn, device) -> (replay,
+    output)` records fn (CudaGraphCapture on a GPU; tests substitute a recorder with the same
+    semantics). The model must keep no Python-side state that changes between calls (a graph replays
+    the kernels of its capture, not the Python code).
+    """
+    model: Callable
+    capture: Callable = field(default_factory=CudaGraphCapture)
+    max_graphs: int = 8
+    rtol: float = 1e-2
+    graphs: dict = field(default_factory=dict)
+    eager: dict = field(default_factory=dict)   # signature -> why it runs eagerly
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)   # static buffers: one caller at a time
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        values = [x, t, *cond.values()]
+        key = self._signature(values, tuple(cond))
+        if key is None or torch.is_grad_enabled():
+            return self.model(x, t, **cond)
+        with self.lock:
+            return self._call(key, values, x, t, cond)
+
+    def _call(self, key, values: list, x, t, cond: dict) -> torch.Tensor:
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key in self.eager:
+                return self.model(x, t, **cond)
+            if len(self.graphs) >= self.max_graphs:
+                return self._eager(key, f"more than {self.max_graphs} input shapes", x, t, cond)
+            graph, error = self._record(values, tuple(cond))
+            return self._checked(key, graph, error, x, t, cond)
+        for static, value in zip(graph.inputs, values):
+            if isinstance(value, torch.Tensor):
+                static.copy_(value)
+        graph.replay()
+        return graph.output.clone()
+
+    @staticmethod
+    def _signature(values: list, names: tuple) -> tuple | None:
+        """Hashable description of the inputs, or None when one of them cannot be part of a graph's key."""
+        key = [names]
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                key.append((tuple(value.shape), value.dtype, value.device, value.requires_grad))
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                key.append((type(value).__name__, value))
+            else:
+                return None
+        return tuple(key)
+
+    def _record(self, values: list, names: tuple):
+        """Capture the model on static copies of `values`: (graph, None), or (None, the error) where it failed."""
+        statics = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in values]
+        x = statics[0]
+
+        def run():
+            return self.model(statics[0], statics[1], **dict(zip(names, statics[2:])))
+        try:
+            replay, output = self.capture(run, x.device)
+        except Exception as error:      # noqa: BLE001  (an op that cannot be captured: run eagerly)
+            return None, error
+        return _Graph(statics, replay, output), None
+
+    def _checked(self, key, graph: _Graph | None, error, x, t, cond: dict) -> torch.Tensor:
+        """The first call of a new signature: the eager result, kept only if the graph reproduces it."""
+        if graph is None:
+            return self._eager(key, f"capturing failed ({_root_cause(error)})", x, t, cond)
+        expected = self.model(x, t, **cond)
+        for static, value in zip(graph.inputs, [x, t, *cond.values()]):
+            if isinstance(value, torch.Tensor):
+                static.copy_(value)
+        graph.replay()
+        scale = expected.float().abs().max().clamp_min(1.0)
+        if graph.output.shape != expected.shape or (graph.output.float() - expected.float()).abs().max() > self.rtol * scale:
+            return self._eager(key, "its replay differed from the eager model (the model keeps state "
+                               "outside its tensors?)", x, t, cond, expected)
+        self.graphs[key] = graph
+        return expected
+
+    def _eager(self, key, why: str, x, t, cond: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+        self.eager[key] = why
+        warnings.warn(f"CUDA graphs: running the model eagerly for inputs of shape {tuple(x.shape)}: {why}. "
+                      "Results are the same, without the graphs' speed-up; pass cuda_graphs='off' to skip them.",
+                      RuntimeWarning, stacklevel=3)
+        return self.model(x, t, **cond) if out is None else out
+
+
+def cuda_graphs_wanted(choice: str, device: torch.device | str) -> bool:
+    """`--cuda-graphs auto|on|off`: auto = on a CUDA device; on refuses other devices."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"cuda_graphs={choice!r}: expected 'auto', 'on' or 'off'.")
+    is_cuda = torch.device(device).type == "cuda"
+    if choice == "on" and not is_cuda:
+        raise ValueError(f"cuda_graphs='on' needs a CUDA device; this model runs on {torch.device(device)}. "
+                         "Use 'auto' or 'off', or --device cuda.")
+    return choice != "off" and is_cuda

@@ -46,6 +46,7 @@ class Pipeline:
         self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None
         self.class_names = list(class_names)
         self.compiled = None            # the torch.compile'd network call, after `compile`
+        self.graphed = None             # the network call replayed from CUDA graphs, after `use_cuda_graphs`
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
@@ -86,10 +87,27 @@ class Pipeline:
         from .fastpath import compile_wanted, maybe_compile
         wanted = compile_wanted(choice, self.device, calls, training=False, batch_size=batch_size)
         self.compiled = maybe_compile(self.model, True) if wanted else None
+        if self.graphed is not None:                # the graphs record the compiled call from now on
+            self.use_cuda_graphs("on")
+        return wanted
+
+    def use_cuda_graphs(self, choice: str = "auto") -> bool:
+        """Replay the network call from CUDA graphs (one per input shape) from now on: "auto" (on a CUDA
+        device), "on" (refused elsewhere) or "off". Same results as eager (each graph's first replay is
+        checked against it); calls with autograd on (gradient guidance) run eagerly. Returns whether on."""
+        from .fastpath import GraphedModel, cuda_graphs_wanted
+        try:
+            wanted = cuda_graphs_wanted(choice, self.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        self.graphed = GraphedModel(self._network_call()) if wanted else None
         return wanted
 
     def network(self) -> Callable:
-        """The raw model call in this pipeline's precision, returning float32."""
+        """The raw model call in this pipeline's precision, returning float32 (from CUDA graphs when on)."""
+        return self.graphed if self.graphed is not None else self._network_call()
+
+    def _network_call(self) -> Callable:
         model, device, precision = self.compiled or self.model, self.device, self.precision
 
         def call(x, t, **cond):
