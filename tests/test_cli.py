@@ -200,3 +200,20 @@ def test_sample_refuses_cuda_graphs_on_the_cpu(tiny_run, tmp_path):
     assert not (tmp_path / "x.png").exists()
     r = run("sample", tiny_run, "--n", 2, "--steps", 2, "--device", "cpu", "--out", tmp_path / "y.png")
     assert r.exit_code == 0, r.output        # auto: off on the CPU
+
+
+def test_steps_tuned_at_a_guidance_scale_are_used_at_that_scale_only(tiny_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    r = run("tune-steps", run_dir, "--nfe", 3, "--sampler", "ddim", "--n", 4, "--reference-steps", 10,
+            "--iterations", 1, "--guidance", 2)
+    assert r.exit_code == 0, r.output
+    assert json.loads((run_dir / "tuned_steps.json").read_text())["guidance_scale"] == 2.0
+    r = run("sample", run_dir, "--sampler", "ddim", "--guidance", 2, "--class", "each", "--n", 2,
+            "--out", tmp_path / "g.png")
+    assert r.exit_code == 0, r.output
+    assert "using 3 tuned model-call times" in r.output and "3 model evaluations" in r.output
+    r = run("sample", run_dir, "--sampler", "ddim", "--n", 2, "--out", tmp_path / "h.png")
+    assert r.exit_code == 0, r.output
+    assert "tuned at guidance 2.0, sampling at 1.0" in r.output and "20 model evaluations" in r.output

@@ -167,17 +167,25 @@ def _load_pipeline(path, device="auto", precision=None):
     return Pipeline.load(path, device=device, precision=precision or "auto")
 
 
-def _tuned_steps(run, pipe, sampler, steps, timesteps_file):
-    """(steps, timesteps or None): a --timesteps file, else RUN/tuned_steps.json for this sampler when
-    --steps was not given, else the plain step count (default 20)."""
+def _tuned_steps(run, pipe, sampler, steps, timesteps_file, guidance: float = 1.0):
+    """(steps, timesteps or None): a --timesteps file, else RUN/tuned_steps.json when it was tuned for this
+    sampler and guidance scale and --steps was not given, else the plain step count (default 20)."""
     from .tune import load_steps
     path = Path(timesteps_file) if timesteps_file else Path(run) / "tuned_steps.json"
     if timesteps_file is None and (steps is not None or not path.exists()):
         return steps or 20, None
-    if timesteps_file is None and json.loads(path.read_text()).get("sampler") != sampler:
-        return steps or 20, None
+    if timesteps_file is None:
+        record = json.loads(path.read_text())
+        if record.get("sampler") != sampler:
+            return steps or 20, None
+        if float(record.get("guidance_scale", 1.0)) != guidance:
+            click.echo(f"not using {path}: tuned at guidance {record.get('guidance_scale', 1.0)}, sampling at "
+                       f"{guidance} (diffusekit tune-steps {run} --guidance {guidance} tunes for it)", err=True)
+            return 20, None
     ts, record = load_steps(path, sampler=sampler, schedule=pipe.schedule)
-    click.echo(f"using {len(ts)} tuned model-call times from {path} ({record['nfe']} evaluations)", err=True)
+    tuned_at = float(record.get("guidance_scale", 1.0))
+    note = "" if tuned_at == guidance else f", tuned at guidance {tuned_at}, not {guidance}"
+    click.echo(f"using {len(ts)} tuned model-call times from {path} ({record['nfe']} evaluations{note})", err=True)
     return len(ts), ts
 
 
@@ -441,7 +449,7 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
         nrow = nrow or pipe.num_classes
     guide_kw = {**_guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
                             classifier_scale, target), "negative_prompt": negative_prompt}
-    steps, tuned = _tuned_steps(run, pipe, sampler, steps, timesteps_file)
+    steps, tuned = _tuned_steps(run, pipe, sampler, steps, timesteps_file, guidance)
     kw.update({"timesteps": tuned} if tuned is not None else {})
     prompt_list = None
     if prompts_file:
@@ -721,7 +729,7 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
     from .data import DataConfig
     from .evaluation import evaluate_run
     pipe = _load_pipeline(run, device, precision) if not dry_run else None
-    steps, tuned = _tuned_steps(run, pipe, sampler, steps, timesteps_file) if pipe else (steps or 20, None)
+    steps, tuned = _tuned_steps(run, pipe, sampler, steps, timesteps_file, guidance) if pipe else (steps or 20, None)
     from .run import read_run_config
     c, size = (pipe.image_shape[0], pipe.image_shape[1]) if pipe else \
         (read_run_config(run).model.in_channels, read_run_config(run).model.image_size)
@@ -814,11 +822,14 @@ def train_autoencoder(source, out, image_size, channels, factor, latent_channels
 @click.option("--reference-steps", type=click.IntRange(2, 10_000), default=100, show_default=True)
 @click.option("--iterations", type=click.IntRange(0, 100), default=3, show_default=True,
               help="Coordinate-descent sweeps.")
+@click.option("--guidance", type=float, default=1.0, show_default=True,
+              help="Classifier-free guidance scale to tune for (the guided ODE differs from the plain one); "
+                   "sample uses the file by default at this scale only.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Steps file to write [default: RUN/tuned_steps.json, which sample then uses by default].")
 @common_options
 @friendly_errors
-def tune_steps(run, nfe, sampler, n, reference_steps, iterations, out, seed, dry_run, device, precision):
+def tune_steps(run, nfe, sampler, n, reference_steps, iterations, guidance, out, seed, dry_run, device, precision):
     """Place a few model calls where they matter for this model: minimise the gap between an NFE-call
     solution and a many-step one from the same noise (in the spirit of "Align Your Steps").
 
@@ -830,17 +841,18 @@ def tune_steps(run, nfe, sampler, n, reference_steps, iterations, out, seed, dry
     out = out or str(Path(run) / "tuned_steps.json")
     if dry_run:
         _dump(dict(run=run, nfe=nfe, sampler=sampler, n=n, reference_steps=reference_steps, iterations=iterations,
-                   out=out, seed=seed or 0))
+                   guidance=guidance, out=out, seed=seed or 0))
         return
     from .tune import save_steps, tune_timesteps
     pipe = _load_pipeline(run, device, precision)
     cond = pipe._cond(torch.arange(n) % pipe.num_classes if pipe.num_classes else None, n)
     x_T = torch.randn((n, *pipe.latent_shape), generator=_generator(seed)).to(pipe.device)
     with torch.no_grad():
-        ts = tune_timesteps(pipe.denoiser(), pipe.schedule, sampler, nfe, x_T, prediction_type=pipe.prediction_type,
-                            reference_steps=reference_steps, iterations=iterations, cond=cond, progress=True)
+        ts = tune_timesteps(pipe.denoiser(guidance), pipe.schedule, sampler, nfe, x_T,
+                            prediction_type=pipe.prediction_type, reference_steps=reference_steps,
+                            iterations=iterations, cond=cond, progress=True)
     save_steps(out, ts, {"sampler": sampler, "schedule": pipe.schedule, "prediction_type": pipe.prediction_type,
-                         "run": str(run)})
+                         "guidance_scale": guidance, "run": str(run)})
     click.echo(f"wrote {out}: {nfe} model calls for {sampler} at t = {[round(float(t), 1) for t in ts]}")
 
 
