@@ -153,3 +153,19 @@ def test_matches_diffusers_schedules(kind, theirs):
     ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule=theirs)
     # diffusers computes in float32; we compute in float64
     torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_epsilon_prediction_on_a_zero_terminal_snr_schedule_is_refused_with_the_fix():
+    # x0 = (x_T - eps) / sqrt(abar_T) at abar_T = 0: DDIM and DDPM return NaN, the solvers noise
+    from diffusekit.pipeline import Pipeline
+    from diffusekit.run import resolve_run_config
+    zsnr = dk.NoiseSchedule.create("linear", num_train_timesteps=100, rescale_zero_terminal_snr=True)
+    model = lambda x, t, **c: 0.5 * x       # noqa: E731
+    with pytest.raises(dk.ConfigError, match="v_prediction"):
+        Pipeline(model, zsnr, image_shape=(1, 4, 4), prediction_type="epsilon")
+    with pytest.raises(dk.ConfigError, match="divides by zero"):
+        resolve_run_config({"schedule.rescale_zero_terminal_snr": True, "model.prediction_type": "epsilon"})
+    for prediction_type in ("v_prediction", "sample"):
+        pipe = Pipeline(model, zsnr, image_shape=(1, 4, 4), prediction_type=prediction_type)
+        assert torch.isfinite(pipe.sample(2, "ddim", 5, generator=torch.Generator().manual_seed(0))).all()
+        resolve_run_config({"schedule.rescale_zero_terminal_snr": True, "model.prediction_type": prediction_type})

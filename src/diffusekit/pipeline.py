@@ -41,6 +41,9 @@ class Pipeline:
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.schedule, self.config, self.source = schedule, config, source
         self.prediction_type, self.num_classes = prediction_type, int(num_classes)
+        if prediction_type == "epsilon" and float(schedule.alphas_cumprod[-1]) == 0.0:
+            from .schedule import ZERO_SNR_EPSILON
+            raise ConfigError(ZERO_SNR_EPSILON)
         self.image_shape = tuple(int(v) for v in image_shape)
         self.latent_shape = tuple(int(v) for v in latent_shape) if latent_shape is not None else self.image_shape
         self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None

@@ -120,10 +120,13 @@ class RunConfig(Config):
     text: TextEncoderConfig | None = None                  # set: the UNet is conditioned on captions
 
     def validate(self) -> None:
+        from .schedule import ZERO_SNR_EPSILON
         m, d = self.model, self.data
         if self.text is not None and m.text_conditioning == "none":
             raise ConfigError("a text encoder is set but model.text_conditioning='none'; choose "
                               "'cross_attention', 'multiply' or 'both'.")
+        if self.schedule.rescale_zero_terminal_snr and m.prediction_type == "epsilon":
+            raise ConfigError(ZERO_SNR_EPSILON)
         if self.latent is not None:
             return                  # the model sees latents: the data's pixel size is checked by check_data_fits
         if d.image_size and d.image_size != m.image_size:

@@ -66,6 +66,13 @@ def sigmoid_betas(T: int, beta_start: float, beta_end: float) -> torch.Tensor:
     return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
 
 
+# eps-prediction cannot define x0 at abar_T = 0: x0 = (x_T - sqrt(1 - abar_T) eps) / sqrt(abar_T) divides by 0
+ZERO_SNR_EPSILON = ("prediction_type 'epsilon' with a zero-terminal-SNR schedule (rescale_zero_terminal_snr: "
+                    "abar_T = 0) cannot work: at t = T - 1 the image is pure noise, so x0 = (x_T - eps) / sqrt(abar_T) "
+                    "divides by zero and samplers return NaN or noise. Use prediction_type 'v_prediction' (as Lin et al. "
+                    "2023 do) or 'sample', or a schedule without the rescale.")
+
+
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Shift and scale sqrt(abar) so that abar_T = 0 exactly (Lin et al. 2023, Algorithm 1)."""
     sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
