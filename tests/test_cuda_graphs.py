@@ -40,9 +40,9 @@ class Replayer:
         return replay, out
 
 
-def _unet(num_classes: int = 0) -> UNet:
+def _unet(num_classes: int = 0, **overrides) -> UNet:
     cfg = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(4,), num_heads=2, groups=4, num_classes=num_classes)
+                     attention_resolutions=(4,), num_heads=2, groups=4, num_classes=num_classes, **overrides)
     torch.manual_seed(0)  # test-only: parameter init
     model = UNet(cfg).eval()
     g = torch.Generator().manual_seed(0)
@@ -196,3 +196,19 @@ def test_real_cuda_graphs_sample_what_eager_samples(precision):
     graphed = pipe.sample(5, "dpmpp_2m", 8, **kw)
     assert len(pipe.graphed.graphs) == 2 and not pipe.graphed.eager
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_real_cuda_graphs_capture_class_and_text_conditioned_unets():
+    # the input checks that read values on the host (label range, all-masked rows) must not break capture
+    model = _unet(num_classes=3, text_conditioning="cross_attention", context_dim=6).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, t = torch.randn(4, 1, 8, 8, device="cuda", generator=g), torch.tensor([5.0, 50.0, 500.0, 900.0], device="cuda")
+    cond = dict(class_labels=torch.tensor([0, 1, 2, -1], device="cuda"),
+                encoder_hidden_states=torch.randn(4, 5, 6, device="cuda", generator=g),
+                encoder_attention_mask=torch.tensor([[1, 1, 1, 0, 0]] * 4, device="cuda"))
+    graphed = GraphedModel(model)
+    with torch.no_grad():
+        for scale in (1.0, -0.5, 2.0):
+            torch.testing.assert_close(graphed(scale * x, t, **cond), model(scale * x, t, **cond), rtol=1e-5, atol=1e-5)
+    assert len(graphed.graphs) == 1 and not graphed.eager, graphed.eager

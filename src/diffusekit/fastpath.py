@@ -143,6 +143,13 @@ def maybe_compile(model: Callable, enabled: bool = True, *, freeze: bool = False
 
 
 # --- CUDA graphs --------------------------------------------------------------------------------
+def is_capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on tensor's device now. Input checks that read a value on
+    the host (`bool(bad.any())`) synchronise, which a capture forbids: they skip while capturing (the
+    first call of every graphed shape runs eagerly, checks included, and Pipeline checks labels itself)."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class CudaGraphCapture:
     """Records fn's kernels into a torch.cuda.CUDAGraph (after warm-up runs on a side stream, as CUDA
     graphs require) and returns (replay, output). Each graph keeps its own memory pool: graphs of
@@ -159,7 +166,8 @@ class CudaGraphCapture:
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads (the demo's other requests) may use the GPU while this one captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = fn()
         return graph.replay, out
 

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from diffusekit.fastpath import is_capturing
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal code of (possibly fractional) timesteps: (B,) -> (B, dim), float32.
@@ -76,7 +78,7 @@ class ClassEmbedding(nn.Module):
         if labels.shape != (batch_size,):
             raise ValueError(f"class_labels has shape {tuple(labels.shape)}; expected ({batch_size},).")
         bad = (labels < -1) | (labels > self.num_classes)
-        if bool(bad.any()):
+        if not is_capturing(labels) and bool(bad.any()):
             raise ValueError(f"class_labels contains {labels[bad][0].item()}; expected values in "
                              f"[0, {self.num_classes - 1}], or -1 / {self.num_classes} for the null class.")
         return torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels).long()

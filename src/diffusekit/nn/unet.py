@@ -32,6 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from diffusekit.config import Config, ConfigError, check_range
+from diffusekit.fastpath import is_capturing
 from diffusekit.schedule import PredictionType
 from diffusekit.nn.attention import AttentionBlock, SpatialTransformer
 from diffusekit.nn.embeddings import ClassEmbedding, TextEmbedding, TimestepEmbedding, as_timestep_batch
@@ -333,7 +334,7 @@ def check_text_inputs(cfg, batch: int, x: torch.Tensor, encoder_hidden_states=No
                 raise ValueError(f"encoder_attention_mask has shape {tuple(mask.shape)}; expected ({batch}, "
                                  f"{context.shape[1]}) to match encoder_hidden_states (True = token, False = padding).")
             mask = (mask if mask.dtype == torch.bool else mask != 0).expand(batch, -1)
-            empty = (~mask.any(dim=1)).nonzero()
+            empty = (~mask.any(dim=1)).nonzero() if not is_capturing(mask) else ()
             if len(empty):
                 raise ValueError(f"encoder_attention_mask row {empty[0].item()} masks every token, so cross-attention "
                                  "has nothing to attend to; keep at least one token (the text encoders keep a start "
