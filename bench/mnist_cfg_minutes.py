@@ -13,6 +13,8 @@ class that was asked for.
         --budget-cpu-min 10 --guidance 1 2 3 --out runs/mnist_cfg
     OMP_NUM_THREADS=1 .venv/bin/python bench/mnist_cfg_minutes.py --judge runs/judge --data path/to/mnist \
         --guidance 2 --run runs/mnist          # score a run trained elsewhere (the README's command)
+    .venv/bin/python bench/mnist_cfg_minutes.py --plot docs/img/quality_per_minute_cfg.png \
+        --out runs/mnist_cfg --qpm runs/quality_per_minute   # FD / confident share against CPU-minutes
 """
 from __future__ import annotations
 
@@ -52,10 +54,79 @@ def sample_classes(pipe, n: int, steps: int, guidance: float, seed: int = 0, bat
     return torch.cat(out), labels
 
 
+def _curve(points: list[tuple[float, float, float]]):
+    """(minutes, fd, confident) points -> per budget: mean CPU-minutes, values (several seeds at a budget)."""
+    by_budget: dict[float, list] = {}
+    for budget, minutes, fd, conf in points:
+        by_budget.setdefault(budget, []).append((minutes, fd, conf))
+    return [(sum(p[0] for p in v) / len(v), [p[1] for p in v], [p[2] for p in v]) for _, v in sorted(by_budget.items())]
+
+
+def plot(out: Path, qpm_dir: Path | None, path: Path, guidance: float = 2.0) -> None:
+    """FD and confident share against training CPU-minutes: the class-conditional runs in `out` (guidance
+    w) beside the unconditional curve of bench/quality_per_minute.py (ours and denoising-diffusion-pytorch)."""
+    import re
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    series: dict[str, list] = {}
+    for record_path in sorted(out.glob("*min-s*.json")):
+        m = re.fullmatch(r"(.+)-([\d.]+)min-s(\d+)", record_path.stem)
+        record = json.loads(record_path.read_text())
+        if m and f"guidance {guidance:g}" in record and "cpu_s" in record.get("train", {}):
+            g = record[f"guidance {guidance:g}"]
+            label = f"class-conditional {'mnist28-lean' if m.group(1).endswith('-lean') else 'mnist28'}, CFG {guidance:g}"
+            series.setdefault(label, []).append((float(m.group(2)), record["train"]["cpu_s"] / 60, g["fd"], g["confident"]))
+    real = None
+    if qpm_dir is not None:
+        from quality_per_minute import load_results
+        for name, r in load_results(qpm_dir).items():
+            m = re.fullmatch(r"(ours-b32-v-cosine|lucidrains)-([\d.]+)min-s(\d+)", name)
+            if m:
+                label = "unconditional mnist28 (ours)" if m.group(1).startswith("ours") else \
+                    "unconditional denoising-diffusion-pytorch"
+                series.setdefault(label, []).append((float(m.group(2)), r["cpu_s"] / 60, r["eval"]["fd"],
+                                                     r["eval"]["confident"]))
+            elif name == "real":
+                real = r["eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, points in series.items():
+        curve = _curve(points)
+        for ax, k in zip(axes, (1, 2)):
+            xs = [c[0] for c in curve]
+            ys = [sum(c[k]) / len(c[k]) for c in curve]
+            line, = ax.plot(xs, ys, marker="o", label=label)
+            for x, c in zip(xs, curve):
+                if len(c[k]) > 1:         # the seeds' spread
+                    ax.vlines(x, min(c[k]), max(c[k]), color=line.get_color())
+    if real is not None:
+        axes[0].axhline(real["fd"], color="gray", ls=":", label=f"1,000 real train images (FD {real['fd']:.3f})")
+        axes[0].axhline(3 * real["fd"], color="gray", ls="--", lw=0.8, label="goal: 3x the real images' FD")
+        axes[1].axhline(0.9, color="gray", ls="--", lw=0.8, label="goal: 0.9")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks([1, 2, 5, 10, 20])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training CPU-minutes (1 thread)")
+        ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("judge-feature FD vs MNIST t10k (n = 1,000)")
+    axes[1].set_ylabel("share of samples with judge max prob >= 0.9")
+    axes[1].set_ylim(0, 1.02)
+    fig.suptitle("MNIST: quality per training CPU-minute (DDIM-20 samples; bars: the spread of 3 seeds)")
+    fig.tight_layout()
+    from diffusekit.viz import save_figure
+    save_figure(fig, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--judge", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--plot", type=Path, default=None, help="draw the curves of --out (and --qpm) to this PNG")
+    ap.add_argument("--qpm", type=Path, default=None, help="bench/quality_per_minute.py's output folder")
+    ap.add_argument("--judge", type=Path)
+    ap.add_argument("--data", type=Path)
     ap.add_argument("--recipe", default="b32-v-cosine", choices=sorted(RECIPES))
     ap.add_argument("--budget-cpu-min", type=float, default=10.0)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0])
@@ -67,6 +138,11 @@ def main() -> None:
                     help="score this run (trained elsewhere, e.g. by the README's command) instead of training one; "
                          "the scores go to RUN.json")
     args = ap.parse_args()
+    if args.plot is not None:
+        plot(args.out, args.qpm, args.plot)
+        return
+    if args.judge is None or args.data is None:
+        ap.error("--judge and --data are required to train or score")
     torch.set_num_threads(1)
     from diffusekit.data import DataConfig, load_dataset
     from diffusekit.pipeline import Pipeline
