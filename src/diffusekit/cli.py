@@ -372,10 +372,12 @@ def train(out, config_path, resume, overwrite, preset, seed, dry_run, device, pr
                f"run directory: {result.run_dir}")
 
 
-def _compile(pipe, choice: str, steps: int, n: int, batch_size: int, guidance: float) -> None:
-    """--compile for a sampling job: n images in batches of batch_size, steps calls each (CFG: 2 branches)."""
+def _fast_paths(pipe, choice: str, steps: int, n: int, batch_size: int, guidance: float, cuda_graphs: str = "off") -> None:
+    """--compile and --cuda-graphs for a sampling job: n images in batches of batch_size, steps calls each
+    (CFG: 2 branches)."""
     per_call = 2 if guidance != 1.0 else 1
     pipe.compile(choice, calls=steps * -(-n // batch_size) * per_call, batch_size=min(n, batch_size) * per_call)
+    pipe.use_cuda_graphs(cuda_graphs)
 
 
 def _clear_run(out: Path) -> None:
@@ -457,8 +459,7 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
         if not prompt_list:
             raise UserError(f"--prompts-file {prompts_file} holds no prompts; write one prompt per line.")
         prompt, nrow, n = [p for p in prompt_list for _ in range(n)], n, n * len(prompt_list)
-    _compile(pipe, compile_, steps, n, batch_size, guidance)
-    pipe.use_cuda_graphs(cuda_graphs)
+    _fast_paths(pipe, compile_, steps, n, batch_size, guidance, cuda_graphs)
     start = time.perf_counter()
     images = pipe.sample(n, sampler=sampler, num_steps=steps, generator=_generator(seed), class_labels=label,
                          batch_size=batch_size, progress=True, prompt=prompt, **guide_kw, **kw)
@@ -469,7 +470,8 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
     else:
         save_grid(images, out, nrow=nrow)
     nfe = pipe.sampler_for(sampler, **{k: v for k, v in kw.items() if k != "timesteps"}).nfe(steps, tuned)
-    click.echo(f"wrote {out}: {n} images, {sampler} with {steps} steps ({nfe} model evaluations), {seconds:.1f} s")
+    calls = f"{nfe} model evaluations" + (", each conditional + unconditional" if guidance != 1.0 else "")
+    click.echo(f"wrote {out}: {n} images, {sampler} with {steps} steps ({calls}), {seconds:.1f} s")
     if trajectory:
         k = min(n, 4)
         traj_labels = label[:k] if isinstance(label, torch.Tensor) else label
