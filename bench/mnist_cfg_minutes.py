@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_per_minute import RECIPES, Judge, probe_cpu_s_per_step, score_images  # noqa: E402
+from quality_per_minute import MNIST28_WIDTHS, RECIPES, Judge, probe_cpu_s_per_step, score_images  # noqa: E402
 
 
 def config(data: Path, recipe: str, steps: int, seed: int):
@@ -39,7 +39,7 @@ def config(data: Path, recipe: str, steps: int, seed: int):
     return resolve_run_config({"data.source": str(data), "data.split": "train", "train.precision": "bf16",
                                "train.channels_last": True, "train.sample_every": 0, "train.save_every": steps,
                                "train.log_every": 25, "train.seed": seed, "train.steps": steps,
-                               "train.device": "cpu", **RECIPES[recipe]})
+                               "train.device": "cpu", **MNIST28_WIDTHS, **RECIPES[recipe]})
 
 
 def sample_classes(pipe, n: int, steps: int, guidance: float, seed: int = 0, batch: int = 100):
