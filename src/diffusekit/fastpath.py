@@ -219,12 +219,17 @@ class GraphedModel:
             if len(self.graphs) >= self.max_graphs:
                 return self._eager(key, f"more than {self.max_graphs} input shapes", x, t, cond)
             graph, error = self._record(values, tuple(cond))
-            return self._checked(key, graph, error, x, t, cond)
+            return self._checked(key, graph, error, values, x, t, cond)
+        return self._replay(graph, values).clone()
+
+    @staticmethod
+    def _replay(graph: _Graph, values: list) -> torch.Tensor:
+        """Copy the inputs into the graph's static tensors and replay it; its (static) output tensor."""
         for static, value in zip(graph.inputs, values):
             if isinstance(value, torch.Tensor):
                 static.copy_(value)
         graph.replay()
-        return graph.output.clone()
+        return graph.output
 
     @staticmethod
     def _signature(values: list, names: tuple) -> tuple | None:
@@ -252,17 +257,14 @@ class GraphedModel:
             return None, error
         return _Graph(statics, replay, output), None
 
-    def _checked(self, key, graph: _Graph | None, error, x, t, cond: dict) -> torch.Tensor:
+    def _checked(self, key, graph: _Graph | None, error, values: list, x, t, cond: dict) -> torch.Tensor:
         """The first call of a new signature: the eager result, kept only if the graph reproduces it."""
         if graph is None:
             return self._eager(key, f"capturing failed ({_root_cause(error)})", x, t, cond)
         expected = self.model(x, t, **cond)
-        for static, value in zip(graph.inputs, [x, t, *cond.values()]):
-            if isinstance(value, torch.Tensor):
-                static.copy_(value)
-        graph.replay()
-        scale = expected.float().abs().max().clamp_min(1.0)
-        if graph.output.shape != expected.shape or (graph.output.float() - expected.float()).abs().max() > self.rtol * scale:
+        replayed = self._replay(graph, values)
+        scale = float(expected.float().abs().max().clamp_min(1.0))
+        if replayed.shape != expected.shape or float((replayed.float() - expected.float()).abs().max()) > self.rtol * scale:
             return self._eager(key, "its replay differed from the eager model (the model keeps state "
                                "outside its tensors?)", x, t, cond, expected)
         self.graphs[key] = graph
