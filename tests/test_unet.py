@@ -223,3 +223,13 @@ def test_unchanged_config_keeps_v1_parameters_and_outputs():
         with torch.no_grad():
             y = model(golden[f"{tag}.x"], golden[f"{tag}.t"], golden[f"{tag}.labels"])
         torch.testing.assert_close(y, golden[f"{tag}.y"], rtol=0, atol=1e-6)
+
+
+def test_28x28_images_get_the_lean_preset_unless_another_is_named():
+    from diffusekit.run import model_config
+    lean, full = UNetConfig.preset("mnist28-lean"), UNetConfig.preset("mnist28")
+    default = model_config(28, 1, 10)
+    assert (default.base_channels, default.channel_mult) == (lean.base_channels, lean.channel_mult)
+    assert default.num_classes == 10
+    named = model_config(28, 1, 10, preset="mnist28")
+    assert (named.base_channels, named.channel_mult) == (full.base_channels, full.channel_mult)

@@ -27,7 +27,9 @@ from .schedule import ScheduleConfig
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.save_every", "train.sample_every", "train.device",
                      "train.checkpoints_total_limit", "train.report_to", "train.eval_every", "train.eval_samples",
                      "train.num_workers")
-PRESET_FOR_SIZE = {8: "tiny8", 16: "small16", 28: "mnist28", 32: "cifar32", 64: "64"}
+# 28x28: the lean network (as many parameters as mnist28, half its FLOPs) trained to lower FD per CPU-minute
+# on MNIST and Fashion-MNIST (docs/BENCHMARKS.md, "Fashion-MNIST: the default 28x28 network"); --preset mnist28
+PRESET_FOR_SIZE = {8: "tiny8", 16: "small16", 28: "mnist28-lean", 32: "cifar32", 64: "64"}
 
 
 @dataclass
