@@ -154,6 +154,7 @@ CASES = [
     ("lr-nan", None, lambda R, F, T, C: ["train", "--config", C, "--out", T / "o", "--lr", "nan"], ["lr", "finite"]),
     ("guidance-nan", None, lambda R, F, T, C: ["sample", R, *S, "--class", 1, "--guidance", "nan"], ["guidance", "finite"]),
     ("guidance-inf", None, lambda R, F, T, C: ["sample", R, *S, "--class", 1, "--guidance", "inf"], ["guidance", "finite"]),
+    ("guidance-without-class", None, lambda R, F, T, C: ["sample", R, *S, "--guidance", 2], ["--guidance", "--class"]),
     ("class-dropout-nan", None, lambda R, F, T, C: ["train", "--config", C, "--out", T / "o", "--class-dropout", "nan"],
      ["class_dropout", "finite"]),
     ("guide-window-nan", None, lambda R, F, T, C: ["sample", R, *S, "--guide", "brightness=0.8",

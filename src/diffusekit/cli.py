@@ -140,6 +140,10 @@ DEFAULT_GUIDE_SCALE = {"sqrt_abar": 30.0, "constant": 30.0, "one_minus_abar": 30
 def _guidance(pipe, guidance, guides, guide_weighting, guide_window, classifier_path, classifier_scale, label):
     """Keyword arguments for Pipeline.sample/edit/inpaint/reconstruct from the guidance options."""
     kw = {"guidance_scale": guidance, "guides": [parse_guide(g, guide_weighting, guide_window) for g in guides]}
+    if guidance != 1.0 and pipe.num_classes and not pipe.has_text and label is None:
+        raise UserError(f"--guidance {guidance:g} mixes the class-conditional and the unconditional prediction, so it "
+                        "needs a class: pass --class N (an index or a class name), or --class each for one class per "
+                        "grid column.")
     if classifier_path:
         from .classifier_train import load_classifier
         if label is None or isinstance(label, str) and label == "each":
