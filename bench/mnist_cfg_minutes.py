@@ -69,7 +69,7 @@ def plot(out: Path, qpm_dir: Path | None, path: Path, guidance: float = 2.0) -> 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from quality_per_minute import minutes_axes
     series: dict[str, list] = {}
     for record_path in sorted(out.glob("*min-s*.json")):
         m = re.fullmatch(r"(.+)-([\d.]+)min-s(\d+)", record_path.stem)
@@ -104,17 +104,7 @@ def plot(out: Path, qpm_dir: Path | None, path: Path, guidance: float = 2.0) -> 
         axes[0].axhline(real["fd"], color="gray", ls=":", label=f"1,000 real train images (FD {real['fd']:.3f})")
         axes[0].axhline(3 * real["fd"], color="gray", ls="--", lw=0.8, label="goal: 3x the real images' FD")
         axes[1].axhline(0.9, color="gray", ls="--", lw=0.8, label="goal: 0.9")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xticks([1, 2, 5, 10, 20])
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("training CPU-minutes (1 thread)")
-        ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("judge-feature FD vs MNIST t10k (n = 1,000)")
-    axes[1].set_ylabel("share of samples with judge max prob >= 0.9")
-    axes[1].set_ylim(0, 1.02)
+    minutes_axes(*axes)
     fig.suptitle("MNIST: quality per training CPU-minute (DDIM-20 samples; bars: the spread of 3 seeds)")
     fig.tight_layout()
     from diffusekit.viz import save_figure

@@ -354,11 +354,26 @@ def _plot_metric(ax, series: dict, key: str) -> None:
                 ax.scatter(cpu, vals, color=line.get_color(), s=10, alpha=0.6)
 
 
+def minutes_axes(ax_fd, ax_confident) -> None:
+    """The two panels of a quality-per-CPU-minute figure: log CPU-minutes 1-20, log FD, confident share."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    for a in (ax_fd, ax_confident):
+        a.set_xscale("log")
+        a.set_xticks([1, 2, 5, 10, 20])
+        a.xaxis.set_major_formatter(ScalarFormatter())
+        a.xaxis.set_minor_formatter(NullFormatter())
+        a.set_xlabel("training CPU-minutes (1 thread)")
+        a.legend(fontsize=7)
+    ax_fd.set_yscale("log")
+    ax_fd.set_ylabel("judge-feature FD vs MNIST t10k (n = 1,000)")
+    ax_confident.set_ylabel(f"share of samples with judge max prob >= {CONFIDENT}")
+    ax_confident.set_ylim(0, 1.02)
+
+
 def plot(out: Path, img_dir: Path, recipe: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
     res = load_results(out)
     series = _series(res, recipe)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -373,17 +388,7 @@ def plot(out: Path, img_dir: Path, recipe: str) -> None:
         if "noise_confident_0.9" in e:
             ax2.axhline(e["noise_confident_0.9"], color="red", ls=":", lw=0.8,
                         label=f"pure noise images ({e['noise_confident_0.9']:.2f})")
-    for a in (ax, ax2):
-        a.set_xscale("log")
-        a.set_xticks([1, 2, 5, 10, 20])
-        a.xaxis.set_major_formatter(ScalarFormatter())
-        a.xaxis.set_minor_formatter(NullFormatter())
-        a.set_xlabel("training CPU-minutes (1 thread)")
-        a.legend(fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("judge-feature FD vs MNIST t10k (n = 1,000)")
-    ax2.set_ylabel(f"share of samples with judge max prob >= {CONFIDENT}")
-    ax2.set_ylim(0, 1)
+    minutes_axes(ax, ax2)
     fig.suptitle("MNIST, unconditional: quality per training CPU-minute (DDIM-20 samples)")
     fig.tight_layout()
     img_dir.mkdir(parents=True, exist_ok=True)

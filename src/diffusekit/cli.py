@@ -185,7 +185,7 @@ def _tuned_steps(run, pipe, sampler, steps, timesteps_file, guidance: float = 1.
         if float(record.get("guidance_scale", 1.0)) != guidance:
             click.echo(f"not using {path}: tuned at guidance {record.get('guidance_scale', 1.0)}, sampling at "
                        f"{guidance} (diffusekit tune-steps {run} --guidance {guidance} tunes for it)", err=True)
-            return 20, None
+            return steps or 20, None
     ts, record = load_steps(path, sampler=sampler, schedule=pipe.schedule)
     tuned_at = float(record.get("guidance_scale", 1.0))
     note = "" if tuned_at == guidance else f", tuned at guidance {tuned_at}, not {guidance}"
