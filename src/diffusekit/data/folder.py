@@ -18,7 +18,8 @@ from pathlib import Path
 from diffusekit.data.config import IMAGE_EXTENSIONS, DataConfig
 from diffusekit.data.images import color_channels, probe_image
 from diffusekit.data.metadata import (METADATA_FILES, MetadataRow, attribute_columns, column_values,
-                                      find_metadata, labels_from_column, read_metadata)
+                                      find_metadata, labels_from_column, read_metadata,
+                                      read_text_file)
 
 SPLIT_FOLDERS = {"train": "train", "test": "test", "t10k": "test"}
 
@@ -69,7 +70,7 @@ def index_folder(cfg: DataConfig) -> FolderIndex:
         notes.append(f"metadata: {len(rows)} rows, columns {sorted({k for r in rows for k in r.columns})}")
     if not images:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}, any case) found "
-                                f"under {root} (searched sub-folders too).")
+                                f"under {root} (searched sub-folders too); put the images in it, or give the folder that holds them.")
     labels, class_names = _labels(root, images, rows, cfg.class_labels)
     captions = column_values(rows, "text") if rows else None
     if captions is None:
@@ -100,7 +101,7 @@ def _metadata_rows(top: Path, root: Path) -> list[MetadataRow]:
     files = find_metadata(root)
     if not files and root != top:
         files = [top / name for name in METADATA_FILES if (top / name).is_file()][:1]
-    rows = [row for f in files for row in read_metadata(f)]
+    rows = [row for f in files for row in read_metadata(f, top)]
     return [r for r in rows if r.path.is_relative_to(root)]
 
 
@@ -144,12 +145,12 @@ def _text_file_captions(images: list[Path], texts: list[Path], strict: bool) -> 
         if strict:
             raise FileNotFoundError(message + "; write one per image (strict=True).")
         warnings.warn(message + '; they get the empty caption ""', stacklevel=4)
-    return [text_of[p].read_text(encoding="utf-8").strip() if text_of[p] in texts else "" for p in images]
+    return [read_text_file(text_of[p]).strip() if text_of[p] in texts else "" for p in images]
 
 
 def _probe_all(index: FolderIndex, cfg: DataConfig) -> FolderIndex:
     """Read every header (up to `limit` readable ones); skip unreadable files, or raise if strict."""
-    keep, skipped, probes = [], [], {}
+    keep, skipped, probes, first_error = [], [], {}, ""
     for i, path in enumerate(index.files):
         if cfg.limit and len(keep) >= cfg.limit:
             break
@@ -161,13 +162,15 @@ def _probe_all(index: FolderIndex, cfg: DataConfig) -> FolderIndex:
                                  "it, or set strict=False to skip unreadable images.") from None
             warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=4)
             skipped.append(path)
+            first_error = first_error or f" (e.g. {err})"
             continue
         keep.append(i)
     if skipped:
         names = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} of {len(keep) + len(skipped)} files: {names}", stacklevel=4)
     if not keep:
-        raise ValueError(f"none of the {len(index.files)} image files under {index.root} could be read.")
+        raise ValueError(f"none of the {len(index.files)} image files under {index.root} could be read{first_error}; "
+                         "give a folder of PNG, JPEG or other images that Pillow opens.")
     found = len(index.files)
     index.stored_channels = [probes[i][0] if i in probes else 0 for i in range(found)]
     index.sizes = [probes[i][1:] if i in probes else (0, 0) for i in range(found)]
