@@ -286,11 +286,16 @@ class Pipeline:
         return out, xs, x0s, ts
 
     # --- editing ------------------------------------------------------------------------------
-    def load_image(self, path: str | Path) -> torch.Tensor:
-        """An image file as a (1, C, H, W) tensor in [-1, 1] at this model's size and channels."""
+    def load_image(self, path: str | Path, alpha_background: str | None = None) -> torch.Tensor:
+        """An image file as a (1, C, H, W) tensor in [-1, 1] at this model's size and channels.
+
+        Transparent pixels are composited onto alpha_background ("black", "white" or "R,G,B"),
+        by default the one the run's training images were composited onto.
+        """
         from .data import load_image
         c, h, _ = self.image_shape
-        return load_image(path, image_size=h, channels=c)
+        trained_on = getattr(getattr(self.config, "data", None), "alpha_background", "black")
+        return load_image(path, image_size=h, channels=c, alpha_background=alpha_background or trained_on)
 
     def load_mask(self, path: str | Path, threshold: float = 0.5) -> torch.Tensor:
         """A mask image as a (1, 1, H, W) tensor of 0/1: white (> threshold) = fill, black = keep."""

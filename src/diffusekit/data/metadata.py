@@ -35,21 +35,25 @@ def find_metadata(root: Path) -> list[Path]:
     return found
 
 
-def read_metadata(path: Path, root: Path | None = None) -> list[MetadataRow]:
-    """The rows of one metadata file, each file_name checked to exist inside `root` (default: its folder).
+def read_metadata(path: Path, root: Path | None = None,
+                  image_column: str = "file_name") -> list[MetadataRow]:
+    """The rows of one metadata file, each image (named in `image_column`) checked to exist inside `root`.
 
-    A file_name is resolved (symlinks too) before the check, so "../x.png", an absolute path or a
-    link that leads out of the data folder is refused with the row that names it.
+    `root` defaults to the file's folder. A file_name is resolved (symlinks too) before the check, so
+    "../x.png", an absolute path or a link that leads out of the data folder is refused with the row
+    that names it.
     """
     root = Path(root) if root is not None else path.parent
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path, image_column)
     out, seen = [], {}
     for line, columns in rows:
         where = f"{path} line {line}"
-        name = columns.pop("file_name", None)
+        name = columns.pop(image_column, None)
         if not isinstance(name, str) or not name:
-            raise ValueError(f"{where} has no file_name; every row names its image, e.g. {EXAMPLE_ROW}.")
-        image = _inside(path, root, name, where)
+            named = "" if image_column == "file_name" else f" (image_column={image_column!r}); its columns are " \
+                f"{sorted(columns)}"
+            raise ValueError(f"{where} has no {image_column}{named}; every row names its image, e.g. {EXAMPLE_ROW}.")
+        image = _inside(path, root, name, f"{where}: {image_column}")
         if image in seen:
             raise ValueError(f"{where}: {name!r} is listed twice (also at line {seen[image]}); "
                              "list each image once.")
@@ -66,14 +70,14 @@ def _inside(path: Path, root: Path, name: str, where: str) -> Path:
     target, top = named.resolve(), root.resolve()   # resolve() follows links, which text cannot see through
     if not target.is_relative_to(top):
         leads = f" (it leads to {target})" if target != named else ""
-        raise ValueError(f"{where}: file_name {name!r} is outside the data folder {root}{leads}; name each image "
+        raise ValueError(f"{where} {name!r} is outside the data folder {root}{leads}; name each image "
                          "by its path relative to the metadata file, inside the folder (copy the image in if "
                          "it belongs to the data set).")
     # spelled root/relative, as the folder's own listing spells it, so the two can be compared
     relative = Path(os.path.relpath(named, root))
     image = root / (relative if relative.parts[:1] != ("..",) else target.relative_to(top))
     if not image.is_file():
-        raise FileNotFoundError(f"{where}: file_name {name!r} does not exist (looked for {image}); "
+        raise FileNotFoundError(f"{where} {name!r} does not exist (looked for {image}); "
                                 "fix the name or remove the line.")
     return image
 
@@ -108,12 +112,13 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
+def _read_csv(path: Path, image_column: str = "file_name") -> list[tuple[int, dict]]:
     reader = csv.reader(io.StringIO(read_text_file(path), newline=""))
     header = next(reader, None)
-    if not header or "file_name" not in header:
-        raise ValueError(f"{path} line 1 has columns {header}, without file_name; the "
-                         "first line names the columns, e.g. file_name,text,label.")
+    if not header or image_column not in header:
+        raise ValueError(f"{path} line 1 has columns {header}, without {image_column}; the first line names "
+                         f"the columns, e.g. {image_column},text,label (or set image_column to the column "
+                         "that names the images).")
     rows, start = [], reader.line_num + 1
     for cells in reader:
         # reader.line_num is the physical line the row ended on (a quoted caption may span lines)
@@ -128,17 +133,20 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def column_values(rows: list[MetadataRow], name: str) -> list | None:
-    """The values of one column for every row, or None if no row has it; a gap is an error."""
+def column_values(rows: list[MetadataRow], name: str, caption: bool = False) -> list | None:
+    """The values of one column for every row, or None if no row has it; a gap is an error.
+
+    A caption column holds strings, and "" (an empty caption) is a value there, not a gap.
+    """
     if not any(name in r.columns for r in rows):
         return None
     for r in rows:
         value = r.columns.get(name)
-        if value is None or (value == "" and name != "text"):
-            hint = ' (an empty caption is "")' if name == "text" else ""
+        if value is None or (value == "" and not caption):
+            hint = ' (an empty caption is "")' if caption else ""
             raise ValueError(f"{r.where} has no {name!r} while other rows do; give every row a {name}{hint}.")
-        if name == "text" and not isinstance(value, str):
-            raise ValueError(f"{r.where}: text is {value!r}, not a string; write the caption in quotes.")
+        if caption and not isinstance(value, str):
+            raise ValueError(f"{r.where}: {name} is {value!r}, not a string; write the caption in quotes.")
     return [r.columns[name] for r in rows]
 
 
@@ -176,9 +184,9 @@ def _label_kind(value, from_csv: bool) -> str:
     return "other"
 
 
-def attribute_columns(rows: list[MetadataRow]) -> dict[str, list] | None:
-    """Every other column whose values are scalars, as {name: values}; None if there are none."""
-    names = sorted({k for r in rows for k in r.columns} - {"label", "text"})
+def attribute_columns(rows: list[MetadataRow], caption_column: str | None = "text") -> dict[str, list] | None:
+    """Every column but the label and the captions whose values are scalars, as {name: values}; None if none."""
+    names = sorted({k for r in rows for k in r.columns} - {"label", "text", caption_column})
     out = {}
     for name in names:
         values = [r.columns.get(name) for r in rows]
