@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+from .config import ConfigError
 from .demo_handlers import (DISPLAY_SIZE, MAX_IMAGES, MAX_STEPS, DemoInputError, class_choices, display_factor,
                             generate, import_gradio, inpaint, invert_and_edit, normalise_editor, schedule_picture,
                             sdedit, starter_image, takes_prompt, trajectory_picture)
@@ -194,6 +195,36 @@ def _pipeline(source, device, precision):
     return pipe
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse a host this machine cannot serve on, or a port in use, with a message that says which and what to do.
+
+    (The web server's own error for both is one OSError text that names neither.)
+    """
+    import errno
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"host {host!r} is not an address or name this machine can resolve ({e}); serve on "
+                          "127.0.0.1 (this machine only) or 0.0.0.0 (every network interface).") from None
+    with socket.socket(family, kind, proto) as probe:
+        # as the web server binds: SO_REUSEADDR, so that a recently closed server does not count as busy
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use (another demo or server is running there); "
+                                  f"stop it, or choose a free port (--port {port + 1}, port={port + 1}).") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"host {host!r} is not an address of this machine; serve on 127.0.0.1 (this "
+                                  "machine only) or 0.0.0.0 (every network interface).") from None
+            if e.errno == errno.EACCES:
+                raise ConfigError(f"port {port} needs administrator rights on this system; choose a port above "
+                                  "1023 (--port 7860).") from None
+            raise
+
+
 def launch(run_or_pipe, host: str = "127.0.0.1", port: int = 7860, share: bool = False, *, concurrency: int = 2,
            device: str = "auto", precision: str = "auto", block: bool = True, quiet: bool = False):
     """Serve the demo for a run directory, a diffusers folder or a Pipeline at http://host:port.
@@ -203,6 +234,7 @@ def launch(run_or_pipe, host: str = "127.0.0.1", port: int = 7860, share: bool =
     Returns the launched gr.Blocks.
     """
     gr = import_gradio()
+    check_address(host, port)                   # before the model loads: a busy port is known at once
     demo = build_demo(_pipeline(run_or_pipe, device, precision), concurrency=concurrency)
     # system fonts: the page loads nothing from the internet
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],

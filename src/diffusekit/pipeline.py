@@ -6,6 +6,7 @@ editor takes; guides with the source's post-step rule run as a per-step callback
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -126,11 +127,43 @@ class Pipeline:
         if guidance_scale != 1.0 and not (self.num_classes or self.has_text):
             raise ConfigError(f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one "
                               "has neither. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        if negative_prompt:
+            self._check_negative_prompt(negative_prompt, guidance_scale)
         null_cond = self.model.encode_text([negative_prompt]) if self.has_text and guidance_scale != 1.0 else None
         return guided_denoiser(Denoiser(self.network(), self.prediction_type), guidance_scale=guidance_scale,
                                null_label=-1, null_cond=null_cond, guides=guides, classifier=classifier,
                                classifier_scale=classifier_scale,
                                target_class=None if target_class is None else torch.as_tensor(target_class).to(self.device))
+
+    def _check_negative_prompt(self, negative_prompt: str, guidance_scale: float) -> None:
+        """A negative prompt is the unconditional branch of text guidance: refused where it would do nothing."""
+        if not self.has_text:
+            kind = "class-conditional" if self.num_classes else "unconditional"
+            raise ConfigError(f"a negative prompt was given but this model is {kind} (not text-conditioned), so it "
+                              "would be ignored; drop --negative-prompt (negative_prompt=...).")
+        if guidance_scale == 1.0:
+            raise ConfigError("a negative prompt was given at guidance_scale=1, where it has no effect (it is the "
+                              "unconditional branch of classifier-free guidance); pass --guidance above 1 (e.g. 3), "
+                              "or drop --negative-prompt.")
+        self._check_words([negative_prompt], "negative prompt")
+
+    def _check_words(self, prompts: Sequence[str], what: str) -> None:
+        """Refuse words a learned text encoder never saw; warn about prompts cut to the encoder's length."""
+        text = getattr(self.model, "text", None)
+        text = getattr(self.model, "text_encoder", None) if text is None else text
+        unknown = sorted({w for p in prompts for w in getattr(text, "unknown_words", lambda p: [])(p)})
+        if unknown:
+            raise ConfigError(f"the words {unknown} of the {what} never occur in this run's captions, so its learned "
+                              f"text encoder cannot read them; rephrase with words from the training captions.")
+        count, limit = getattr(text, "token_count", None), getattr(text, "max_length", None)
+        if count is None or not limit:
+            return
+        long = [(p, n) for p in dict.fromkeys(prompts) if (n := count(p)) > limit]
+        if long:
+            p, n = long[0]
+            warnings.warn(f"the {what} {p[:40]!r}{'...' if len(p) > 40 else ''} is {n} tokens long and the text "
+                          f"encoder reads {limit}: the last {n - limit} tokens are ignored; shorten it to keep "
+                          "them.", stacklevel=4)
 
     def _callback(self, guides: Sequence[Guide], cond: dict, callback):
         source = [g for g in guides if g.weighting == "source"]
@@ -141,6 +174,9 @@ class Pipeline:
         if labels is None:
             return None
         if not self.num_classes:
+            if self.has_text:
+                raise ConfigError("class labels were given but this model is text-conditioned (it has no classes); "
+                                  "describe the image with a prompt instead (prompt=..., --prompt) and drop --class.")
             raise ConfigError("class labels were given but this model is unconditional (no classes); "
                               "drop --class, or train with labelled data.")
         if isinstance(labels, str):
@@ -172,10 +208,7 @@ class Pipeline:
         prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
         if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"got {len(prompts)} prompts for {n} images; give one prompt or one per image.")
-        unknown = sorted({w for p in prompts for w in getattr(self.model.text, "unknown_words", lambda p: [])(p)})
-        if unknown:
-            raise ConfigError(f"the words {unknown} never occur in this run's captions, so its learned text encoder "
-                              f"cannot read them; rephrase with words from the training captions.")
+        self._check_words(prompts, "prompt")
         return prompts
 
     def _cond(self, class_labels, n: int, prompt=None) -> dict:
@@ -253,11 +286,16 @@ class Pipeline:
         return out, xs, x0s, ts
 
     # --- editing ------------------------------------------------------------------------------
-    def load_image(self, path: str | Path) -> torch.Tensor:
-        """An image file as a (1, C, H, W) tensor in [-1, 1] at this model's size and channels."""
+    def load_image(self, path: str | Path, alpha_background: str | None = None) -> torch.Tensor:
+        """An image file as a (1, C, H, W) tensor in [-1, 1] at this model's size and channels.
+
+        Transparent pixels are composited onto alpha_background ("black", "white" or "R,G,B"),
+        by default the one the run's training images were composited onto.
+        """
         from .data import load_image
         c, h, _ = self.image_shape
-        return load_image(path, image_size=h, channels=c)
+        trained_on = getattr(getattr(self.config, "data", None), "alpha_background", "black")
+        return load_image(path, image_size=h, channels=c, alpha_background=alpha_background or trained_on)
 
     def load_mask(self, path: str | Path, threshold: float = 0.5) -> torch.Tensor:
         """A mask image as a (1, 1, H, W) tensor of 0/1: white (> threshold) = fill, black = keep."""

@@ -4,6 +4,7 @@ One home per concept:
   config.py     DataConfig (what the data are and how they are shaped), resolve_kind
   images.py     one image: files, pixels <-> tensors, channels, resize, crop and flip transforms
   metadata.py   metadata.jsonl / metadata.csv (Hugging Face imagefolder): labels, captions, attributes
+  captions.py   captions from metadata columns: caption_column and caption_template
   folder.py     image folders indexed before decoding: splits, classes, captions, channels, sizes
   arrays.py     digits, IDX and numpy readers
   shapes.py     the built-in captioned `shapes` set and write_shapes_folder

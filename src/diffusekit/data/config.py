@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from diffusekit.config import Config, ConfigError, check_choice, check_range
+from diffusekit.data.captions import template_fields
+from diffusekit.data.images import BACKGROUND_FORMS, BACKGROUNDS, parse_background
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 ARRAY_EXTENSIONS = (".npy", ".npz")
@@ -25,11 +27,24 @@ class DataConfig(Config):
     limit: int = 0  # keep at most this many images (the first, in file order); 0 = all (shapes: 10000)
     seed: int = 0  # which images a generated set (shapes) holds; independent of the training seed
     hflip: bool = False  # random horizontal flips when batches are drawn; never for digits or shapes
-    alpha_background: Literal["black", "white"] = "black"  # what transparent pixels become
+    alpha_background: str = "black"  # what transparent pixels become: "black", "white" or "R,G,B" (0-255 each)
     strict: bool = False  # an unreadable image is an error instead of a warning and a skip
+    caption_column: str = "text"  # metadata column of the captions; "text" falls back to a "caption" column
+    image_column: str = "file_name"  # metadata column naming each image (datasets folders: their Image column)
+    caption_template: str = ""  # e.g. "{text}, {style} style": captions from metadata columns; "" = caption_column
 
     def validate(self) -> None:
         check_choice("channels", self.channels, (0, 1, 3))
+        self.alpha_background = _canonical_background(self.alpha_background)
+        for name in ("caption_column", "image_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                raise ConfigError(f"{name}={getattr(self, name)!r} is empty; name a metadata column, e.g. "
+                                  f"{'text' if name == 'caption_column' else 'file_name'} (the default).")
+        if self.caption_column == self.image_column:
+            raise ConfigError(f"caption_column and image_column are both {self.caption_column!r}; the captions "
+                              "and the image names are different columns.")
+        if self.caption_template:
+            template_fields(self.caption_template)
         check_range("image_size", self.image_size, lo=0)
         check_range("limit", self.limit, lo=0)
         check_range("seed", self.seed, lo=0)
@@ -42,6 +57,16 @@ class DataConfig(Config):
         if self.crop == "random" and not self.image_size:
             raise ConfigError("crop='random' needs image_size > 0 (images are resized so the shorter side "
                               "is image_size, then cropped); set image_size, for example 64.")
+
+
+def _canonical_background(value: str) -> str:
+    """ "black", "white", or "R,G,B" without spaces; ConfigError listing the allowed forms otherwise."""
+    try:
+        rgb = parse_background(value)
+    except ValueError:
+        raise ConfigError(f"alpha_background={value!r} is not a colour; give {BACKGROUND_FORMS}.") from None
+    name = value.strip().lower()
+    return name if name in BACKGROUNDS else ",".join(str(v) for v in rgb)
 
 
 def resolve_kind(source: str, kind: str = "auto") -> str:

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from diffusekit.data.arrays import load_digits_arrays, load_idx_arrays, load_npy_arrays
 from diffusekit.data.config import DataConfig, resolve_kind
 from diffusekit.data.folder import FolderIndex, index_folder, resolve_channels, resolve_size
-from diffusekit.data.images import BACKGROUNDS, center_crop, color_channels, fit_image, random_hflip, read_image
+from diffusekit.data.images import (background_values, center_crop, color_channels, fit_image, output_channels,
+                                    random_hflip, read_image)
 from diffusekit.memory import check_images_fit
 
 
@@ -92,6 +93,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     if kind == "hf":
         from diffusekit.data.hf import load_hf
         return load_hf(cfg)
+    _refuse_metadata_options(cfg, kind)
     captions = attributes = None
     if kind == "shapes":
         from diffusekit.data.shapes import DEFAULT_COUNT, generate_shapes
@@ -107,11 +109,26 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
             x, labels = x[:cfg.limit], labels[:cfg.limit] if labels is not None else None
     if not cfg.class_labels:
         labels, class_names = None, []
+    if cfg.caption_template:  # shapes: its captions as `text` and its attributes as the other columns
+        from diffusekit.data.captions import template_over_columns
+        captions = template_over_columns(cfg.caption_template, {"text": captions, **attributes},
+                                         [f"shapes image {i}" for i in range(len(captions))])
     x, uncropped, channels, more = _standardise(x, cfg)
     return ImageDataset(x * 2 - 1, labels, class_names, hflip=cfg.hflip, source=cfg.source,
                         notes=notes + more, captions=captions, attributes=attributes,
                         uncropped=uncropped * 2 - 1 if uncropped is not None else None, crop=cfg.crop,
                         config=replace(cfg, channels=channels))
+
+
+def _refuse_metadata_options(cfg: DataConfig, kind: str) -> None:
+    """An error, before anything is read, for caption options on a source without metadata columns."""
+    asked = [f"{name}={getattr(cfg, name)!r}" for name, default in
+             (("caption_column", "text"), ("image_column", "file_name"), ("caption_template", ""))
+             if getattr(cfg, name) != default and not (kind == "shapes" and name == "caption_template")]
+    if asked:
+        raise ValueError(f"{asked[0]} reads metadata columns, but {cfg.source} ({kind}) has none; it applies to "
+                         "image folders with metadata.jsonl/metadata.csv and datasets folders (caption_template "
+                         "also to shapes).")
 
 
 def _standardise(x: torch.Tensor, cfg: DataConfig):
@@ -122,7 +139,7 @@ def _standardise(x: torch.Tensor, cfg: DataConfig):
     """
     notes = []
     c, (h, w) = x.shape[1], x.shape[-2:]
-    channels = cfg.channels or (1 if color_channels(c) == 1 else 3)
+    channels = cfg.channels or output_channels([c], cfg.alpha_background)
     if c in (2, 4):
         notes.append(f"composited the alpha channel onto {cfg.alpha_background}")
     if cfg.channels == 0:
@@ -138,7 +155,7 @@ def _standardise(x: torch.Tensor, cfg: DataConfig):
     # the result, its [-1, 1] copy and one chunk's float intermediates: refused before allocating
     check_images_fit(len(x), channels, size or h, 3, f"holding {cfg.source} in memory", _SMALLER)
     # in chunks to bound the memory of the float intermediates
-    x = torch.cat([fit_image(chunk.float(), channels, size, cfg.crop, BACKGROUNDS[cfg.alpha_background])
+    x = torch.cat([fit_image(chunk.float(), channels, size, cfg.crop, background_values(cfg.alpha_background))
                    for chunk in x.split(4096)])
     if size and x.shape[-2:] != (size, size):  # crop='random' keeps the longer side for later
         uncropped, x = x, center_crop(x, size)
@@ -152,7 +169,7 @@ def load_folder(index: FolderIndex, cfg: DataConfig, read=read_image) -> ImageDa
     """
     channels, notes = resolve_channels(index.stored_channels, cfg.channels, cfg.alpha_background)
     size, more = resolve_size(index, cfg)
-    background = BACKGROUNDS[cfg.alpha_background]
+    background = background_values(cfg.alpha_background)
     check_images_fit(len(index), channels, size, 1, f"holding {cfg.source} in memory",
                      _SMALLER + ", or stream the folder from disk (open_dataset(cfg, streaming=True))")
     images = torch.empty(len(index), channels, size, size)

@@ -15,10 +15,11 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from diffusekit.data.captions import captions_from_rows, template_over_columns
 from diffusekit.data.config import IMAGE_EXTENSIONS, DataConfig
-from diffusekit.data.images import color_channels, probe_image
-from diffusekit.data.metadata import (METADATA_FILES, MetadataRow, attribute_columns, column_values,
-                                      find_metadata, labels_from_column, read_metadata)
+from diffusekit.data.images import color_channels, output_channels, probe_image
+from diffusekit.data.metadata import (METADATA_FILES, MetadataRow, attribute_columns, find_metadata,
+                                      labels_from_column, read_metadata, read_text_file)
 
 SPLIT_FOLDERS = {"train": "train", "test": "test", "t10k": "test"}
 
@@ -56,7 +57,7 @@ def index_folder(cfg: DataConfig) -> FolderIndex:
     root = split_root(top, cfg.split)
     everything = sorted(p for p in root.rglob("*") if p.is_file())
     images = [p for p in everything if p.suffix.lower() in IMAGE_EXTENSIONS]
-    rows = _metadata_rows(top, root)
+    rows = _metadata_rows(top, root, cfg.image_column)
     notes = []
     if rows:
         rows.sort(key=lambda r: r.path)
@@ -69,14 +70,36 @@ def index_folder(cfg: DataConfig) -> FolderIndex:
         notes.append(f"metadata: {len(rows)} rows, columns {sorted({k for r in rows for k in r.columns})}")
     if not images:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}, any case) found "
-                                f"under {root} (searched sub-folders too).")
+                                f"under {root} (searched sub-folders too); put the images in it, or give the folder that holds them.")
     labels, class_names = _labels(root, images, rows, cfg.class_labels)
-    captions = column_values(rows, "text") if rows else None
-    if captions is None:
-        captions = _text_file_captions(images, [p for p in everything if p.suffix == ".txt"], cfg.strict)
-    index = FolderIndex(root, images, [], [], labels, class_names, captions,
-                        attribute_columns(rows) if rows else None, notes)
+    captions, attributes = _captions(root, images, everything, rows, cfg, notes)
+    index = FolderIndex(root, images, [], [], labels, class_names, captions, attributes, notes)
     return _probe_all(index, cfg)
+
+
+def _captions(root: Path, images: list[Path], everything: list[Path], rows: list[MetadataRow],
+              cfg: DataConfig, notes: list[str]) -> tuple[list[str] | None, dict | None]:
+    """(captions, attributes) from the metadata columns, or else from NAME.txt files; notes appended."""
+    text_files = [p for p in everything if p.suffix == ".txt"]
+    if rows:
+        captions, column, more = captions_from_rows(rows, cfg.caption_column, cfg.caption_template)
+        notes.extend(more)
+        if captions is None:  # metadata without captions: NAME.txt files may hold them
+            captions = _text_file_captions(images, text_files, cfg.strict)
+        return captions, attribute_columns(rows, column)
+    asked = [f"{name}={getattr(cfg, name)!r}" for name, default in
+             (("image_column", "file_name"), ("caption_column", "text")) if getattr(cfg, name) != default]
+    if asked:
+        raise ValueError(f"{asked[0]} names a metadata column, but {root} has no metadata.jsonl or metadata.csv; "
+                         "add one (a row per image: file_name and its columns), or leave the option out.")
+    captions = _text_file_captions(images, text_files, cfg.strict)
+    if cfg.caption_template and captions is None:
+        raise ValueError(f"caption_template={cfg.caption_template!r} builds captions from metadata columns, but {root} "
+                         "has no metadata.jsonl or metadata.csv and no NAME.txt captions; add a metadata file.")
+    if cfg.caption_template:
+        wheres = [str(p.with_suffix(".txt")) for p in images]
+        captions = template_over_columns(cfg.caption_template, {"text": captions}, wheres)
+    return captions, None
 
 
 def split_root(root: Path, split: str) -> Path:
@@ -95,12 +118,12 @@ def split_root(root: Path, split: str) -> Path:
     return root / wanted
 
 
-def _metadata_rows(top: Path, root: Path) -> list[MetadataRow]:
+def _metadata_rows(top: Path, root: Path, image_column: str = "file_name") -> list[MetadataRow]:
     """Rows of the metadata files under the split folder, or of the top folder's own for this split."""
     files = find_metadata(root)
     if not files and root != top:
         files = [top / name for name in METADATA_FILES if (top / name).is_file()][:1]
-    rows = [row for f in files for row in read_metadata(f)]
+    rows = [row for f in files for row in read_metadata(f, top, image_column)]
     return [r for r in rows if r.path.is_relative_to(root)]
 
 
@@ -144,12 +167,12 @@ def _text_file_captions(images: list[Path], texts: list[Path], strict: bool) -> 
         if strict:
             raise FileNotFoundError(message + "; write one per image (strict=True).")
         warnings.warn(message + '; they get the empty caption ""', stacklevel=4)
-    return [text_of[p].read_text(encoding="utf-8").strip() if text_of[p] in texts else "" for p in images]
+    return [read_text_file(text_of[p]).strip() if text_of[p] in texts else "" for p in images]
 
 
 def _probe_all(index: FolderIndex, cfg: DataConfig) -> FolderIndex:
     """Read every header (up to `limit` readable ones); skip unreadable files, or raise if strict."""
-    keep, skipped, probes = [], [], {}
+    keep, skipped, probes, first_error = [], [], {}, ""
     for i, path in enumerate(index.files):
         if cfg.limit and len(keep) >= cfg.limit:
             break
@@ -161,13 +184,15 @@ def _probe_all(index: FolderIndex, cfg: DataConfig) -> FolderIndex:
                                  "it, or set strict=False to skip unreadable images.") from None
             warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=4)
             skipped.append(path)
+            first_error = first_error or f" (e.g. {err})"
             continue
         keep.append(i)
     if skipped:
         names = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} of {len(keep) + len(skipped)} files: {names}", stacklevel=4)
     if not keep:
-        raise ValueError(f"none of the {len(index.files)} image files under {index.root} could be read.")
+        raise ValueError(f"none of the {len(index.files)} image files under {index.root} could be read{first_error}; "
+                         "give a folder of PNG, JPEG or other images that Pillow opens.")
     found = len(index.files)
     index.stored_channels = [probes[i][0] if i in probes else 0 for i in range(found)]
     index.sizes = [probes[i][1:] if i in probes else (0, 0) for i in range(found)]
@@ -181,15 +206,22 @@ def _probe_all(index: FolderIndex, cfg: DataConfig) -> FolderIndex:
 
 
 def resolve_channels(stored: list[int], requested: int, alpha_background: str) -> tuple[int, list[str]]:
-    """The channels of the data set (requested, or 0: as the images are) and notes on conversions."""
+    """The channels of the data set (requested, or 0: as the images are) and notes on conversions.
+
+    Mixed modes read as one channel count: colour if any image is colour (or transparent grey
+    images meet a colour background), grey otherwise; every alpha is composited onto the background.
+    """
     colour = [color_channels(c) for c in stored]
     n_colour, n_alpha = sum(c == 3 for c in colour), sum(c in (2, 4) for c in stored)
-    channels = requested or (3 if n_colour else 1)
+    channels = requested or output_channels(stored, alpha_background)
     notes = []
     if requested == 0:
         what = "RGB" if channels == 3 else "grayscale"
         mixed = (f": {n_colour} colour and {len(colour) - n_colour} grayscale images, grayscale repeated "
                  "to RGB (set channels=1 for grayscale)") if 0 < n_colour < len(colour) else ", as the images are"
+        if channels == 3 and not n_colour:
+            mixed = (f": grayscale images with transparency on the colour background {alpha_background} "
+                     "(set channels=1 for grayscale)")
         notes.append(f"channels: {channels} ({what}){mixed}")
     elif any(c != channels for c in colour):
         notes.append(f"converted {sum(c != channels for c in colour)} images to {channels} channel(s)")

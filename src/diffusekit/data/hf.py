@@ -3,7 +3,8 @@
 Nothing is downloaded: the source is a path on this machine, read with the `datasets` library
 (`pip install datasets`). The image column is the first of the `Image` feature type, or one named
 image / img; labels come from `label` / `labels` (a ClassLabel keeps its names), captions from
-`text` / `caption`, and other scalar columns become attributes, as in an image folder's metadata.
+`text` (or `caption`; `caption_column` / `caption_template` choose otherwise, as for a folder), and
+other scalar columns become attributes, as in an image folder's metadata.
 The images are then brought to one shape exactly as a folder's are (`load_folder`).
 """
 from __future__ import annotations
@@ -17,15 +18,16 @@ from diffusekit.data.config import DataConfig
 from diffusekit.data.dataset import ImageDataset, load_folder
 from diffusekit.data.folder import SPLIT_FOLDERS, FolderIndex
 from diffusekit.data.images import pil_channels, pil_to_array
-from diffusekit.data.metadata import MetadataRow, attribute_columns, column_values, labels_from_column
+from diffusekit.data.captions import captions_from_rows
+from diffusekit.data.metadata import MetadataRow, attribute_columns, labels_from_column
 
-IMAGE_COLUMNS, LABEL_COLUMNS, TEXT_COLUMNS = ("image", "img"), ("label", "labels"), ("text", "caption")
+IMAGE_COLUMNS, LABEL_COLUMNS = ("image", "img"), ("label", "labels")
 
 
 def load_hf(cfg: DataConfig) -> ImageDataset:
     """Read a local `datasets` folder or parquet file(s) into memory as an ImageDataset."""
     table, where = open_hf(cfg)
-    image_column = _image_column(table, where)
+    image_column = _image_column(table, where, cfg.image_column)
     if isinstance(table.features[image_column], datasets_image_type()):
         # undecoded ({bytes, path}): a corrupt image is then ours to skip, not an error mid-iteration
         table = table.cast_column(image_column, datasets_image_type()(decode=False))
@@ -45,7 +47,7 @@ def load_hf(cfg: DataConfig) -> ImageDataset:
                           stacklevel=3)
             skipped += 1
             continue
-        columns = {("text" if k in TEXT_COLUMNS else "label" if k == label_column else k): v for k, v in row.items()}
+        columns = {("label" if k == label_column else k): v for k, v in row.items()}
         rows.append(MetadataRow(Path(f"{where}[{i}]"), f"{where} row {i}", columns))
         pictures.append(picture)
     if not rows:
@@ -54,11 +56,12 @@ def load_hf(cfg: DataConfig) -> ImageDataset:
     if cfg.class_labels and label_column:
         labels, class_names = labels_from_column(rows)
         class_names = list(names) if names else class_names   # a ClassLabel's values index its names
+    captions, caption_column, notes = captions_from_rows(rows, cfg.caption_column, cfg.caption_template)
     index = FolderIndex(Path(where), [r.path for r in rows], [pil_channels(p) for p in pictures],
                         [(p.height, p.width) for p in pictures], labels, class_names,
-                        column_values(rows, "text"), attribute_columns(rows),
+                        captions, attribute_columns(rows, caption_column),
                         [f"read {len(rows)} images from {where} (datasets)"] +
-                        ([f"skipped {skipped} unreadable images"] if skipped else []))
+                        ([f"skipped {skipped} unreadable images"] if skipped else []) + notes)
     position = {path: k for k, path in enumerate(index.files)}
     read = lambda path: torch.from_numpy(pil_to_array(pictures[position[path]])).movedim(-1, 0)  # noqa: E731
     return load_folder(index, cfg, read=read)
@@ -111,7 +114,13 @@ def datasets_image_type():
     return datasets.Image
 
 
-def _image_column(table, where: str) -> str:
+def _image_column(table, where: str, asked: str = "file_name") -> str:
+    """The column holding the images: `asked` when the user named one, else the first Image-typed or image/img one."""
+    if asked != "file_name":
+        if asked not in table.column_names:
+            raise ValueError(f"image_column={asked!r} is not a column of {where}; its columns are "
+                             f"{table.column_names}. Choose the one that holds the images.")
+        return asked
     typed = [name for name, feature in table.features.items() if isinstance(feature, datasets_image_type())]
     named = [name for name in IMAGE_COLUMNS if name in table.column_names]
     if not typed and not named:

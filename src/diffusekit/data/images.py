@@ -2,8 +2,9 @@
 
 The transforms are the configured ones and nothing else:
   - channels: grayscale is repeated to RGB; RGB becomes grayscale by ITU-R 601-2 luma
-    (L = 0.299 R + 0.587 G + 0.114 B, as Pillow's convert("L")); an alpha channel is composited
-    onto a background (black by default, so transparent areas read as background like MNIST);
+    (L = 0.299 R + 0.587 G + 0.114 B, as Pillow's convert("L")); an alpha channel (RGBA, LA, and
+    a PNG tRNS transparency in P, L and RGB images) is composited onto a background colour
+    (black by default, so transparent areas read as background like MNIST; see parse_background);
   - size: the shorter side is resized to `size` (bicubic, antialiased), then the longer side is
     cropped to a square, at the centre or at a random offset drawn from a torch.Generator;
   - flips: a random horizontal flip drawn from a torch.Generator;
@@ -15,7 +16,6 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,7 +25,23 @@ from diffusekit.config import check_choice
 
 # ITU-R 601-2 luma, the weights Pillow uses for convert("L")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-BACKGROUNDS = {"black": 0.0, "white": 1.0}
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
+BACKGROUND_FORMS = '"black", "white" or "R,G,B" with each of R, G, B an integer 0-255, e.g. "255,255,255"'
+
+
+def parse_background(value: str) -> tuple[int, int, int]:
+    """The (R, G, B) colour, 0-255, that a background setting names: "black", "white" or "R,G,B"."""
+    if isinstance(value, str) and value.strip().lower() in BACKGROUNDS:
+        return BACKGROUNDS[value.strip().lower()]
+    parts = value.split(",") if isinstance(value, str) else []
+    if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+        return tuple(int(p) for p in parts)
+    raise ValueError(f"background {value!r} is not a colour; give {BACKGROUND_FORMS}.")
+
+
+def background_values(value: str) -> tuple[float, float, float]:
+    """A background setting as (R, G, B) in [0, 1], the values images are composited in."""
+    return tuple(v / 255 for v in parse_background(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +121,9 @@ def pil_to_array(img) -> np.ndarray:
         return (np.asarray(img, dtype=np.float32) / 65535.0)[:, :, None]
     if mode in ("P", "PA"):
         img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+    elif mode in ("L", "RGB") and "transparency" in img.info:
+        # a PNG tRNS chunk: one grey level or RGB colour is transparent, which Pillow's convert applies
+        img = img.convert("LA" if mode == "L" else "RGBA")
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         gray = "L" if mode in ("1", "I", "F") else "RGB"
         img = img.convert("RGBA" if "A" in mode else gray)
@@ -121,11 +140,11 @@ def probe_image(path: str | Path) -> tuple[int, int, int]:
 def pil_channels(img) -> int:
     """The channels pil_to_array gives a PIL image: 1, 2 (LA), 3 or 4 (RGBA); read from its mode."""
     mode = img.mode
+    if mode == "L" and "transparency" in img.info or mode == "LA":
+        return 2
     if mode.startswith("I;16") or mode in ("L", "1", "I", "F"):
         return 1
-    if mode == "LA":
-        return 2
-    if mode == "P":
+    if mode in ("P", "RGB"):
         return 4 if "transparency" in img.info else 3
     return 4 if "A" in mode else 3  # RGB, RGBA, PA, CMYK, YCbCr, ...: converted to RGB(A)
 
@@ -140,23 +159,53 @@ def color_channels(c: int) -> int:
     return c - 1 if c in (2, 4) else c
 
 
+def output_channels(stored: list[int], background: str = "black") -> int:
+    """The channels images of these stored channel counts read as together: 3 if any is colour, else 1.
+
+    A background that is not grey makes transparent grey images colour, as they then look.
+    """
+    r, g, b = parse_background(background)
+    coloured_background = not r == g == b and any(c in (2, 4) for c in stored)
+    return 3 if coloured_background or any(color_channels(c) == 3 for c in stored) else 1
+
+
 # ---------------------------------------------------------------------------------------------
 # transforms of images in [0, 1]
 
 
-def to_channels(x: torch.Tensor, channels: int, background: float = 0.0) -> torch.Tensor:
-    """Convert (..., c, H, W) values in [0, 1] with c in {1, 2, 3, 4} (alpha last) to `channels`."""
+def to_channels(x: torch.Tensor, channels: int, background=0.0) -> torch.Tensor:
+    """Convert (..., c, H, W) values in [0, 1] with c in {1, 2, 3, 4} (alpha last) to `channels`.
+
+    An alpha channel is composited onto `background`: a grey level, or (R, G, B), in [0, 1].
+    """
     c = x.shape[-3]
-    if c in (2, 4):  # composite onto the background: out = a * colour + (1 - a) * background
-        alpha = x[..., -1:, :, :]
-        x = alpha * x[..., :-1, :, :] + (1 - alpha) * background
+    alpha = None
+    if c in (2, 4):
+        x, alpha = x[..., :-1, :, :], x[..., -1:, :, :]
         c -= 1
-    if c == channels:
+    if c != channels:
+        x = _convert_colour(x, channels)
+    if alpha is None:
         return x
+    # out = a * colour + (1 - a) * background   (the "over" operator onto an opaque background)
+    return alpha * x + (1 - alpha) * _background(background, channels, x.dtype)
+
+
+def _convert_colour(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey (..., 1, H, W) repeated to RGB, or RGB (..., 3, H, W) to grey by luma."""
     if channels == 3:
         return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
     weights = torch.tensor(LUMA_WEIGHTS, dtype=x.dtype).view(3, 1, 1)
     return (x * weights).sum(dim=-3, keepdim=True)
+
+
+def _background(background, channels: int, dtype) -> torch.Tensor:
+    """The background as a (channels, 1, 1) tensor; a colour's luma for grey images (a grey stays exact)."""
+    rgb = (background,) * 3 if isinstance(background, (int, float)) else tuple(background)
+    if channels == 3:
+        return torch.tensor(rgb, dtype=dtype).view(3, 1, 1)
+    grey = rgb[0] if rgb[0] == rgb[1] == rgb[2] else sum(w * v for w, v in zip(LUMA_WEIGHTS, rgb))
+    return torch.tensor([grey], dtype=dtype).view(1, 1, 1)
 
 
 def resize_shorter_side(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -207,21 +256,22 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def load_image(path: str | Path, image_size: int = 0, channels: int = 3,
-               alpha_background: Literal["black", "white"] = "black") -> torch.Tensor:
+               alpha_background: str = "black") -> torch.Tensor:
     """Read one image file as (1, C, H, W) in [-1, 1], warning about each conversion it makes.
 
     image_size=0 keeps the native size (the image must then be square); channels=0 keeps the
     image's own colour (1 for grayscale, 3 for colour).
     """
     check_choice("channels", channels, (0, 1, 3))
+    background = background_values(alpha_background)
     x = read_image(path)[None]  # (1, c, h, w)
     c, (h, w) = x.shape[1], x.shape[-2:]
-    channels = channels or (1 if color_channels(c) == 1 else 3)
+    channels = channels or output_channels([c], alpha_background)
     if c in (2, 4):
         warnings.warn(f"{path}: composited its alpha channel onto {alpha_background}", stacklevel=2)
     if color_channels(c) != channels:
         warnings.warn(f"{path}: converted {color_channels(c)} channel(s) to {channels}", stacklevel=2)
-    x = to_channels(x, channels, BACKGROUNDS[alpha_background])
+    x = to_channels(x, channels, background)
     if image_size and (h, w) != (image_size, image_size):
         warnings.warn(f"{path}: resized {h}x{w} to {image_size}x{image_size} (shorter side to "
                       f"{image_size}, bicubic, then centre crop)", stacklevel=2)
@@ -269,7 +319,7 @@ def write_pixels(pixels: np.ndarray, path: str | Path) -> Path:
 
 
 def fit_image(x: torch.Tensor, channels: int, size: int, crop: str = "center",
-              background: float = 0.0) -> torch.Tensor:
+              background=0.0) -> torch.Tensor:
     """Bring (..., c, H, W) in [0, 1] to `channels` and, when size > 0, its shorter side to `size`.
 
     crop='center' then crops the centre square; crop='random' leaves the longer side for a

@@ -114,6 +114,10 @@ def generate_shapes(n: int = DEFAULT_COUNT, seed: int = 0, split: str = "train",
     return images, [s.caption for s in specs], attributes
 
 
+class FolderNotEmptyError(FileExistsError, ValueError):
+    """The output folder holds files already; a ValueError too, so that callers report it as bad input."""
+
+
 def write_shapes_folder(out_dir: str | Path, n: int = DEFAULT_COUNT, seed: int = 0, split: str = "train",
                         overwrite: bool = False) -> Path:
     """Write the first n shapes as PNGs plus a metadata.jsonl (file_name, text and attribute columns).
@@ -124,8 +128,8 @@ def write_shapes_folder(out_dir: str | Path, n: int = DEFAULT_COUNT, seed: int =
     from PIL import Image
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; choose a new folder, or pass overwrite=True to write "
-                              "over it.")
+        raise FolderNotEmptyError(f"{out} is not empty; choose a new folder, or pass overwrite=True "
+                                  "(--overwrite) to write over it.")
     out.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(n - 1)))
     lines = []

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from diffusekit.data.config import DataConfig, resolve_kind
 from diffusekit.data.dataset import DataInfo, ImageDataset, load_dataset, load_folder
 from diffusekit.data.folder import FolderIndex, index_folder, resolve_channels, resolve_size
-from diffusekit.data.images import BACKGROUNDS, augment_item, center_crop, fit_image, read_image
+from diffusekit.data.images import augment_item, background_values, center_crop, fit_image, read_image
 
 # above this many bytes of float32 images, open_dataset streams from disk instead
 STREAMING_ABOVE_BYTES = 1 << 30
@@ -56,7 +56,8 @@ class StreamingImageFolder(DataInfo, Dataset):
         except Exception as err:  # its header was read when indexing; its pixels were not
             raise RuntimeError(f"cannot decode image {path}: {type(err).__name__}: {err}; fix or remove it "
                                "(the streaming data set cannot skip an image mid-training).") from None
-        return fit_image(x, self._channels, self._size, self.crop, BACKGROUNDS[self.cfg.alpha_background]) * 2 - 1
+        background = background_values(self.cfg.alpha_background)
+        return fit_image(x, self._channels, self._size, self.crop, background) * 2 - 1
 
     def __getitem__(self, i: int):
         label = self.labels[i] if self.labels is not None else torch.tensor(-1)

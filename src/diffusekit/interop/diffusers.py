@@ -12,7 +12,6 @@ Export (`export_diffusers`) lives in interop/export.py and is re-exported here.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..config import ConfigError
 from ..schedule import PREDICTION_TYPES
 from .export import ExportResult, export_diffusers  # the export half of this interface
 from .schedulers import sampler_from_diffusers_config, schedule_from_diffusers_config
+from .weights import load_component
 from .text_to_image import (NOT_RUN, DiffusersTextEncoder, DiffusersTextUNet, check_text_to_image_components,
                             check_text_to_image_unet, is_text_to_image)
 
@@ -147,6 +147,11 @@ def _not_a_pipeline(path: Path) -> ConfigError:
     hint = ""
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         hint = " It looks like a diffusekit run: load it with Pipeline.load(path)."
+    elif (path / "unet").is_dir() and (path / "scheduler").is_dir():
+        hint = (" It has unet/ and scheduler/, so it is a pipeline folder missing the index that save_pretrained "
+                "writes: copy model_index.json from where the folder came from, or write one naming the classes, "
+                'e.g. {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"], '
+                '"scheduler": ["diffusers", "DDPMScheduler"]}.')
     elif (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES):
         hint = (" It looks like a single diffusers model folder: put it in unet/ beside a scheduler/ folder and a "
                 "model_index.json (DDPMPipeline(unet, scheduler).save_pretrained(path) writes all three).")
@@ -157,8 +162,10 @@ def is_diffusers_folder(path: str | Path) -> bool:
     """Whether path looks like a diffusers pipeline folder (or an export_diffusers folder) rather than a run:
     the CLI's test for taking Pipeline.from_diffusers instead of Pipeline.load."""
     path = Path(path)
-    return (path / "model_index.json").is_file() or ((path / "diffusekit_unet").is_dir()
-                                                     and (path / "scheduler").is_dir())
+    # unet/ + scheduler/ without model_index.json is an incomplete pipeline folder, not a run:
+    # read_diffusers_folder then says what is missing
+    return ((path / "model_index.json").is_file() or (path / "scheduler").is_dir()
+            and ((path / "diffusekit_unet").is_dir() or (path / "unet").is_dir()))
 
 
 def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
@@ -259,7 +266,7 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
             raise ConfigError(f"null_class_label={null_class_label} was given but {path} is a text-to-image pipeline "
                               "(no class labels; its unconditional branch is the empty prompt); drop it.")
         return _load_text_to_image(folder, schedule, device, precision)
-    unet = diffusers.UNet2DModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=_low_memory())
+    unet = load_component(diffusers.UNet2DModel, path, "unet")
     model = DiffusersUNet(unet, null_class_label=null_class_label).to(device).eval()
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -277,11 +284,6 @@ def _import_diffusers():
     return diffusers
 
 
-def _low_memory() -> bool:
-    # without accelerate, diffusers would print a notice on every load; its plain loading path is the same
-    return importlib.util.find_spec("accelerate") is not None
-
-
 def _load_text_to_image(folder: DiffusersFolder, schedule, device: torch.device, precision: str):
     """A checked StableDiffusionPipeline folder as a Pipeline: UNet + text encoder the model, VAE the autoencoder."""
     from ..nn.autoencoder import DiffusersAutoencoder
@@ -291,8 +293,8 @@ def _load_text_to_image(folder: DiffusersFolder, schedule, device: torch.device,
     text = DiffusersTextEncoder.from_folders(path / "text_encoder", path / "tokenizer",
                                              folder.components["text_encoder"])
     check_text_to_image_unet(path, folder.unet_config, int(vae_config.get("latent_channels", 4)), text.dim)
-    unet = diffusers.UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=_low_memory())
-    vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae", low_cpu_mem_usage=_low_memory())
+    unet = load_component(diffusers.UNet2DConditionModel, path, "unet")
+    vae = load_component(diffusers.AutoencoderKL, path, "vae")
     # StableDiffusionPipeline's latents are z * scaling_factor (it has no shift_factor)
     autoencoder = DiffusersAutoencoder(vae.eval().requires_grad_(False), shift_factor=0.0)
     model = DiffusersTextUNet(unet.eval().requires_grad_(False), text).to(device).eval()

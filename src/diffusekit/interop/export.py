@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..samplers import SAMPLERS, get_sampler
@@ -122,6 +122,7 @@ def load_exported_diffusekit_unet(path: str | Path, device="auto", precision: st
     from ..nn.unet import UNet, UNetConfig
     from ..pipeline import Pipeline
     from .diffusers import read_json
+    from .weights import load_safetensors_into
     path = Path(path)
     for f in ("diffusekit_unet/config.json", "diffusekit_unet/model.safetensors", "scheduler/scheduler_config.json"):
         if not (path / f).is_file():
@@ -130,7 +131,7 @@ def load_exported_diffusekit_unet(path: str | Path, device="auto", precision: st
     cfg = UNetConfig.from_dict(meta["unet"])
     device = resolve_device(device)
     model = UNet(cfg)
-    model.load_state_dict(load_file(str(path / "diffusekit_unet" / "model.safetensors")))
+    load_safetensors_into(model, path / "diffusekit_unet" / "model.safetensors", str(path / "diffusekit_unet" / "config.json"))
     schedule = schedule_from_diffusers_config(read_json(path / "scheduler" / "scheduler_config.json", "scheduler"))
     return Pipeline(model.to(device), schedule, image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
                     prediction_type=meta.get("prediction_type", "epsilon"), num_classes=cfg.num_classes,

@@ -157,6 +157,10 @@ class DiffusersTextEncoder(nn.Module):
     def train(self, mode: bool = True) -> "DiffusersTextEncoder":
         return super().train(False)                                   # frozen: dropout stays off
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens of a prompt (start and end tokens included) before it is cut to max_length."""
+        return len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The UNet's text keyword for a list of prompts, on the text encoder's device."""

@@ -56,8 +56,8 @@ def _size_error(size: int) -> str:
             low //= 2
         why = (f"it halves evenly only down to {low} px, and the lowest feature map must be at most {limit} px "
                f"for this size")
-    return (f"image_size={size} has no derived UNet layout: {why}; use {near}, resizing or cropping the "
-            "images to it (--resize / --crop).")
+    return (f"image_size={size} has no derived UNet layout: {why}; use {near}, resizing and cropping the images "
+            "to it (on the command line --image-size N, with --crop center or random).")
 
 
 def _channel_mult(sides: list[int]) -> tuple[int, ...]:

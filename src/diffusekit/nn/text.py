@@ -126,6 +126,10 @@ class LearnedTextEncoder(nn.Module):
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask,
                 "text_embeds": masked_mean(hidden, mask)}
 
+    def token_count(self, prompt: str) -> int:
+        """Tokens of a prompt before it is cut to max_length: <start> and one per word."""
+        return 1 + len(words(prompt))
+
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of a prompt that are not in the vocabulary (they encode as <unk>)."""
         return [w for w in words(prompt) if w not in self.index]
@@ -197,6 +201,10 @@ class PretrainedTextEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> "PretrainedTextEncoder":
         return super().train(False)                                   # frozen: dropout stays off
+
+    def token_count(self, prompt: str) -> int:
+        """Tokens of a prompt (special tokens included) before it is cut to max_length."""
+        return len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
