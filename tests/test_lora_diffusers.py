@@ -17,7 +17,7 @@ import diffusekit as dk  # noqa: E402
 from diffusekit.adapters import add_adapter, save_adapter, write_merged  # noqa: E402
 from diffusekit.config import ConfigError  # noqa: E402
 from diffusekit.interop.lora import LORA_WEIGHT_NAME, export_diffusers_lora  # noqa: E402
-from diffusekit.nn.lora import AdapterConfig  # noqa: E402
+from diffusekit.nn.lora import AdapterConfig, lora_targets  # noqa: E402
 from test_interop_t2i import _clip_tokenizer, _save, libs  # noqa: E402,F401  (libs: a fixture)
 
 PROMPTS = ["a photo of a red cat", "a blue dog"]
@@ -42,6 +42,8 @@ def _randomise_adapter(model, seed=1):
 def adapted(sd_folder, tmp_path_factory):
     """(pipe with a random adapter on the UNet's attention and the text encoder, its adapter folder)."""
     pipe = dk.Pipeline.from_diffusers(sd_folder, device="cpu")
+    default = lora_targets(pipe.model, AdapterConfig())           # "attention": the UNet's, not CLIP's
+    assert default and all(t.startswith("unet.") and t.endswith(("to_q", "to_k", "to_v", "to_out.0")) for t in default)
     adapter = add_adapter(pipe, AdapterConfig(rank=2, alpha=6.0, targets=("attention", "text")))
     assert any(t.startswith("unet.") for t in adapter.targets) and any(t.startswith("text_encoder.model.")
                                                                       for t in adapter.targets)
@@ -123,3 +125,38 @@ def test_export_refuses_a_base_diffusers_cannot_load_a_lora_into(tmp_path):
     with pytest.raises(ConfigError, match="the adapter's base is a UNet; diffusers' load_lora_weights reads LoRAs of "
                                           "StableDiffusionPipeline folders"):
         export_diffusers_lora(pipe, tmp_path / "out")
+
+
+def test_adapter_on_a_ddpm_folder_unet2dmodel_saves_loads_and_merges(libs, tmp_path):  # noqa: F811
+    """A diffusers UNet2DModel (DDPMPipeline folder): attention and convolution LoRA, round trip, merged folder."""
+    from diffusekit.interop import DiffusersUNet
+    diffusers = libs[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                     layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                     attention_head_dim=8)
+    diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    pipe = dk.Pipeline.from_diffusers(tmp_path / "ddpm", device="cpu")
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    base = pipe.sample(2, sampler="ddim", num_steps=4, noise=noise)
+    adapter = add_adapter(pipe, AdapterConfig(rank=4, targets=("attention", "conv")))
+    assert {t.rsplit(".", 1)[-1] for t in adapter.targets} >= {"to_q", "to_k", "to_v", "0", "conv1", "conv2"}
+    assert "unet.conv_in" not in adapter.targets and "unet.conv_out" not in adapter.targets
+    _randomise_adapter(pipe.model)
+    ours = pipe.sample(2, sampler="ddim", num_steps=4, noise=noise)
+    assert (ours - base).abs().max() > 1e-3
+    save_adapter(pipe, tmp_path / "adapter")
+    loaded = dk.Pipeline.load(tmp_path / "adapter", device="cpu")
+    torch.testing.assert_close(loaded.sample(2, sampler="ddim", num_steps=4, noise=noise), ours, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="the adapter's base is a DiffusersUNet"):
+        export_diffusers_lora(loaded, tmp_path / "lora")
+    # the network itself (DDPM's default schedule amplifies eps by up to 1 / sqrt(abar_T) ~ 160 in x0)
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        adapted = loaded.model(noise, t)
+        write_merged(loaded, tmp_path / "merged")
+        merged = dk.Pipeline.from_diffusers(tmp_path / "merged", device="cpu")
+        assert merged.lora_scale is None and (adapted - DiffusersUNet(unet)(noise, t)).abs().max() > 1e-3
+        torch.testing.assert_close(merged.model(noise, t), adapted, rtol=0, atol=1e-5)

@@ -72,7 +72,16 @@ def add_adapter(pipe, config: AdapterConfig, weights: str = "ema") -> Adapter:
     base = base_reference(pipe, weights)       # before the layers change
     targets = add_lora(pipe.model, config)
     pipe.adapter = Adapter(config, targets, base)
+    refresh_fast_paths(pipe)
     return pipe.adapter
+
+
+def refresh_fast_paths(pipe) -> None:
+    """Compile and record the network call again where it was: its layers were just replaced."""
+    if pipe.compiled is not None:
+        pipe.compile("on")
+    if pipe.graphed is not None:
+        pipe.use_cuda_graphs("on")
 
 
 def adapter_size(pipe) -> dict:
@@ -173,6 +182,7 @@ def merge_adapter(pipe, scale: float | None = None):
     _require_adapter(pipe)
     merge_lora(pipe.model, scale)
     pipe.adapter = None
+    refresh_fast_paths(pipe)
     return pipe
 
 
