@@ -14,8 +14,9 @@ pytest.importorskip("peft", reason="LoRA adapters need peft (pip install 'diffus
 
 import diffusekit as dk  # noqa: E402
 from diffusekit import checkpoint as ckpt  # noqa: E402
-from diffusekit.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_adapter, read_adapter, save_adapter,  # noqa: E402
-                                 write_merged)
+from diffusekit.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_record, add_adapter, read_adapter,  # noqa: E402,E501
+                                 save_adapter, write_merged)
+from diffusekit.nn.lora import lora_state_dict  # noqa: E402
 from diffusekit.config import ConfigError  # noqa: E402
 from diffusekit.nn.attention import Attention, AttentionBlock  # noqa: E402
 from diffusekit.nn.lora import (AdapterConfig, add_lora, get_lora_scale, has_lora, lora_targets,  # noqa: E402
@@ -216,3 +217,25 @@ def test_write_merged_gives_a_plain_run_equal_to_the_adapter_at_its_scale(run, t
     torch.testing.assert_close(_sample(dk.Pipeline.load(tmp_path / "merged-half", device="cpu")), half,
                                rtol=0, atol=1e-5)
     assert (half - ours).abs().max() > 1e-4
+
+
+def test_a_trainer_run_layout_adapter_weights_through_the_checkpoint_journal(run, tmp_path):
+    """What the fine-tune trainer writes: EMA / raw adapter weights by save_checkpoint, adapter.json naming
+    model.safetensors; Pipeline.load(run) samples the EMA adapter. save_adapter(state_dict=) writes given weights."""
+    pipe, _ = _adapted(run, tmp_path)
+    raw = lora_state_dict(pipe.model)
+    ema = {k: v * 0.5 if ".lora_B." in k else v for k, v in raw.items()}       # B A halved: scale 0.5
+    ft = tmp_path / "ft"
+    ckpt.save_checkpoint(ft, 7, ema=ema, raw=raw, trainer_state={})
+    (ft / ADAPTER_CONFIG).write_text(json.dumps(adapter_record(pipe, ft, weights_file=ckpt.EMA_FILE)))
+    loaded = dk.Pipeline.load(ft, device="cpu")
+    pipe.lora_scale = 0.5
+    torch.testing.assert_close(_sample(loaded), _sample(pipe), rtol=0, atol=1e-6)
+    assert (_sample(loaded) - _sample(pipe, lora_scale=1.0)).abs().max() > 1e-4
+    save_adapter(pipe, tmp_path / "ema", state_dict=ema)
+    torch.testing.assert_close(_sample(dk.Pipeline.load(tmp_path / "ema", device="cpu")), _sample(pipe),
+                               rtol=0, atol=1e-6)
+    record = json.loads((ft / ADAPTER_CONFIG).read_text())
+    (ft / ADAPTER_CONFIG).write_text(json.dumps({**record, "weights_file": "../base/model.safetensors"}))
+    with pytest.raises(ConfigError, match="must be a file name in the adapter folder"):
+        dk.Pipeline.load(ft, device="cpu")

@@ -4,6 +4,7 @@ An adapter folder holds
   adapter.safetensors  the adapter's weights only (peft keys: "unet.x.to_q.lora_A.weight", ...)
   adapter.json         {"format", "adapter": AdapterConfig, "targets": [full layer names],
                         "base": {"path", "relative_path", "kind", "weights", "sha256", "parameters"},
+                        "weights_file": "adapter.safetensors" (a trainer may point it at its model.safetensors),
                         "size": {"adapter_parameters", "base_parameters", "adapter_bytes", "base_bytes", "fraction"}}
 The base is a diffusekit run or a local diffusers folder. Its reference is its absolute path (and the
 path relative to the adapter folder, tried second, so a tree moved as a whole still loads) and
@@ -103,17 +104,28 @@ def _require_adapter(pipe) -> Adapter:
     return adapter
 
 
-def save_adapter(pipe, out_dir: str | Path) -> dict:
-    """Write pipe's adapter (weights only + adapter.json with its base's reference) to out_dir; returns its size."""
-    adapter, out_dir = _require_adapter(pipe), Path(out_dir)
+def adapter_record(pipe, out_dir: str | Path, weights_file: str = ADAPTER_WEIGHTS) -> dict:
+    """adapter.json's content for pipe's adapter saved in out_dir, its weights in out_dir/weights_file.
+
+    A trainer that writes the adapter's weights through its own checkpoint journal (EMA as model.safetensors)
+    writes this record beside them with weights_file="model.safetensors"."""
+    adapter = _require_adapter(pipe)
+    base = {**adapter.base, "relative_path": os.path.relpath(adapter.base["path"], Path(out_dir).resolve())}
+    return {"format": FORMAT, "adapter": adapter.config.to_dict(), "targets": adapter.targets, "base": base,
+            "weights_file": weights_file, "size": adapter_size(pipe)}
+
+
+def save_adapter(pipe, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> dict:
+    """Write pipe's adapter (weights only + adapter.json with its base's reference) to out_dir; returns its size.
+
+    state_dict: the adapter weights to write (lora_state_dict's keys, e.g. their EMA); default the model's."""
+    out_dir = Path(out_dir)
+    record = adapter_record(pipe, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = adapter_size(pipe)
-    base = {**adapter.base, "relative_path": os.path.relpath(adapter.base["path"], out_dir.resolve())}
-    write_weights_atomic(out_dir / ADAPTER_WEIGHTS, lora_state_dict(pipe.model), {"format": "pt"})
-    record = {"format": FORMAT, "adapter": adapter.config.to_dict(), "targets": adapter.targets, "base": base,
-              "size": size}
+    write_weights_atomic(out_dir / ADAPTER_WEIGHTS, state_dict if state_dict is not None else
+                         lora_state_dict(pipe.model), {"format": "pt"})
     write_text_atomic(out_dir / ADAPTER_CONFIG, json.dumps(record, indent=2) + "\n")
-    return size
+    return record["size"]
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -130,7 +142,11 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ConfigError(f"{path / ADAPTER_CONFIG} is not a {FORMAT} adapter record (format="
                           f"{record.get('format') if isinstance(record, dict) else None!r}).")
-    state, _ = read_weights(path / ADAPTER_WEIGHTS)
+    weights_file = record.get("weights_file", ADAPTER_WEIGHTS)
+    if not isinstance(weights_file, str) or Path(weights_file).name != weights_file:
+        raise ConfigError(f"{path / ADAPTER_CONFIG} names weights_file={weights_file!r}; it must be a file name in "
+                          "the adapter folder.")
+    state, _ = read_weights(path / weights_file)
     return record, state
 
 
@@ -171,7 +187,7 @@ def load_adapter(path: str | Path, base: str | Path | None = None, device="auto"
     config = AdapterConfig.from_dict(record["adapter"])
     targets = add_lora(pipe.model, config, target_modules=record["targets"])
     load_lora_state_dict(pipe.model, {k: v.to(pipe.device) for k, v in state.items()},
-                         where=str(Path(path) / ADAPTER_WEIGHTS))
+                         where=str(Path(path) / record.get("weights_file", ADAPTER_WEIGHTS)))
     pipe.model.eval()
     pipe.adapter = Adapter(config, targets, {**ref, "path": str(Path(base_dir).resolve())})
     return pipe
