@@ -185,16 +185,16 @@ def add_lora(model: nn.Module, config: AdapterConfig, target_modules: list[str] 
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:                 # without peft no model has LoRA layers
+        return []
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
 def has_lora(model: nn.Module) -> bool:
     """Whether model holds LoRA layers (peft's)."""
-    try:
-        return bool(_lora_layers(model))
-    except ImportError:
-        return False
+    return bool(_lora_layers(model))
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
