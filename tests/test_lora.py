@@ -14,8 +14,8 @@ pytest.importorskip("peft", reason="LoRA adapters need peft (pip install 'diffus
 
 import diffusekit as dk  # noqa: E402
 from diffusekit import checkpoint as ckpt  # noqa: E402
-from diffusekit.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_record, add_adapter, read_adapter,  # noqa: E402,E501
-                                 save_adapter, write_merged)
+from diffusekit.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_record, add_adapter,  # noqa: E402
+                                 read_adapter, save_adapter, write_merged)
 from diffusekit.nn.lora import lora_state_dict  # noqa: E402
 from diffusekit.config import ConfigError  # noqa: E402
 from diffusekit.nn.attention import Attention, AttentionBlock  # noqa: E402
@@ -55,7 +55,8 @@ def test_default_targets_are_the_attention_projections_and_bad_targets_name_what
     unet = _random_unet()
     expected = [f"{n}.{c}" for n, m in unet.named_modules() if isinstance(m, (Attention, AttentionBlock))
                 for c, sub in m.named_children() if isinstance(sub, nn.Linear)]
-    assert sorted(lora_targets(unet, AdapterConfig())) == sorted(expected) and len(expected) == 8   # qkv, proj in 4 blocks
+    # qkv and proj in each of the 4 attention blocks
+    assert sorted(lora_targets(unet, AdapterConfig())) == sorted(expected) and len(expected) == 8
     convs = lora_targets(unet, AdapterConfig(targets=("conv",)))
     assert convs and all(isinstance(unet.get_submodule(n), nn.Conv2d) for n in convs)
     assert "out_conv" not in convs and "encoder.input_conv" not in convs     # the image-facing convs: by name only

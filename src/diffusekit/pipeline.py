@@ -94,7 +94,7 @@ class Pipeline:
 
     @property
     def lora_scale(self) -> float | None:
-        """The adapter's share: 0 = the base exactly, 1 = the fine-tuned model, between interpolates (None: no adapter)."""
+        """The adapter's share: 0 = the base exactly, 1 = the fine-tuned model (None: no adapter)."""
         from .nn.lora import get_lora_scale
         return get_lora_scale(self.model) if isinstance(self.model, torch.nn.Module) else None
 

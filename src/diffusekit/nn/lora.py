@@ -103,9 +103,9 @@ def _group(model: nn.Module, group: str, layers: dict[str, nn.Module]) -> list[s
     text = parts["text"]
     if group == "text":
         if text is None:
-            raise ConfigError(f"targets has 'text' but this {type(model).__name__} has no text encoder among its modules "
-                              "(a model without text has none; a frozen pretrained one is kept outside them); drop "
-                              "'text' from the targets.")
+            raise ConfigError(f"targets has 'text' but this {type(model).__name__} has no text encoder among its "
+                              "modules (a model without text has none; a frozen pretrained one is kept outside "
+                              "them); drop 'text' from the targets.")
         return _attention_projections(model, text)
     if group == "attention":
         return _attention_projections(model, parts["denoiser"], exclude=text)
