@@ -51,11 +51,17 @@ class Pipeline:
         self.class_names = list(class_names)
         self.compiled = None            # the torch.compile'd network call, after `compile`
         self.graphed = None             # the network call replayed from CUDA graphs, after `use_cuda_graphs`
+        self.adapter = None             # adapters.Adapter: the LoRA adapter on the model and its base's reference
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
              precision: str = "fp32") -> "Pipeline":
-        """Load runs/NAME: EMA weights (or "raw"), schedule and config, checked against each other."""
+        """Load runs/NAME: EMA weights (or "raw"), schedule and config, checked against each other.
+
+        A LoRA adapter folder (adapter.json) loads on its base: see `load_adapter`."""
+        from .adapters import is_adapter_folder
+        if is_adapter_folder(run_dir):
+            return cls.load_adapter(run_dir, device=device, precision=precision)
         from .run import load_run
         device = resolve_device(device)
         cfg, model, extra = load_run(run_dir, device=device, weights=weights)
@@ -76,6 +82,29 @@ class Pipeline:
         """A local diffusers pipeline folder (unet/ + scheduler/), driven by diffusekit's samplers and editors."""
         from .interop.diffusers import load_diffusers_pipeline
         return load_diffusers_pipeline(path, device=device, precision=precision)
+
+    # --- LoRA adapters (adapters.py, nn/lora.py) ------------------------------------------------
+    @classmethod
+    def load_adapter(cls, path: str | Path, base: str | Path | None = None, device: str | torch.device = "auto",
+                     precision: str = "fp32") -> "Pipeline":
+        """A LoRA adapter folder on its base (the run or diffusers folder it records, or `base`), at lora_scale 1.
+
+        Refused, naming the fix, when the base is not there (pass base=) or its weights changed (hash)."""
+        from .adapters import load_adapter
+        return load_adapter(path, base=base, device=device, precision=precision)
+
+    @property
+    def lora_scale(self) -> float | None:
+        """The adapter's share: 0 = the base exactly, 1 = the fine-tuned model (None: no adapter)."""
+        from .nn.lora import get_lora_scale
+        return get_lora_scale(self.model) if isinstance(self.model, torch.nn.Module) else None
+
+    @lora_scale.setter
+    def lora_scale(self, scale: float) -> None:
+        from .nn.lora import set_lora_scale
+        set_lora_scale(self.model, scale)
+        if self.graphed is not None:            # recorded graphs hold the old scale
+            self.use_cuda_graphs("on")
 
     # --- the model call and guidance ------------------------------------------------------------
     def sampler_for(self, name: str = "dpmpp_2m", timestep_spacing: str | None = None, **options) -> Sampler:
@@ -236,13 +265,23 @@ class Pipeline:
                guides: Sequence[Guide] = (), classifier: Callable | None = None, classifier_scale: float = 0.0,
                target_class=None, batch_size: int = 256, progress: bool = False, callback=None,
                timestep_spacing: str | None = None, noise: torch.Tensor | None = None, prompt=None,
-               negative_prompt: str = "", timesteps=None, **options) -> torch.Tensor:
+               negative_prompt: str = "", timesteps=None, lora_scale: float | None = None,
+               **options) -> torch.Tensor:
         """n images (n, C, H, W) in [-1, 1], on the CPU.
 
         All starting noise is drawn first (on the generator's device), so image k starts from the same
         noise whatever the batch size; stochastic samplers draw their step noise per batch from the same
         generator. guides / classifier: see `denoiser`; callback(StepInfo) runs after every step.
+        lora_scale: the adapter's scale for this call only (see the `lora_scale` property).
         """
+        if lora_scale is not None:
+            kept, self.lora_scale = self.lora_scale, lora_scale
+            try:
+                return self.sample(n, sampler, num_steps, generator, class_labels, guidance_scale, guides, classifier,
+                                   classifier_scale, target_class, batch_size, progress, callback, timestep_spacing,
+                                   noise, prompt, negative_prompt, timesteps, **options)
+            finally:
+                self.lora_scale = kept
         if n < 1:
             raise ConfigError(f"n={n}; ask for at least one image.")
         from .memory import check_sampling          # refuse what cannot fit before drawing any noise

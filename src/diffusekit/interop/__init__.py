@@ -6,13 +6,14 @@ Nothing here imports diffusers at import time; loading a diffusers folder needs 
 from .diffusers import (DiffusersFolder, DiffusersUNet, is_diffusers_folder, load_diffusers_pipeline,
                         read_diffusers_folder)
 from .export import ExportResult, export_diffusers
+from .lora import export_diffusers_lora
 from .schedulers import (SCHEDULER_CLASSES, sampler_from_diffusers_config, sampler_to_diffusers_config,
                          schedule_from_diffusers_config, schedule_to_diffusers_config)
 from .text_to_image import DiffusersTextEncoder, DiffusersTextUNet
 from .unet2d import unet2d_config, unet2d_incompatibility, unet2d_state_dict
 
 __all__ = ["DiffusersFolder", "DiffusersTextEncoder", "DiffusersTextUNet", "DiffusersUNet", "ExportResult",
-           "SCHEDULER_CLASSES", "export_diffusers", "is_diffusers_folder", "load_diffusers_pipeline",
+           "SCHEDULER_CLASSES", "export_diffusers", "export_diffusers_lora", "is_diffusers_folder", "load_diffusers_pipeline",
            "read_diffusers_folder", "sampler_from_diffusers_config", "sampler_to_diffusers_config",
            "schedule_from_diffusers_config", "schedule_to_diffusers_config", "unet2d_config",
            "unet2d_incompatibility", "unet2d_state_dict"]
