@@ -93,7 +93,8 @@ def test_generate_streams_steps_and_ends_with_the_seeds_images(pipe):
     grid, status = updates[-1]
     np.testing.assert_array_equal(grid, expected_grid(pipe, 7, guidance=2.0))
     assert grid.shape == (2 * (256 + 2) + 2,) * 2     # 2x2 grid of 8x8 images shown at 256 px
-    assert "seed 7" in status and "step 1/4" in updates[0][1]
+    assert status == "4 image(s): ddim, 4 steps, seed 7, class 3: digit3, guidance 2"   # every setting used
+    assert "step 1/4" in updates[0][1]
     other = list(h.generate(pipe, "ddim", 4, 2.0, 8, "3: digit3", "", 4))[-1][0]
     assert not np.array_equal(grid, other)
 

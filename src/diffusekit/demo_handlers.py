@@ -196,6 +196,17 @@ class _Cancelled(Exception):
     """Raised inside the sampling thread when the page went away."""
 
 
+def settings_text(pipe, n: int, sampler, steps: int, seed, label, prompt, guidance: float) -> str:
+    """What a picture was drawn with, every setting that changes it: the page shows it under the picture,
+    so a setting that did not reach the server (the page still loading, say) is plain to see."""
+    text = f"{n} image(s): {sampler}, {steps} steps, seed {int(float(seed))}"
+    if prompt and str(prompt).strip():
+        text += f", prompt {str(prompt).strip()!r}"
+    elif pipe.num_classes:
+        text += f", class {str(label).strip() or UNCONDITIONAL}"
+    return text + (f", guidance {guidance:g}" if guidance != 1.0 else "")
+
+
 def generate(pipe, sampler, steps, guidance, seed, label, prompt, n, every: float = 0.25):
     """Sample n images, yielding (grid, status) as the predicted x0 sharpens, then the final grid.
 
@@ -226,7 +237,8 @@ def generate(pipe, sampler, steps, guidance, seed, label, prompt, n, every: floa
             if kind == "error":
                 raise payload[0]
             if kind == "done":
-                yield to_display(payload[0], factor), f"{n} image(s): {sampler}, {steps} steps, seed {int(seed)}"
+                yield to_display(payload[0], factor), settings_text(pipe, n, sampler, steps, seed, label, prompt,
+                                                                    kwargs["guidance_scale"])
                 return
             i, x0_pred = payload
             if x0_pred is not None and time.monotonic() - last >= every:
