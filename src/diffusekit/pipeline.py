@@ -6,6 +6,7 @@ editor takes; guides with the source's post-step rule run as a per-step callback
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +21,7 @@ from .schedule import NoiseSchedule
 
 # The spacing each sampler family does best with at few steps (Lin et al. 2023 recommend "trailing").
 DEFAULT_SPACING = "trailing"
+DEFAULT_SAMPLER = "dpmpp_2m"    # for a run; a diffusers folder's default is its own scheduler
 
 
 class Pipeline:
@@ -29,13 +31,14 @@ class Pipeline:
     denoises; num_classes > 0 for a class-conditional model (label -1 = the null class).
     With an autoencoder (latent diffusion), image_shape is the pixel images' shape, latent_shape the
     model's, and images are encoded on the way in and decoded on the way out. A model with
-    `encode_text` (models.TextToImageModel) takes prompts.
+    `encode_text` (models.TextToImageModel) takes prompts. scheduler_config: a diffusers folder's
+    scheduler config, whose settings are the sampling defaults (`default_sampler_options`).
     """
 
     def __init__(self, model: torch.nn.Module | Callable, schedule: NoiseSchedule, *, image_shape,
                  prediction_type: str = "epsilon", num_classes: int = 0, class_names: Sequence[str] = (),
                  config=None, device: str | torch.device = "cpu", precision: str = "fp32", source: str = "",
-                 latent_shape=None, autoencoder=None):
+                 latent_shape=None, autoencoder=None, scheduler_config: dict | None = None):
         self.device = resolve_device(device)
         self.precision = resolve_precision(check_precision(precision, self.device), self.device)
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
@@ -48,6 +51,7 @@ class Pipeline:
         self.latent_shape = tuple(int(v) for v in latent_shape) if latent_shape is not None else self.image_shape
         self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None
         self.class_names = list(class_names)
+        self.scheduler_config = scheduler_config
         self.compiled = None            # the torch.compile'd network call, after `compile`
         self.graphed = None             # the network call replayed from CUDA graphs, after `use_cuda_graphs`
 
@@ -81,6 +85,31 @@ class Pipeline:
         """A sampler from the registry bound to this model's schedule and prediction type."""
         return get_sampler(name, self.schedule, prediction_type=self.prediction_type,
                            timestep_spacing=timestep_spacing or DEFAULT_SPACING, **options)
+
+    def default_sampler_options(self, sampler: str | None = None) -> tuple[str, dict, str]:
+        """(sampler name, options, note) that `sample` uses for sampler (None: this pipeline's default).
+
+        A diffusers folder's default is its own scheduler, converted exactly (spacing, steps_offset,
+        set_alpha_to_one, clip_sample, thresholding, variance_type, ...: a ConfigError names an option
+        without a counterpart); a named sampler keeps the folder's settings that its diffusers class
+        has, and note says in one line which acting settings do not carry over ("" when none). A run's
+        default is dpmpp_2m with no options.
+        """
+        if self.scheduler_config is None:
+            return sampler or DEFAULT_SAMPLER, {}, ""
+        from .interop.folder_sampler import folder_sampler
+        return folder_sampler(self.scheduler_config, sampler)
+
+    def _sampler(self, sampler: str | None, timestep_spacing: str | None, options: dict) -> Sampler:
+        """The sampler `sample` runs: the defaults for sampler with the caller's options on top (a note warns)."""
+        name, defaults, note = self.default_sampler_options(sampler)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=4)   # the caller of sample (under no_grad)
+        spacing = timestep_spacing or defaults.pop("timestep_spacing", None)
+        defaults.pop("timestep_spacing", None)
+        if spacing not in (None, "leading"):    # diffusers adds steps_offset to "leading" timesteps only
+            defaults.pop("steps_offset", None)
+        return self.sampler_for(name, spacing, **{**defaults, **options})
 
     def compile(self, choice: str = "on", calls: int = 0, batch_size: int = 1) -> bool:
         """torch.compile the network call from now on: choice "on", "off", or "auto" (where the measured
@@ -198,7 +227,7 @@ class Pipeline:
 
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, sampler: str = "dpmpp_2m", num_steps: int = 20,
+    def sample(self, n: int, sampler: str | None = None, num_steps: int = 20,
                generator: torch.Generator | None = None, class_labels=None, guidance_scale: float = 1.0,
                guides: Sequence[Guide] = (), classifier: Callable | None = None, classifier_scale: float = 0.0,
                target_class=None, batch_size: int = 256, progress: bool = False, callback=None,
@@ -209,6 +238,8 @@ class Pipeline:
         All starting noise is drawn first (on the generator's device), so image k starts from the same
         noise whatever the batch size; stochastic samplers draw their step noise per batch from the same
         generator. guides / classifier: see `denoiser`; callback(StepInfo) runs after every step.
+        sampler=None is this pipeline's default (dpmpp_2m; a diffusers folder's own scheduler), and the
+        options not given default as `default_sampler_options` says.
         """
         if n < 1:
             raise ConfigError(f"n={n}; ask for at least one image.")
@@ -216,7 +247,7 @@ class Pipeline:
         check_sampling(n, batch_size, image_shape=self.image_shape, device=self.device,
                        latent_shape=getattr(self, "latent_shape", None),
                        model_config=getattr(self.config, "model", None), guided=guidance_scale != 1.0)
-        s = self.sampler_for(sampler, timestep_spacing, **options)
+        s = self._sampler(sampler, timestep_spacing, options)
         if noise is None:
             noise = randn((n, *self.latent_shape), generator, "cpu")
         full_cond = self._cond(class_labels, n, prompt)
@@ -240,7 +271,7 @@ class Pipeline:
         return torch.cat(outs)
 
     @torch.no_grad()
-    def trajectory(self, n: int = 4, sampler: str = "dpmpp_2m", num_steps: int = 20, generator=None,
+    def trajectory(self, n: int = 4, sampler: str | None = None, num_steps: int = 20, generator=None,
                    class_labels=None, **guidance):
         """(final images, x_t per step, predicted x0 per step, timesteps) for a denoising picture."""
         xs, x0s, ts = [], [], []

@@ -19,7 +19,7 @@ ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12)
                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-@register("plms", style="ddim", karras=False, first_step_evals=2)
+@register("plms", style="ddim", karras=False, first_step_evals=2, set_alpha_to_one=True)
 def sample_plms(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None):
     """PLMS: 4th-order Adams-Bashforth on eps with PNDM's transfer (PNDM eq. 9), started by one
     pseudo improved Euler step instead of the paper's Runge-Kutta steps (diffusers' skip_prk_steps).
