@@ -228,7 +228,8 @@ def test_stable_diffusion_layout_with_sd_scheduler_matches(diffusers, tmp_path):
     ours = pipe.sample(2, num_steps=10, noise=latents, prompt=prompts, guidance_scale=7.5,
                        callback=lambda info: finals.append(info.x))
     _close(finals[-1], theirs_latents, TOL)
-    assert float(((ours / 2 + 0.5).clamp(0, 1) - theirs).abs().max()) <= 1e-4
+    assert ((theirs > 0) & (theirs < 1)).float().mean() > 0.9      # the VAE's images are mostly unclamped here
+    assert float(((ours / 2 + 0.5).clamp(0, 1) - theirs).abs().max()) <= 1e-5
     # the check can fail: the old default (trailing spacing, final alpha 1) is far off
     old = pipe.sample(2, sampler="plms", num_steps=10, noise=latents, prompt=prompts, guidance_scale=7.5,
                       timestep_spacing="trailing", set_alpha_to_one=True)
