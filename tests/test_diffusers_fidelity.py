@@ -189,6 +189,8 @@ def test_learned_variances_are_refused_and_other_samplers_say_what_does_not_carr
     assert note.count("\n") == 0 and "variance_type='learned_range'" in note and "DDIMScheduler" in note
     with pytest.warns(UserWarning, match="variance_type='learned_range' do not carry over to sampler 'ddim'"):
         pipe.sample(2, sampler="ddim", num_steps=2)
+    resolved = pipe.resolve_sampler("ddim", timestep_spacing="trailing", eta=0.5)    # the caller's options win
+    assert (resolved.timestep_spacing, resolved.options["eta"], resolved.clip_sample) == ("trailing", 0.5, True)
     name, options, note = pipe.default_sampler_options("euler")
     assert options["timestep_spacing"] == "leading" and "clip_sample" not in options
     assert "clip_sample=True" in note and "variance_type='learned_range'" in note

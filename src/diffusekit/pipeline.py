@@ -100,10 +100,15 @@ class Pipeline:
         from .interop.folder_sampler import folder_sampler
         return folder_sampler(self.scheduler_config, sampler)
 
-    def _sampler(self, sampler: str | None, timestep_spacing: str | None, options: dict) -> Sampler:
-        """The sampler `sample` runs: the defaults for sampler with the caller's options on top (a note warns)."""
+    def resolve_sampler(self, sampler: str | None = None, timestep_spacing: str | None = None,
+                        **options) -> Sampler:
+        """The Sampler that `sample(sampler=..., timestep_spacing=..., **options)` runs: the defaults of
+        `default_sampler_options(sampler)` with the caller's options on top (for counting NFE, printing)."""
+        return self._sampler(sampler, timestep_spacing, options, warn=False)
+
+    def _sampler(self, sampler: str | None, timestep_spacing: str | None, options: dict, warn: bool = True) -> Sampler:
         name, defaults, note = self.default_sampler_options(sampler)
-        if note:
+        if note and warn:
             warnings.warn(note, UserWarning, stacklevel=4)   # the caller of sample (under no_grad)
         spacing = timestep_spacing or defaults.pop("timestep_spacing", None)
         defaults.pop("timestep_spacing", None)
