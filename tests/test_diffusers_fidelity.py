@@ -13,7 +13,7 @@ Tolerances: a random eps network gives x0_pred = (x - sqrt(1 - abar) eps) / sqrt
 (before the [0, 1] clamp) relative to its size, |ours - theirs| <= TOL * (1 + |theirs|), besides the
 clamped images (batches of 2 or more: the shrunk default UNet has 32 channels in 32 groups at 1x1).
 TOL = 2e-4 is float32 level here: samples reach |x| ~ 700, where one float32 step (ulp) is 6e-5, and
-10 steps through a UNet add a few. Two cases need more, and say why next to their numbers.
+10 steps through a UNet add a few. One case needs more, and says why next to its number.
 """
 import json
 import warnings
@@ -29,9 +29,6 @@ TOL = 2e-4
 # Measured: our DDIM in float64 equals diffusers' DDIM loop in float64 exactly (0.0); each side in float32 is
 # ~5e-4 from that answer, so the two float32 runs differ by up to that much (3.6e-4 on the [0, 1] images).
 CLIPPED_DEFAULT_TOL = 1.5e-3
-# DEIS: our last step lands on x0_pred, diffusers' stops at sigma(t = 0) (docs/DESIGN-NOTES.md); measured 3e-3
-# (default) and 2e-2 (SD) relative. The check still fails for any other difference of that size or more.
-DEIS_TOL = 5e-2
 SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
                     set_alpha_to_one=False, skip_prk_steps=True)
 CLASSES = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
@@ -98,20 +95,18 @@ def test_folder_samples_as_diffusers_does(diffusers, unet, tmp_path, class_name,
     diffusers.DDPMPipeline(unet, scheduler).save_pretrained(tmp_path)
     pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
     if class_name == "PNDMScheduler" and config == "default":
-        # PNDMScheduler() warms up with Runge-Kutta steps (skip_prk_steps=False), which diffusekit does not have
-        with pytest.raises(ConfigError, match="skip_prk_steps=False.*Runge-Kutta"):
-            pipe.sample(4, num_steps=10)
-        return
+        # PNDMScheduler() warms up with Runge-Kutta steps (skip_prk_steps=False): diffusekit's pndm, 10 steps = 19 calls
+        assert pipe.default_sampler_options()[:2] == ("pndm", {"timestep_spacing": "leading",
+                                                               "set_alpha_to_one": False})
+        assert pipe.resolve_sampler().nfe(10) == 19
     seed, steps = 0, 10
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(4, 3, 8, 8, generator=generator)        # what the diffusers pipelines draw first
     loaded = getattr(diffusers, class_name).from_pretrained(tmp_path, subfolder="scheduler")
     theirs = _diffusers_loop(unet, loaded, noise, steps, generator)
     images, final = _ours(pipe, steps, noise, seed)
-    tol = TOL
-    if class_name == "DEISMultistepScheduler":
-        tol = DEIS_TOL
-    elif config == "default" and class_name == "DDIMScheduler":
+    tol = TOL   # DEIS too: its folders stop at sigma(t = 0) as diffusers does (was 5e-2 while ours landed on x0_pred)
+    if config == "default" and class_name == "DDIMScheduler":
         tol = CLIPPED_DEFAULT_TOL
     _close(final, theirs, tol)
     assert float((images - (theirs / 2 + 0.5).clamp(0, 1)).abs().max()) <= tol * 2

@@ -77,6 +77,7 @@ ROUND_TRIPS = [
     ("UniPCMultistepScheduler", dict(timestep_spacing="trailing", beta_schedule="squaredcos_cap_v2")),
     ("DEISMultistepScheduler", dict(solver_order=3, lower_order_final=False)),
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing="trailing")),
+    ("PNDMScheduler", {}),   # diffusers' defaults: the Runge-Kutta warm-up (pndm), set_alpha_to_one=False
 ]
 
 
@@ -136,6 +137,9 @@ def _diffusers_loop(scheduler, model, x_T, num_steps, **step_kwargs):
     ("HeunDiscreteScheduler", dict(clip_sample=True, beta_start=1e-4, beta_end=0.02)),
     ("DPMSolverMultistepScheduler", dict(solver_order=3, solver_type="heun", timestep_spacing="trailing")),
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True)),
+    ("PNDMScheduler", {}),   # Runge-Kutta warm-up; 8 steps: T // n = 125 is odd, diffusers' uneven half steps
+    ("DEISMultistepScheduler", {}),   # the last step stops at sigma(t = 0)
+    ("DEISMultistepScheduler", dict(use_karras_sigmas=True)),   # sigma_min = sigma(t = 0): a zero-length last step
 ])
 def test_converted_options_step_like_diffusers(diffusers, class_name, options):
     """Options carried across (clip_sample, variance_type, solver_order, solver_type, ...) mean the same
@@ -204,7 +208,6 @@ UNSUPPORTED = [
     ("DPMSolverMultistepScheduler", dict(use_lu_lambdas=True), "use_lu_lambdas=True.*logsnr"),
     ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "interpolation_type='log_linear'"),
     ("UniPCMultistepScheduler", dict(disable_corrector=[0]), "disable_corrector=\\[0\\]"),
-    ("PNDMScheduler", {}, "skip_prk_steps=False"),
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True, prediction_type="v_prediction"),
      "prediction_type='v_prediction'"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type='sample'"),

@@ -15,8 +15,10 @@ un-rescaled betas, which is not what such a config asks for, so it is an error. 
 class has is an error.
 
 Deliberate differences that no option selects (so they do not raise), see docs/DESIGN-NOTES.md:
-DDIM with "linspace" spacing steps to the next grid point (diffusers: t - T // n); DEIS's last
-step lands on x0_pred (diffusers stops at sigma(t = 0)).
+DDIM with "linspace" spacing steps to the next grid point (diffusers: t - T // n). A DEIS config
+converts to set_alpha_to_one=False (its last step stops at sigma(t = 0), as diffusers'); a deis
+sampler of our own (landing on x0_pred) exports to DEISMultistepScheduler with that last-step
+difference.
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ class SchedulerSpec:
     no_effect: tuple = ()                          # keys without effect under `required`
     rescale: bool = True                           # the class has rescale_betas_zero_snr
     sigmoid: bool = False                          # the class has beta_schedule="sigmoid"
+    implied: dict = field(default_factory=dict)    # our sampler options the class always steps with (no key)
 
 
 SPECS = [
@@ -96,19 +99,23 @@ SPECS = [
     SchedulerSpec("DEISMultistepScheduler", "deis", "linspace",
                   dict(algorithm_type="deis", solver_type="logrho", **_OFF_SOLVER),
                   options={"solver_order": "solver_order", "lower_order_final": "lower_order_final"}, karras=True,
-                  thresholding=True, rescale=False),
+                  # its last step ends at sigma(t = 0), not at sigma = 0 (with Karras sigmas too: sigma_min is that)
+                  thresholding=True, rescale=False, implied=dict(set_alpha_to_one=False)),
     SchedulerSpec("PNDMScheduler", "plms", "leading", dict(skip_prk_steps=True),
                   options={"set_alpha_to_one": "set_alpha_to_one"},
                   # PNDM runs its multistep formula on raw v outputs from different timesteps, ours on eps
-                  defaults=dict(skip_prk_steps=False, set_alpha_to_one=False), predictions=("epsilon",),
+                  defaults=dict(set_alpha_to_one=False), predictions=("epsilon",),
                   rescale=False),
+    SchedulerSpec("PNDMScheduler", "pndm", "leading", dict(skip_prk_steps=False),
+                  options={"set_alpha_to_one": "set_alpha_to_one"},
+                  defaults=dict(set_alpha_to_one=False), predictions=("epsilon",), rescale=False),
 ]
+# classes with several specs: the config key that picks one, and the class default of that key
+_SELECTORS = {"DPMSolverMultistepScheduler": ("solver_order", 2), "PNDMScheduler": ("skip_prk_steps", False)}
 # the ones whose sampler is registered (plms, deis and dpmpp_3m arrived later than the others)
 SCHEDULER_CLASSES = sorted({s.class_name for s in SPECS if s.sampler in SAMPLERS})
 
 _WHY = {
-    "skip_prk_steps": "diffusekit's PLMS starts with one pseudo improved-Euler step (skip_prk_steps=True); the "
-                      "Runge-Kutta warm-up of PNDM (skip_prk_steps=False, the class default) is not implemented",
     "final_sigmas_type": "diffusekit's last step goes to sigma = 0",
     "variance_type": "the model's learned variances are not used by diffusekit's samplers",
     "use_lu_lambdas": "diffusekit's nearest option is timestep_spacing='logsnr' (uniform in log-SNR, not "
@@ -204,9 +211,12 @@ def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
         raise ConfigError(f"diffusers scheduler {class_name!r}{kind} diffusekit drives variance-preserving (beta) "
                           f"schedules with the samplers of {SCHEDULER_CLASSES}. Save the pipeline with one of "
                           "those (scheduler.from_config(...)), or name a diffusekit sampler (sampler=...).")
-    if len(specs) > 1:  # DPMSolverMultistepScheduler: the order picks the sampler
-        order = cfg.get("solver_order", 2)
-        specs = [s for s in specs if s.required.get("solver_order") == order and s.sampler in SAMPLERS]
+    if len(specs) > 1:  # DPM-Solver: the order picks the sampler; PNDM: skip_prk_steps (plms, or pndm's PRK start)
+        key, default = _SELECTORS[class_name]
+        order = cfg.get(key, default)
+        specs = [s for s in specs if s.required.get(key) == order and s.sampler in SAMPLERS]
+        if not specs and key == "skip_prk_steps":
+            raise ConfigError(f"{class_name} option skip_prk_steps={order!r}: give True (plms) or False (pndm).")
         if not specs:
             raise ConfigError(f"{class_name} with solver_order={order!r} has no diffusekit counterpart; use "
                               "solver_order=2 (dpmpp_2m) or 3 (dpmpp_3m).")
@@ -280,6 +290,7 @@ def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> t
             value = _option_from_diffusers(class_name, theirs, cfg.get(theirs, spec.defaults.get(theirs)))
             if value != sampler_defaults.get(ours, object()):
                 kwargs[ours] = value
+    kwargs.update(spec.implied)
     _check_combinations(class_name, {**kwargs, "steps_offset": offset})
     return spec.sampler, kwargs
 
@@ -359,6 +370,8 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
         cfg[theirs] = options.pop(ours)
     # where diffusers starts from x_T * sigma_max; "exact" there is a documented deliberate difference
     options.pop("init_noise_sigma", None)
+    for key in spec.implied:   # DEIS landing on x0_pred (set_alpha_to_one=True): the documented last-step difference
+        options.pop(key, None)
     _check_combinations(spec.class_name, {**cfg, **{ours: cfg[theirs] for theirs, ours in spec.options.items()}})
     for key, value in options.items():
         default = _CALL_ARGS.get(key)

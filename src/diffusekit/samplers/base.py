@@ -95,6 +95,7 @@ class SamplerSpec:
     first_step_evals: int = 1     # PLMS: 2 (a pseudo improved Euler start, so NFE = n + 1 for n > 1)
     exact_zero_snr: bool = False  # DDIM, DDPM: step from abar = 0 itself (else from ZERO_SNR_ALPHA_BAR)
     clip_keeps_eps: bool = False  # DDIM, DDPM: x0_pred may be bounded with the network's eps kept in the update
+    half_steps: int = 0           # PNDM: 3 Runge-Kutta steps that also call the model half-way (Sampler.plan_midpoints)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
@@ -104,7 +105,7 @@ PLAN_OPTIONS = ("use_karras_sigmas", "set_alpha_to_one")
 
 def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = False,
              karras: bool = True, first_step_evals: int = 1, exact_zero_snr: bool = False,
-             clip_keeps_eps: bool = False, **options):
+             clip_keeps_eps: bool = False, half_steps: int = 0, **options):
     """Decorator: add a sampler function to the registry under name.
 
     options are the function's keyword knobs with their defaults, plus PLAN_OPTIONS the sampler
@@ -112,7 +113,7 @@ def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = 
     """
     def wrap(fn):
         SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options, first_step_evals,
-                                     exact_zero_snr, clip_keeps_eps)
+                                     exact_zero_snr, clip_keeps_eps, half_steps)
         return fn
     return wrap
 
@@ -233,13 +234,34 @@ class Sampler:
     def timesteps(self, num_steps: int | None = None, timesteps=None) -> torch.Tensor:
         """The timesteps the model will be called at, in order (Heun's second calls included)."""
         ts, _ = self.plan(num_steps, timesteps)
-        if self.spec.evals_per_step == 2:
+        if self.spec.half_steps:
+            # a Runge-Kutta step calls the model at t, twice half-way, and at the next time
+            mids = self.plan_midpoints(ts, timesteps)[:self.spec.half_steps]
+            rk = [torch.stack([ts[i], m[0], m[0], ts[i + 1]]) for i, m in enumerate(mids) if m is not None]
+            ts = torch.cat(rk + [ts[len(rk):]])
+        elif self.spec.evals_per_step == 2:
             ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
         elif self.spec.first_step_evals == 2 and len(ts) > 1:
             # the first step also calls the model at the next time, so that time comes twice (as in
             # diffusers' PNDM with skip_prk_steps)
             ts = torch.cat([ts[:2], ts[1:]])
         return ts
+
+    def plan_midpoints(self, ts: torch.Tensor, timesteps=None) -> list:
+        """(t_mid, abar_mid, abar_half) half-way through each step of the plan ts, None for the last step.
+
+        PNDM's Runge-Kutta stages call the model at t_mid (noise level abar_mid), and its first stage
+        moves x to abar_half. Spaced plans place both as diffusers' PNDM does: t_mid = t_next + h and
+        abar_half at t - h, h = T // n // 2 (integer timesteps; the same point unless T // n is odd).
+        Explicit times and "logsnr": both at (t + t_next) / 2.
+        """
+        if timesteps is None and self.timestep_spacing in TIMESTEP_SPACINGS:
+            half = self.schedule.num_train_timesteps // len(ts) // 2
+            t_mid, t_half = ts[1:] + half, ts[:-1] - half
+        else:
+            t_mid = t_half = (ts[:-1] + ts[1:]) / 2
+        abar_mid, abar_half = self.schedule.alpha_bar_at(t_mid), self.schedule.alpha_bar_at(t_half)
+        return [(t, float(a), float(h)) for t, a, h in zip(t_mid, abar_mid, abar_half)] + [None]
 
     def nfe(self, num_steps: int | None = None, timesteps=None) -> int:
         """Number of model evaluations for num_steps steps (or the explicit timesteps), counted honestly."""
@@ -264,13 +286,16 @@ class Sampler:
         if not 0 <= start_step < stop <= len(ts):
             raise ConfigError(f"start_step={start_step}, stop_step={stop_step}: need 0 <= start_step < stop_step "
                               f"<= {len(ts)} for a plan of {len(ts)} steps.")
-        # a method that evaluates at the next level too (Heun, PLMS's start) needs the time it stops at
-        ts = ts[start_step:stop + (self.spec.evals_per_step == 2 or self.spec.first_step_evals == 2)]
+        opts = {k: v for k, v in self.options.items() if k not in PLAN_OPTIONS}
+        if self.spec.half_steps:
+            opts["midpoints"] = self.plan_midpoints(ts, timesteps)[start_step:stop]
+        # a method that evaluates at the next level too (Heun, PLMS's start, PRK) needs the time it stops at
+        ts = ts[start_step:stop + (self.spec.evals_per_step == 2 or self.spec.first_step_evals == 2
+                                   or bool(self.spec.half_steps))]
         abars = abars[start_step:stop + 1]
         denoiser = model if isinstance(model, Denoiser) else Denoiser(model, self.prediction_type)
         if self.bounds.active:  # bound the x0_pred of whatever denoiser came in, guided ones included
             denoiser = BoundedDenoiser(denoiser, self.bounds)
-        opts = {k: v for k, v in self.options.items() if k not in PLAN_OPTIONS}
         if progress:
             callback = _with_progress(callback, len(ts), self.name)
         return self.spec.fn(denoiser, x_T, ts, abars, generator=generator, callback=callback, cond=cond, **opts)

@@ -38,12 +38,13 @@ def _order(i: int, n: int, solver_order: int, lower_order_final: bool) -> int:
     return order
 
 
-@register("deis", style="solver", solver_order=3, lower_order_final=True)
+@register("deis", style="solver", solver_order=3, lower_order_final=True, set_alpha_to_one=True)
 def sample_deis(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None, solver_order=3,
                 lower_order_final=True):
     """DEIS multistep (Zhang & Chen 2022, rhoAB-DEIS): d(x / alpha) = eps d rho with rho = sigma / alpha,
     eps interpolated through the last solver_order predictions by a polynomial in log rho
-    (diffusers' DEISMultistepScheduler, solver_type "logrho"). The step to sigma = 0 lands on x0_pred.
+    (diffusers' DEISMultistepScheduler, solver_type "logrho"). The step to sigma = 0 lands on x0_pred;
+    set_alpha_to_one=False (Sampler.plan) ends at sigma(t = 0) instead, as diffusers' DEIS does.
     """
     check_choice("solver_order", solver_order, (1, 2, 3))
     cond = cond or {}
