@@ -231,3 +231,71 @@ def test_stable_diffusion_layout_with_sd_scheduler_matches(diffusers, tmp_path):
     old = pipe.sample(2, sampler="plms", num_steps=10, noise=latents, prompt=prompts, guidance_scale=7.5,
                       timestep_spacing="trailing", set_alpha_to_one=True)
     assert float(((old / 2 + 0.5).clamp(0, 1) - theirs).abs().max()) > 1e-3
+
+
+# --- edit, inpaint and invert from a folder use its scheduler settings as sample does ----------------
+
+def _ddim_default_folder(diffusers, unet, tmp_path):
+    """The issue's folder (DDIMScheduler(): clip_sample=True, leading spacing) and DDIMPipeline's 10-step images."""
+    diffusers.DDIMPipeline(unet, diffusers.DDIMScheduler()).save_pretrained(tmp_path)
+    pipeline = diffusers.DDIMPipeline.from_pretrained(tmp_path)
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=0.0,
+                      output_type="pt").images
+    return dk.Pipeline.from_diffusers(tmp_path, device="cpu"), theirs
+
+
+def test_edit_from_a_folder_uses_its_scheduler(diffusers, unet, tmp_path):
+    """SDEdit at strength 1 ignores the image and samples from the generator's noise: with the folder's DDIM
+    (clipping that keeps eps, leading spacing) it reproduces DDIMPipeline; the old default (dpmpp_2m) does not."""
+    pipe, theirs = _ddim_default_folder(diffusers, unet, tmp_path)
+    image = torch.zeros(4, 3, 8, 8)
+    ours = pipe.edit(image, strength=1.0, num_steps=10, generator=torch.Generator().manual_seed(0)) / 2 + 0.5
+    assert float((ours - theirs).abs().max()) <= CLIPPED_DEFAULT_TOL
+    with pytest.warns(UserWarning, match="clip_sample=True do not carry over to sampler 'dpmpp_2m'"):
+        old = pipe.edit(image, strength=1.0, sampler="dpmpp_2m", num_steps=10, timestep_spacing="trailing",
+                        generator=torch.Generator().manual_seed(0)) / 2 + 0.5
+    assert float((old - theirs).abs().max()) > 0.1
+    # part-way too: the same as SDEdit with that sampler written out
+    sampler = dk.get_sampler("ddim", pipe.schedule, timestep_spacing="leading", clip_sample=True,
+                             use_clipped_model_output=False)
+    half = pipe.edit(theirs * 2 - 1, strength=0.5, num_steps=10, generator=torch.Generator().manual_seed(2))
+    expected = dk.editing.sdedit(sampler, pipe.denoiser(), theirs * 2 - 1, 0.5, 10, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(half, expected.clamp(-1, 1), rtol=0, atol=1e-6)
+
+
+def test_inpaint_from_a_folder_uses_its_scheduler(diffusers, unet, tmp_path):
+    """A mask that fills every pixel keeps nothing of the image: inpainting is then plain sampling from the
+    generator's first noise, and with the folder's DDIM it reproduces DDIMPipeline (the old default, trailing
+    DDIM without clipping, does not)."""
+    pipe, theirs = _ddim_default_folder(diffusers, unet, tmp_path)
+    image, fill = torch.zeros(4, 3, 8, 8), torch.ones(1, 1, 8, 8)
+    ours = pipe.inpaint(image, fill, num_steps=10, generator=torch.Generator().manual_seed(0)) / 2 + 0.5
+    assert float((ours.clamp(0, 1) - theirs).abs().max()) <= CLIPPED_DEFAULT_TOL
+    old = pipe.inpaint(image, fill, sampler="ddim", num_steps=10, generator=torch.Generator().manual_seed(0),
+                       timestep_spacing="trailing", clip_sample=False) / 2 + 0.5
+    assert float((old.clamp(0, 1) - theirs).abs().max()) > 0.1
+
+
+def test_invert_from_a_folder_keeps_its_plan_and_stays_ddim(diffusers, unet, tmp_path):
+    """Inversion is deterministic DDIM whatever the folder's scheduler: the plan of SD 1.x's PNDM config
+    (leading, steps_offset=1, set_alpha_to_one=False) carries over, no x0 bound does (clip_sample=True here);
+    and diffusers' DDIMInverseScheduler with the same settings lands on the same x_T."""
+    sd = {**diffusers.PNDMScheduler(**SD_SCHEDULER).config, "clip_sample": True}
+    diffusers.DDPMPipeline(unet, diffusers.PNDMScheduler.from_config(sd)).save_pretrained(tmp_path)
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    ddim = pipe.ddim()
+    assert (ddim.name, ddim.timestep_spacing, ddim.steps_offset, ddim.options["eta"]) == ("ddim", "leading", 1, 0.0)
+    assert ddim.options["set_alpha_to_one"] is False and not ddim.bounds.active
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    x_T = pipe.invert(image, num_steps=10)
+    inverse = diffusers.DDIMInverseScheduler.from_config(sd, clip_sample=False)
+    inverse.set_timesteps(10)
+    x = image
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            x = inverse.step(unet(x, t).sample, t, x).prev_sample
+    _close(x_T, x, TOL)
+    # the check can fail: the old inversion (trailing, final alpha 1, no offset) is far off
+    old = dk.editing.invert(pipe.sampler_for("ddim", eta=0.0), pipe.denoiser(), image, 10)
+    assert float(((old - x).abs() / (1 + x.abs())).max()) > 0.1

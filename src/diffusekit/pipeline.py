@@ -314,27 +314,36 @@ class Pipeline:
         return image.to(self.device)
 
     @torch.no_grad()
-    def edit(self, image: torch.Tensor, strength: float = 0.5, sampler: str = "dpmpp_2m", num_steps: int = 50,
+    def edit(self, image: torch.Tensor, strength: float = 0.5, sampler: str | None = None, num_steps: int = 50,
              generator=None, class_labels=None, prompt=None, **guidance_and_options) -> torch.Tensor:
         """SDEdit (Meng et al. 2022): noise the image to t = strength * T, then denoise it.
 
         Guidance keywords (guidance_scale, guides, classifier, classifier_scale, negative_prompt) are as
-        for `sample`; a latent model edits the image's latents and decodes the result.
+        for `sample`; a latent model edits the image's latents and decodes the result. The sampler and
+        its options default as for `sample` (dpmpp_2m; a diffusers folder's own scheduler settings).
         """
         guidance, options = _split_guidance(guidance_and_options)
+        s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image = self._check_image(image)
         cond = self._cond(class_labels, len(image), prompt)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "edit")
-        out = editing.sdedit(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
+        out = editing.sdedit(s, self.denoiser(**guidance), self.encode(image),
                              strength, num_steps, generator, **cond)
         if strength == 0:
             return image.cpu()
         return _checked_finite(self.decode(out), "SDEdit").clamp(-1, 1).cpu()
 
     def ddim(self) -> Sampler:
-        """The deterministic DDIM sampler that inversion and reconstruction share."""
-        return self.sampler_for("ddim", eta=0.0)
+        """The deterministic DDIM sampler (eta = 0) that inversion and reconstruction share.
+
+        From a diffusers folder its plan carries over as for sample(sampler="ddim"): timestep_spacing,
+        steps_offset, set_alpha_to_one. Its x0 bounds (clip_sample, thresholding) do not: inversion
+        steps with eps alone, and a reconstruction that bounded x0_pred would not undo it.
+        """
+        _, defaults, _ = self.default_sampler_options("ddim")
+        plan = {k: v for k, v in defaults.items() if k in ("steps_offset", "set_alpha_to_one")}
+        return self.sampler_for("ddim", defaults.get("timestep_spacing"), eta=0.0, **plan)
 
     @torch.no_grad()
     def invert(self, image: torch.Tensor, num_steps: int = 50, refine_steps: int = 0, class_labels=None,
@@ -352,15 +361,19 @@ class Pipeline:
         return _checked_finite(self.decode(out), "reconstruction").cpu()
 
     @torch.no_grad()
-    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str = "ddim", num_steps: int = 50,
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str | None = None, num_steps: int = 50,
                 generator=None, resample: int = 1, class_labels=None, prompt=None,
                 **guidance_and_options) -> torch.Tensor:
         """Fill the region where mask == 1; pixels where mask == 0 stay exactly the input's.
 
         A latent model fills the latent cells that any masked pixel touches and the known pixels are
-        pasted back in pixel space at the end.
+        pasted back in pixel space at the end. sampler=None: ddim for a run, a diffusers folder's own
+        scheduler; the options default as for `sample` (the folder's settings).
         """
         guidance, options = _split_guidance(guidance_and_options)
+        if sampler is None and self.scheduler_config is None:
+            sampler = "ddim"
+        s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image, mask = self._check_image(image), mask.to(self.device)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "inpaint")
@@ -368,7 +381,7 @@ class Pipeline:
         if self.autoencoder is not None:
             # (.., H, W) -> the latent grid: a cell is filled if any pixel in it is
             latent_mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), self.latent_shape[1:])
-        out = editing.inpaint(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
+        out = editing.inpaint(s, self.denoiser(**guidance), self.encode(image),
                               latent_mask, num_steps, generator, resample=resample,
                               **self._cond(class_labels, len(image), prompt))
         out = self.decode(out)
