@@ -78,6 +78,7 @@ ROUND_TRIPS = [
     ("DEISMultistepScheduler", dict(solver_order=3, lower_order_final=False)),
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing="trailing")),
     ("PNDMScheduler", {}),   # diffusers' defaults: the Runge-Kutta warm-up (pndm), set_alpha_to_one=False
+    ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
 ]
 
 
@@ -140,6 +141,8 @@ def _diffusers_loop(scheduler, model, x_T, num_steps, **step_kwargs):
     ("PNDMScheduler", {}),   # Runge-Kutta warm-up; 8 steps: T // n = 125 is odd, diffusers' uneven half steps
     ("DEISMultistepScheduler", {}),   # the last step stops at sigma(t = 0)
     ("DEISMultistepScheduler", dict(use_karras_sigmas=True)),   # sigma_min = sigma(t = 0): a zero-length last step
+    ("LMSDiscreteScheduler", {}),   # starts from x_T * sigma_max (linspace), integrates its 4-step polynomial exactly
+    ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1)),
 ])
 def test_converted_options_step_like_diffusers(diffusers, class_name, options):
     """Options carried across (clip_sample, variance_type, solver_order, solver_type, ...) mean the same
@@ -214,7 +217,7 @@ UNSUPPORTED = [
     ("DDIMScheduler", dict(clip_sample=False, some_future_option=3), "some_future_option=3 is not known"),
     ("HeunDiscreteScheduler", dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True is not known"),
     ("ScoreSdeVeScheduler", {}, "variance-exploding"),
-    ("LMSDiscreteScheduler", {}, "'LMSDiscreteScheduler' has no counterpart"),
+    ("KDPM2DiscreteScheduler", {}, "'KDPM2DiscreteScheduler' has no counterpart"),
 ]
 
 

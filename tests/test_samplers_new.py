@@ -301,7 +301,7 @@ def test_deis_matches_diffusers_as_shipped(diffusers, sched, mixture, spacing, k
 
 # --- known answers --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["plms", "pndm", "dpmpp_3m", "deis"])
+@pytest.mark.parametrize("name", ["plms", "pndm", "dpmpp_3m", "deis", "lms"])
 @pytest.mark.parametrize("spacing", SPACINGS + ["logsnr"])
 def test_gaussian_data_follows_the_exact_flow(sched, name, spacing):
     """Gaussian data N(m, s^2 I): the probability-flow ODE keeps z = (x - sqrt(abar) m) / sqrt(abar s^2 + 1 - abar)

@@ -106,6 +106,7 @@ SPECS = [
                   # PNDM runs its multistep formula on raw v outputs from different timesteps, ours on eps
                   defaults=dict(set_alpha_to_one=False), predictions=("epsilon",),
                   rescale=False),
+    SchedulerSpec("LMSDiscreteScheduler", "lms", "linspace", dict(**_OFF_SIGMAS), karras=True, rescale=False),
     SchedulerSpec("PNDMScheduler", "pndm", "leading", dict(skip_prk_steps=False),
                   options={"set_alpha_to_one": "set_alpha_to_one"},
                   defaults=dict(set_alpha_to_one=False), predictions=("epsilon",), rescale=False),
@@ -183,7 +184,7 @@ _WHY["algorithm_type"] = ("diffusekit's DPM-Solver samplers are the data-predict
                           "its dpmpp_3m_sde follows k-diffusion, whose third-order SDE update is not diffusers' "
                           "'sde-dpmsolver++'")
 # sampler options that diffusers takes as call arguments, not config keys, with the call's default
-_CALL_ARGS = {"eta": 0.0}
+_CALL_ARGS = {"eta": 0.0, "order": 4}   # order: LMSDiscreteScheduler.step's
 
 
 def class_keys(spec: SchedulerSpec) -> set:

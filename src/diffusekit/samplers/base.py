@@ -351,6 +351,17 @@ def get_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "epsi
     return Sampler(name, schedule, prediction_type, timestep_spacing, clip_sample, **options)
 
 
+def lagrange_basis(nodes: list[float], j: int) -> list[float]:
+    """Coefficients (lowest degree first) of the Lagrange basis polynomial L_j on nodes (multistep weights)."""
+    from numpy.polynomial import polynomial as P
+    basis = [1.0]
+    for k, u_k in enumerate(nodes):
+        if k != j:
+            # L_j(u) = prod_{k != j} (u - u_k) / (u_j - u_k)
+            basis = P.polymul(basis, [-u_k / (nodes[j] - u_k), 1 / (nodes[j] - u_k)])
+    return list(basis)
+
+
 def sigma_of(abar: float) -> float:
     """k-diffusion's sigma = sqrt((1 - abar) / abar); 0 for a clean sample."""
     return math.sqrt(max(1.0 - abar, 0.0) / abar)

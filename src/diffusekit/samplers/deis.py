@@ -6,7 +6,7 @@ import math
 from numpy.polynomial import polynomial as P
 
 from ..config import check_choice
-from .base import register, run_callback, sigma_of
+from .base import lagrange_basis, register, run_callback, sigma_of
 
 
 def _lagrange_exp_integrals(u_start: float, u_end: float, nodes: list[float]) -> list[float]:
@@ -16,12 +16,8 @@ def _lagrange_exp_integrals(u_start: float, u_end: float, nodes: list[float]) ->
     An antiderivative of p(u) e^u, p a polynomial, is e^u (p - p' + p'' - ...).
     """
     weights = []
-    for j, u_j in enumerate(nodes):
-        basis = [1.0]  # coefficients, lowest degree first
-        for k, u_k in enumerate(nodes):
-            if k != j:
-                # L_j(u) = prod_{k != j} (u - u_k) / (u_j - u_k)
-                basis = P.polymul(basis, [-u_k / (u_j - u_k), 1 / (u_j - u_k)])
+    for j in range(len(nodes)):
+        basis = lagrange_basis(nodes, j)
 
         def antiderivative(u):
             return math.exp(u) * sum((-1) ** m * P.polyval(u, P.polyder(basis, m)) for m in range(len(basis)))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
-from .base import randn_like, register, run_callback, sigma_of
+from numpy.polynomial import polynomial as P
+
+from .base import lagrange_basis, randn_like, register, run_callback, sigma_of
 
 
 INIT_NOISE_SIGMAS = ("exact", "sigma_max")
@@ -91,5 +93,30 @@ def sample_heun(denoiser, x, ts, abars, *, generator=None, callback=None, cond=N
             # 2nd evaluation at the Euler point, then the average of the two slopes (trapezoidal rule)
             pred = denoiser(x_euler / math.sqrt(1 + s_next**2), ts[i + 1], float(abars[i + 1]), **cond)
             x = x + (s_next - s) * 0.5 * (d + pred.eps)
+        x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
+    return _to_vp(x, abars)
+
+
+@register("lms", style="karras", init_noise_sigma="exact", order=4)
+def sample_lms(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None, init_noise_sigma="exact",
+               order=4):
+    """Linear multistep on dx/dsigma = eps (k-diffusion's sample_lms, diffusers' LMSDiscreteScheduler): eps
+    interpolated in sigma through the last `order` predictions and integrated exactly over the step."""
+    if not isinstance(order, int) or isinstance(order, bool) or order < 1:
+        raise ValueError(f"order={order!r}; give a positive integer (diffusers' and k-diffusion's default is 4).")
+    cond = cond or {}
+    sigmas = [sigma_of(float(a)) for a in abars]
+    x = _to_sigma_space(x, float(abars[0]), init_noise_sigma)
+    eps_history = []  # eps at each step's start, newest last: the multistep memory
+    for i in range(len(ts)):
+        pred = denoiser(x / math.sqrt(1 + sigmas[i] ** 2), ts[i], float(abars[i]), **cond)
+        eps_history = (eps_history + [pred.eps])[-order:]
+        nodes = sigmas[i::-1][:len(eps_history)]   # sigma_i, sigma_{i-1}, ...: newest first
+        # x_next = x + sum_j w_j eps_{i-j},  w_j = integral from sigma_i to sigma_next of L_j(s) ds
+        weights = []
+        for j in range(len(nodes)):
+            antiderivative = P.polyint(lagrange_basis(nodes, j))
+            weights.append(float(P.polyval(sigmas[i + 1], antiderivative) - P.polyval(sigmas[i], antiderivative)))
+        x = x + sum(w * e for w, e in zip(weights, reversed(eps_history)))
         x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
     return _to_vp(x, abars)
