@@ -87,14 +87,8 @@ class Pipeline:
                            timestep_spacing=timestep_spacing or DEFAULT_SPACING, **options)
 
     def default_sampler_options(self, sampler: str | None = None) -> tuple[str, dict, str]:
-        """(sampler name, options, note) that `sample` uses for sampler (None: this pipeline's default).
-
-        A diffusers folder's default is its own scheduler, converted exactly (spacing, steps_offset,
-        set_alpha_to_one, clip_sample, thresholding, variance_type, ...: a ConfigError names an option
-        without a counterpart); a named sampler keeps the folder's settings that its diffusers class
-        has, and note says in one line which acting settings do not carry over ("" when none). A run's
-        default is dpmpp_2m with no options.
-        """
+        """(sampler name, options, note) that `sample` uses for sampler (None: this pipeline's default): a run's is
+        dpmpp_2m with no options; a diffusers folder's, interop.folder_sampler.folder_sampler (docs/INTEROP.md)."""
         if self.scheduler_config is None:
             return sampler or DEFAULT_SAMPLER, {}, ""
         from .interop.folder_sampler import folder_sampler
@@ -319,8 +313,7 @@ class Pipeline:
         """SDEdit (Meng et al. 2022): noise the image to t = strength * T, then denoise it.
 
         Guidance keywords (guidance_scale, guides, classifier, classifier_scale, negative_prompt) are as
-        for `sample`; a latent model edits the image's latents and decodes the result. The sampler and
-        its options default as for `sample` (dpmpp_2m; a diffusers folder's own scheduler settings).
+        for `sample`; a latent model edits the image's latents. The sampler defaults as for `sample`.
         """
         guidance, options = _split_guidance(guidance_and_options)
         s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
@@ -335,15 +328,10 @@ class Pipeline:
         return _checked_finite(self.decode(out), "SDEdit").clamp(-1, 1).cpu()
 
     def ddim(self) -> Sampler:
-        """The deterministic DDIM sampler (eta = 0) that inversion and reconstruction share.
-
-        From a diffusers folder its plan carries over as for sample(sampler="ddim"): timestep_spacing,
-        steps_offset, set_alpha_to_one. Its x0 bounds (clip_sample, thresholding) do not: inversion
-        steps with eps alone, and a reconstruction that bounded x0_pred would not undo it.
-        """
-        _, defaults, _ = self.default_sampler_options("ddim")
-        plan = {k: v for k, v in defaults.items() if k in ("steps_offset", "set_alpha_to_one")}
-        return self.sampler_for("ddim", defaults.get("timestep_spacing"), eta=0.0, **plan)
+        """The deterministic DDIM sampler that inversion and reconstruction share; from a diffusers folder
+        its plan carries over, its x0 bounds do not (interop.folder_sampler.inversion_options)."""
+        from .interop.folder_sampler import inversion_options
+        return self.sampler_for("ddim", eta=0.0, **inversion_options(self.scheduler_config))
 
     @torch.no_grad()
     def invert(self, image: torch.Tensor, num_steps: int = 50, refine_steps: int = 0, class_labels=None,
@@ -367,12 +355,10 @@ class Pipeline:
         """Fill the region where mask == 1; pixels where mask == 0 stay exactly the input's.
 
         A latent model fills the latent cells that any masked pixel touches and the known pixels are
-        pasted back in pixel space at the end. sampler=None: ddim for a run, a diffusers folder's own
-        scheduler; the options default as for `sample` (the folder's settings).
+        pasted back in pixel space at the end. sampler=None: ddim for a run, else as for `sample`.
         """
         guidance, options = _split_guidance(guidance_and_options)
-        if sampler is None and self.scheduler_config is None:
-            sampler = "ddim"
+        sampler = sampler or (None if self.scheduler_config is not None else "ddim")
         s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image, mask = self._check_image(image), mask.to(self.device)
         if guidance.get("guides"):

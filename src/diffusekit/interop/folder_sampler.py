@@ -55,3 +55,14 @@ def folder_sampler(cfg: dict, sampler: str | None = None) -> tuple[str, dict, st
                      f"({why}); sampling without them")
     note = "; ".join(notes) + ("." if notes else "")
     return sampler, kwargs, note
+
+
+def inversion_options(cfg: dict | None) -> dict:
+    """The DDIM plan options that DDIM inversion and reconstruction take from a folder whose scheduler config is
+    cfg (None: a run, none): timestep_spacing, steps_offset, set_alpha_to_one, as folder_sampler(cfg, "ddim")
+    gives them. Its x0 bounds (clip_sample, thresholding) are left out: inversion steps with eps alone, and a
+    reconstruction that bounded x0_pred would not undo it."""
+    if cfg is None:
+        return {}
+    _, kwargs, _ = folder_sampler(cfg, "ddim")
+    return {k: v for k, v in kwargs.items() if k in ("timestep_spacing", "steps_offset", "set_alpha_to_one")}

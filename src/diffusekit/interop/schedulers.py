@@ -14,11 +14,9 @@ rescale_betas_zero_snr=True on a class without it (Heun, DEIS, PNDM): diffusers 
 un-rescaled betas, which is not what such a config asks for, so it is an error. A key no mapped
 class has is an error.
 
-Deliberate differences that no option selects (so they do not raise), see docs/DESIGN-NOTES.md:
-DDIM with "linspace" spacing steps to the next grid point (diffusers: t - T // n). A DEIS config
-converts to set_alpha_to_one=False (its last step stops at sigma(t = 0), as diffusers'); a deis
-sampler of our own (landing on x0_pred) exports to DEISMultistepScheduler with that last-step
-difference.
+Deliberate differences that no option selects (so they do not raise), see docs/INTEROP.md: DDIM
+with "linspace" spacing steps to the next grid point (diffusers: t - T // n); a deis sampler of our
+own lands on x0_pred, and exports to DEIS (which stops at sigma(t = 0)) with that last-step difference.
 """
 from __future__ import annotations
 
@@ -99,19 +97,17 @@ SPECS = [
     SchedulerSpec("DEISMultistepScheduler", "deis", "linspace",
                   dict(algorithm_type="deis", solver_type="logrho", **_OFF_SOLVER),
                   options={"solver_order": "solver_order", "lower_order_final": "lower_order_final"}, karras=True,
-                  # its last step ends at sigma(t = 0), not at sigma = 0 (with Karras sigmas too: sigma_min is that)
-                  thresholding=True, rescale=False, implied=dict(set_alpha_to_one=False)),
+                  thresholding=True, rescale=False, implied=dict(set_alpha_to_one=False)),   # stops at sigma(t = 0)
     SchedulerSpec("PNDMScheduler", "plms", "leading", dict(skip_prk_steps=True),
                   options={"set_alpha_to_one": "set_alpha_to_one"},
                   # PNDM runs its multistep formula on raw v outputs from different timesteps, ours on eps
                   defaults=dict(set_alpha_to_one=False), predictions=("epsilon",),
                   rescale=False),
     SchedulerSpec("LMSDiscreteScheduler", "lms", "linspace", dict(**_OFF_SIGMAS), karras=True, rescale=False),
-    SchedulerSpec("PNDMScheduler", "pndm", "leading", dict(skip_prk_steps=False),
-                  options={"set_alpha_to_one": "set_alpha_to_one"},
-                  defaults=dict(set_alpha_to_one=False), predictions=("epsilon",), rescale=False),
+    SchedulerSpec("PNDMScheduler", "pndm", "leading", dict(skip_prk_steps=False), predictions=("epsilon",),
+                  options={"set_alpha_to_one": "set_alpha_to_one"}, defaults=dict(set_alpha_to_one=False),
+                  rescale=False),
 ]
-# classes with several specs: the config key that picks one, and the class default of that key
 _SELECTORS = {"DPMSolverMultistepScheduler": ("solver_order", 2), "PNDMScheduler": ("skip_prk_steps", False)}
 # the ones whose sampler is registered (plms, deis and dpmpp_3m arrived later than the others)
 SCHEDULER_CLASSES = sorted({s.class_name for s in SPECS if s.sampler in SAMPLERS})
@@ -212,15 +208,13 @@ def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
         raise ConfigError(f"diffusers scheduler {class_name!r}{kind} diffusekit drives variance-preserving (beta) "
                           f"schedules with the samplers of {SCHEDULER_CLASSES}. Save the pipeline with one of "
                           "those (scheduler.from_config(...)), or name a diffusekit sampler (sampler=...).")
-    if len(specs) > 1:  # DPM-Solver: the order picks the sampler; PNDM: skip_prk_steps (plms, or pndm's PRK start)
+    if len(specs) > 1:  # the key that picks the sampler (solver_order, skip_prk_steps) and its class default
         key, default = _SELECTORS[class_name]
-        order = cfg.get(key, default)
-        specs = [s for s in specs if s.required.get(key) == order and s.sampler in SAMPLERS]
-        if not specs and key == "skip_prk_steps":
-            raise ConfigError(f"{class_name} option skip_prk_steps={order!r}: give True (plms) or False (pndm).")
+        choices = ", ".join(f"{key}={s.required[key]!r} ({s.sampler})" for s in specs)
+        value = cfg.get(key, default)
+        specs = [s for s in specs if s.required.get(key) == value and s.sampler in SAMPLERS]
         if not specs:
-            raise ConfigError(f"{class_name} with solver_order={order!r} has no diffusekit counterpart; use "
-                              "solver_order=2 (dpmpp_2m) or 3 (dpmpp_3m).")
+            raise ConfigError(f"{class_name} with {key}={value!r} has no diffusekit counterpart; use {choices}.")
     spec = specs[0]
     if spec.sampler not in SAMPLERS:
         raise ConfigError(f"{class_name} corresponds to diffusekit's sampler {spec.sampler!r}, which this version "
@@ -369,9 +363,8 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
                           "use_karras_sigmas); sample without Karras sigmas.")
     for theirs, ours in spec.options.items():
         cfg[theirs] = options.pop(ours)
-    # where diffusers starts from x_T * sigma_max; "exact" there is a documented deliberate difference
-    options.pop("init_noise_sigma", None)
-    for key in spec.implied:   # DEIS landing on x0_pred (set_alpha_to_one=True): the documented last-step difference
+    # where diffusers starts from x_T * sigma_max, and DEIS landing on x0_pred: documented deliberate differences
+    for key in ("init_noise_sigma", *spec.implied):
         options.pop(key, None)
     _check_combinations(spec.class_name, {**cfg, **{ours: cfg[theirs] for theirs, ours in spec.options.items()}})
     for key, value in options.items():
