@@ -77,6 +77,8 @@ ROUND_TRIPS = [
     ("UniPCMultistepScheduler", dict(timestep_spacing="trailing", beta_schedule="squaredcos_cap_v2")),
     ("DEISMultistepScheduler", dict(solver_order=3, lower_order_final=False)),
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing="trailing")),
+    ("PNDMScheduler", {}),   # diffusers' defaults: the Runge-Kutta warm-up (pndm), set_alpha_to_one=False
+    ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
 ]
 
 
@@ -136,6 +138,11 @@ def _diffusers_loop(scheduler, model, x_T, num_steps, **step_kwargs):
     ("HeunDiscreteScheduler", dict(clip_sample=True, beta_start=1e-4, beta_end=0.02)),
     ("DPMSolverMultistepScheduler", dict(solver_order=3, solver_type="heun", timestep_spacing="trailing")),
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True)),
+    ("PNDMScheduler", {}),   # Runge-Kutta warm-up; 8 steps: T // n = 125 is odd, diffusers' uneven half steps
+    ("DEISMultistepScheduler", {}),   # the last step stops at sigma(t = 0)
+    ("DEISMultistepScheduler", dict(use_karras_sigmas=True)),   # sigma_min = sigma(t = 0): a zero-length last step
+    ("LMSDiscreteScheduler", {}),   # starts from x_T * sigma_max (linspace), integrates its 4-step polynomial exactly
+    ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1)),
 ])
 def test_converted_options_step_like_diffusers(diffusers, class_name, options):
     """Options carried across (clip_sample, variance_type, solver_order, solver_type, ...) mean the same
@@ -154,9 +161,11 @@ def test_converted_options_step_like_diffusers(diffusers, class_name, options):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4 if name == "heun" else 1e-5)
 
 
-def test_ddim_clip_sample_is_refused_because_diffusers_keeps_eps(diffusers):
-    """Why DDIMScheduler(clip_sample=True) does not convert: our clipped DDIM is diffusers' only with
-    use_clipped_model_output=True, a call argument, and far from it without."""
+def test_ddim_clip_sample_keeps_the_network_eps_as_diffusers_does(diffusers):
+    """DDIMScheduler(clip_sample=True) clips x0_pred and keeps the network's eps in its update (unless the call
+    passes use_clipped_model_output=True): its config converts to use_clipped_model_output=False, which steps as
+    diffusers' default; our plain clip_sample=True re-derives eps, diffusers' use_clipped_model_output=True, and
+    that one has no config counterpart."""
     sampler = dk.get_sampler("ddim", dk.NoiseSchedule.create("linear"), timestep_spacing="trailing", clip_sample=True)
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
     ours = sampler.sample(_toy_model, x_T, num_steps=8)
@@ -164,32 +173,51 @@ def test_ddim_clip_sample_is_refused_because_diffusers_keeps_eps(diffusers):
     torch.testing.assert_close(ours, _diffusers_loop(make(), _toy_model, x_T, 8, use_clipped_model_output=True),
                                rtol=0, atol=1e-5)
     assert (ours - _diffusers_loop(make(), _toy_model, x_T, 8)).abs().max() > 0.1
-    with pytest.raises(ConfigError, match="clip_sample=True.*use_clipped_model_output=True"):
-        sampler_from_diffusers_config(_config(make()))
+    name, kwargs = sampler_from_diffusers_config(_config(make()))
+    assert kwargs["clip_sample"] and kwargs["use_clipped_model_output"] is False
+    converted = dk.get_sampler(name, dk.NoiseSchedule.create("linear"), **kwargs)
+    torch.testing.assert_close(converted.sample(_toy_model, x_T, num_steps=8), _diffusers_loop(make(), _toy_model, x_T, 8),
+                               rtol=0, atol=1e-5)
+    assert sampler_to_diffusers_config(converted)[1]["clip_sample"] is True
     with pytest.raises(ConfigError, match="clip_sample=True.*use_clipped_model_output=True"):
         sampler_to_diffusers_config(sampler)
 
 
+# the options the issue found "accepted and ignored" are honoured now: what each converts to (the numbers are
+# checked against diffusers in tests/test_diffusers_fidelity.py)
+HONOURED = [
+    ("DDIMScheduler", dict(thresholding=True), dict(thresholding=True, use_clipped_model_output=False)),
+    ("DDIMScheduler", dict(set_alpha_to_one=False), dict(set_alpha_to_one=False)),
+    ("DDIMScheduler", dict(steps_offset=1), dict(steps_offset=1)),
+    ("DDPMScheduler", dict(clip_sample=True, clip_sample_range=2.0), dict(clip_sample=True, clip_sample_range=2.0)),
+]
+
+
+@pytest.mark.parametrize("class_name,cfg,expected", HONOURED)
+def test_options_once_refused_now_convert(class_name, cfg, expected):
+    name, kwargs = sampler_from_diffusers_config(dict(cfg, _class_name=class_name))
+    assert {k: kwargs[k] for k in expected} == expected
+
+
 UNSUPPORTED = [
-    ("DDIMScheduler", dict(thresholding=True), "thresholding=True"),
-    ("DDIMScheduler", dict(set_alpha_to_one=False), "set_alpha_to_one=False"),
-    ("DDIMScheduler", dict(steps_offset=1), "steps_offset=1"),
-    ("DDPMScheduler", dict(clip_sample=True, clip_sample_range=2.0), "clip_sample_range=2.0"),
     ("DDPMScheduler", dict(variance_type="learned_range"), "variance_type='learned_range'"),
+    ("DDPMScheduler", dict(variance_type="learned"), "variance_type='learned'"),
+    ("DDPMScheduler", dict(variance_type="fixed_large_log"), "variance_type='fixed_large_log'"),
+    ("DDPMScheduler", dict(variance_type="fixed_large", steps_offset=1), "adds noise"),
+    ("FooBarScheduler", {}, "'FooBarScheduler' has no counterpart"),
     ("DDPMScheduler", dict(variance_type="fixed_large", timestep_spacing="trailing"), "adds noise"),
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
     ("DPMSolverMultistepScheduler", dict(final_sigmas_type="sigma_min"), "final_sigmas_type='sigma_min'"),
     ("DPMSolverMultistepScheduler", dict(use_lu_lambdas=True), "use_lu_lambdas=True.*logsnr"),
     ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "interpolation_type='log_linear'"),
     ("UniPCMultistepScheduler", dict(disable_corrector=[0]), "disable_corrector=\\[0\\]"),
-    ("PNDMScheduler", {}, "skip_prk_steps=False"),
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True, prediction_type="v_prediction"),
      "prediction_type='v_prediction'"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type='sample'"),
     ("DDIMScheduler", dict(clip_sample=False, some_future_option=3), "some_future_option=3 is not known"),
     ("HeunDiscreteScheduler", dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True is not known"),
     ("ScoreSdeVeScheduler", {}, "variance-exploding"),
-    ("LMSDiscreteScheduler", {}, "'LMSDiscreteScheduler' has no counterpart"),
+    ("KDPM2DiscreteScheduler", {}, "'KDPM2DiscreteScheduler' has no counterpart"),
 ]
 
 
@@ -403,7 +431,8 @@ def test_export_without_unet2d_counterpart_keeps_our_weights(tmp_path):
     assert "not loadable" in (tmp_path / "out" / "README.md").read_text()
     again = dk.Pipeline.from_diffusers(tmp_path / "out", device="cpu")
     assert again.class_names == ["a", "b"]
-    kwargs = dict(sampler="ddim", num_steps=4, class_labels=[0, 1], guidance_scale=2.0)
+    # the same sampler settings on both sides (the folder's own scheduler, DDPM with leading spacing, would be its default)
+    kwargs = dict(sampler="ddim", num_steps=4, class_labels=[0, 1], guidance_scale=2.0, timestep_spacing="trailing")
     torch.testing.assert_close(again.sample(2, generator=torch.Generator().manual_seed(0), **kwargs),
                                pipe.sample(2, generator=torch.Generator().manual_seed(0), **kwargs), rtol=0, atol=0)
 

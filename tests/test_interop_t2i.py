@@ -210,13 +210,14 @@ def test_components_diffusekit_cannot_drive_are_refused(folders, tmp_path, where
         dk.Pipeline.from_diffusers(bad, device="cpu")
 
 
-def test_leading_spacing_with_an_offset_loads_but_names_the_option(folders, tmp_path):
-    """A folder's own scheduler with steps_offset=1 and "leading" spacing (Stable Diffusion's) has no sampler
-    counterpart; the model still loads, and any diffusekit sampler and spacing drives it."""
+def test_leading_spacing_with_an_offset_converts(folders, tmp_path):
+    """A folder's own scheduler with steps_offset=1 and "leading" spacing (Stable Diffusion's) converts with its
+    offset (it was refused before steps_offset existed; tests/test_diffusers_fidelity.py checks the numbers),
+    and any diffusekit sampler and spacing still drives it."""
     leading = _copy(folders, tmp_path)
     _edit_json(leading / "scheduler" / "scheduler_config.json", timestep_spacing="leading")
     pipe = dk.Pipeline.from_diffusers(leading, device="cpu")
-    with pytest.raises(ConfigError, match="steps_offset=1.*timestep_spacing='leading' only"):
-        pipe.config.sampler()
+    assert pipe.config.sampler() == ("ddim", {"timestep_spacing": "leading", "steps_offset": 1, "clip_sample": False})
+    assert pipe.sampler_for("ddim", "leading", steps_offset=1).timesteps(2).tolist() == [501.0, 1.0]
     x = pipe.sample(1, sampler="ddim", num_steps=2, prompt="a cat", timestep_spacing="leading")
     assert x.shape == (1, 3, 16, 16)

@@ -118,6 +118,41 @@ def test_plms_matches_pndm_as_shipped(diffusers, sched, mixture, spacing):
     torch.testing.assert_close(ours.float(), theirs, rtol=0, atol=1e-5)
 
 
+# --- pndm: PNDM's Runge-Kutta warm-up (diffusers' skip_prk_steps=False, PNDMScheduler's default) ------
+
+def _pndm_prk(diffusers, spacing):
+    return diffusers.PNDMScheduler(**SCHEDULE, skip_prk_steps=False, set_alpha_to_one=True, timestep_spacing=spacing)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("n", [4, 8, 10, 25])
+def test_pndm_calls_the_model_where_pndm_does(diffusers, sched, mixture, spacing, n):
+    """Three Runge-Kutta steps of four calls (t, twice half-way, t_next), then one call a step: n + 9 calls at
+    diffusers' times, half-way points included (n = 8: T // n = 125 is odd)."""
+    scheduler = _pndm_prk(diffusers, spacing)
+    scheduler.set_timesteps(n)
+    sampler = dk.get_sampler("pndm", sched, timestep_spacing=spacing)
+    torch.testing.assert_close(sampler.timesteps(n), scheduler.timesteps.double(), rtol=0, atol=0)
+    model = ExactDenoiserModel(mixture, sched)
+    sampler.sample(model, _noise(n=4), num_steps=n)
+    assert model.nfe == sampler.nfe(n) == len(scheduler.timesteps) == n + 9
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("n", [8, 10])
+def test_pndm_matches_diffusers_step_by_step(diffusers, sched, mixture, spacing, n):
+    """In float64 with diffusers' abar table replaced by ours, every step agrees to 1e-10: diffusers' x after
+    the 4th call of each Runge-Kutta step (calls 3, 7, 11), then after each multistep call, is our x per step."""
+    scheduler = _pndm_prk(diffusers, spacing)
+    scheduler.set_timesteps(n)
+    scheduler.alphas_cumprod = sched.alphas_cumprod.clone()
+    scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+    model, x_T = ExactDenoiserModel(mixture, sched), _noise()
+    theirs = _theirs(scheduler, model, x_T, torch.float64)
+    ours, _ = _ours(dk.get_sampler("pndm", sched, timestep_spacing=spacing), model, x_T, n)
+    _assert_trajectories_close(ours, [theirs[i] for i in (3, 7, 11)] + theirs[12:], atol=1e-10)
+
+
 # --- dpmpp_3m and dpmpp_3m_sde --------------------------------------------------------------
 
 def _dpm_solver(diffusers, algorithm_type, spacing, prediction_type, karras=False, solver_type="midpoint"):
@@ -266,7 +301,7 @@ def test_deis_matches_diffusers_as_shipped(diffusers, sched, mixture, spacing, k
 
 # --- known answers --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["plms", "dpmpp_3m", "deis"])
+@pytest.mark.parametrize("name", ["plms", "pndm", "dpmpp_3m", "deis", "lms"])
 @pytest.mark.parametrize("spacing", SPACINGS + ["logsnr"])
 def test_gaussian_data_follows_the_exact_flow(sched, name, spacing):
     """Gaussian data N(m, s^2 I): the probability-flow ODE keeps z = (x - sqrt(abar) m) / sqrt(abar s^2 + 1 - abar)

@@ -147,7 +147,7 @@ def inpaint(sampler: Sampler, model, image: torch.Tensor, mask: torch.Tensor, nu
             x_i = x
             for u in range(resample):
                 x = put_back(_one_step(sampler, model, x_i, num_steps, i, generator, cond), abar_next)
-                if u == resample - 1 or abar_next >= 1.0:
+                if u == resample - 1 or i == len(ts) - 1:
                     break  # RePaint does not resample the final step
                 # x_i ~ q(x_i | x_{i+1}) = N(sqrt(abar_i / abar_{i+1}) x_{i+1}, (1 - abar_i / abar_{i+1}) I)
                 # (DDPM eq. 2 over the skipped training steps; RePaint Alg. 1, line 11)

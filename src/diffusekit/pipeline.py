@@ -21,6 +21,7 @@ from .schedule import NoiseSchedule
 
 # The spacing each sampler family does best with at few steps (Lin et al. 2023 recommend "trailing").
 DEFAULT_SPACING = "trailing"
+DEFAULT_SAMPLER = "dpmpp_2m"    # for a run; a diffusers folder's default is its own scheduler
 
 
 class Pipeline:
@@ -30,13 +31,14 @@ class Pipeline:
     denoises; num_classes > 0 for a class-conditional model (label -1 = the null class).
     With an autoencoder (latent diffusion), image_shape is the pixel images' shape, latent_shape the
     model's, and images are encoded on the way in and decoded on the way out. A model with
-    `encode_text` (models.TextToImageModel) takes prompts.
+    `encode_text` (models.TextToImageModel) takes prompts. scheduler_config: a diffusers folder's
+    scheduler config, whose settings are the sampling defaults (`default_sampler_options`).
     """
 
     def __init__(self, model: torch.nn.Module | Callable, schedule: NoiseSchedule, *, image_shape,
                  prediction_type: str = "epsilon", num_classes: int = 0, class_names: Sequence[str] = (),
                  config=None, device: str | torch.device = "cpu", precision: str = "fp32", source: str = "",
-                 latent_shape=None, autoencoder=None):
+                 latent_shape=None, autoencoder=None, scheduler_config: dict | None = None):
         self.device = resolve_device(device)
         self.precision = resolve_precision(check_precision(precision, self.device), self.device)
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
@@ -49,6 +51,7 @@ class Pipeline:
         self.latent_shape = tuple(int(v) for v in latent_shape) if latent_shape is not None else self.image_shape
         self.autoencoder = autoencoder.to(self.device).eval() if autoencoder is not None else None
         self.class_names = list(class_names)
+        self.scheduler_config = scheduler_config
         self.compiled = None            # the torch.compile'd network call, after `compile`
         self.graphed = None             # the network call replayed from CUDA graphs, after `use_cuda_graphs`
         self.adapter = None             # adapters.Adapter: the LoRA adapter on the model and its base's reference
@@ -111,6 +114,30 @@ class Pipeline:
         """A sampler from the registry bound to this model's schedule and prediction type."""
         return get_sampler(name, self.schedule, prediction_type=self.prediction_type,
                            timestep_spacing=timestep_spacing or DEFAULT_SPACING, **options)
+
+    def default_sampler_options(self, sampler: str | None = None) -> tuple[str, dict, str]:
+        """(sampler name, options, note) that `sample` uses for sampler (None: this pipeline's default): a run's is
+        dpmpp_2m with no options; a diffusers folder's, interop.folder_sampler.folder_sampler (docs/INTEROP.md)."""
+        if self.scheduler_config is None:
+            return sampler or DEFAULT_SAMPLER, {}, ""
+        from .interop.folder_sampler import folder_sampler
+        return folder_sampler(self.scheduler_config, sampler)
+
+    def resolve_sampler(self, sampler: str | None = None, timestep_spacing: str | None = None,
+                        **options) -> Sampler:
+        """The Sampler that `sample(sampler=..., timestep_spacing=..., **options)` runs: the defaults of
+        `default_sampler_options(sampler)` with the caller's options on top (for counting NFE, printing)."""
+        return self._sampler(sampler, timestep_spacing, options, warn=False)
+
+    def _sampler(self, sampler: str | None, timestep_spacing: str | None, options: dict, warn: bool = True) -> Sampler:
+        name, defaults, note = self.default_sampler_options(sampler)
+        if note and warn:
+            warnings.warn(note, UserWarning, stacklevel=4)   # the caller of sample (under no_grad)
+        spacing = timestep_spacing or defaults.pop("timestep_spacing", None)
+        defaults.pop("timestep_spacing", None)
+        if spacing not in (None, "leading"):    # diffusers adds steps_offset to "leading" timesteps only
+            defaults.pop("steps_offset", None)
+        return self.sampler_for(name, spacing, **{**defaults, **options})
 
     def compile(self, choice: str = "on", calls: int = 0, batch_size: int = 1) -> bool:
         """torch.compile the network call from now on: choice "on", "off", or "auto" (where the measured
@@ -260,7 +287,7 @@ class Pipeline:
 
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, sampler: str = "dpmpp_2m", num_steps: int = 20,
+    def sample(self, n: int, sampler: str | None = None, num_steps: int = 20,
                generator: torch.Generator | None = None, class_labels=None, guidance_scale: float = 1.0,
                guides: Sequence[Guide] = (), classifier: Callable | None = None, classifier_scale: float = 0.0,
                target_class=None, batch_size: int = 256, progress: bool = False, callback=None,
@@ -272,6 +299,8 @@ class Pipeline:
         All starting noise is drawn first (on the generator's device), so image k starts from the same
         noise whatever the batch size; stochastic samplers draw their step noise per batch from the same
         generator. guides / classifier: see `denoiser`; callback(StepInfo) runs after every step.
+        sampler=None is this pipeline's default (dpmpp_2m; a diffusers folder's own scheduler), and the
+        options not given default as `default_sampler_options` says.
         lora_scale: the adapter's scale for this call only (see the `lora_scale` property).
         """
         if lora_scale is not None:
@@ -288,7 +317,7 @@ class Pipeline:
         check_sampling(n, batch_size, image_shape=self.image_shape, device=self.device,
                        latent_shape=getattr(self, "latent_shape", None),
                        model_config=getattr(self.config, "model", None), guided=guidance_scale != 1.0)
-        s = self.sampler_for(sampler, timestep_spacing, **options)
+        s = self._sampler(sampler, timestep_spacing, options)
         if noise is None:
             noise = randn((n, *self.latent_shape), generator, "cpu")
         full_cond = self._cond(class_labels, n, prompt)
@@ -312,7 +341,7 @@ class Pipeline:
         return torch.cat(outs)
 
     @torch.no_grad()
-    def trajectory(self, n: int = 4, sampler: str = "dpmpp_2m", num_steps: int = 20, generator=None,
+    def trajectory(self, n: int = 4, sampler: str | None = None, num_steps: int = 20, generator=None,
                    class_labels=None, **guidance):
         """(final images, x_t per step, predicted x0 per step, timesteps) for a denoising picture."""
         xs, x0s, ts = [], [], []
@@ -355,27 +384,30 @@ class Pipeline:
         return image.to(self.device)
 
     @torch.no_grad()
-    def edit(self, image: torch.Tensor, strength: float = 0.5, sampler: str = "dpmpp_2m", num_steps: int = 50,
+    def edit(self, image: torch.Tensor, strength: float = 0.5, sampler: str | None = None, num_steps: int = 50,
              generator=None, class_labels=None, prompt=None, **guidance_and_options) -> torch.Tensor:
         """SDEdit (Meng et al. 2022): noise the image to t = strength * T, then denoise it.
 
         Guidance keywords (guidance_scale, guides, classifier, classifier_scale, negative_prompt) are as
-        for `sample`; a latent model edits the image's latents and decodes the result.
+        for `sample`; a latent model edits the image's latents. The sampler defaults as for `sample`.
         """
         guidance, options = _split_guidance(guidance_and_options)
+        s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image = self._check_image(image)
         cond = self._cond(class_labels, len(image), prompt)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "edit")
-        out = editing.sdedit(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
+        out = editing.sdedit(s, self.denoiser(**guidance), self.encode(image),
                              strength, num_steps, generator, **cond)
         if strength == 0:
             return image.cpu()
         return _checked_finite(self.decode(out), "SDEdit").clamp(-1, 1).cpu()
 
     def ddim(self) -> Sampler:
-        """The deterministic DDIM sampler that inversion and reconstruction share."""
-        return self.sampler_for("ddim", eta=0.0)
+        """The deterministic DDIM sampler that inversion and reconstruction share; from a diffusers folder
+        its plan carries over, its x0 bounds do not (interop.folder_sampler.inversion_options)."""
+        from .interop.folder_sampler import inversion_options
+        return self.sampler_for("ddim", eta=0.0, **inversion_options(self.scheduler_config))
 
     @torch.no_grad()
     def invert(self, image: torch.Tensor, num_steps: int = 50, refine_steps: int = 0, class_labels=None,
@@ -393,15 +425,17 @@ class Pipeline:
         return _checked_finite(self.decode(out), "reconstruction").cpu()
 
     @torch.no_grad()
-    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str = "ddim", num_steps: int = 50,
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str | None = None, num_steps: int = 50,
                 generator=None, resample: int = 1, class_labels=None, prompt=None,
                 **guidance_and_options) -> torch.Tensor:
         """Fill the region where mask == 1; pixels where mask == 0 stay exactly the input's.
 
         A latent model fills the latent cells that any masked pixel touches and the known pixels are
-        pasted back in pixel space at the end.
+        pasted back in pixel space at the end. sampler=None: ddim for a run, else as for `sample`.
         """
         guidance, options = _split_guidance(guidance_and_options)
+        sampler = sampler or (None if self.scheduler_config is not None else "ddim")
+        s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image, mask = self._check_image(image), mask.to(self.device)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "inpaint")
@@ -409,7 +443,7 @@ class Pipeline:
         if self.autoencoder is not None:
             # (.., H, W) -> the latent grid: a cell is filled if any pixel in it is
             latent_mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), self.latent_shape[1:])
-        out = editing.inpaint(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
+        out = editing.inpaint(s, self.denoiser(**guidance), self.encode(image),
                               latent_mask, num_steps, generator, resample=resample,
                               **self._cond(class_labels, len(image), prompt))
         out = self.decode(out)

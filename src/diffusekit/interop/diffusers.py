@@ -5,8 +5,10 @@ A pixel folder holds model_index.json, unet/ (a UNet2DModel: config.json + weigh
 contract model(x, t, **cond); the scheduler config gives the schedule and the prediction type.
 A latent text-to-image folder adds vae/, text_encoder/ and tokenizer/ and has a
 UNet2DConditionModel: its wrapper and checks live in interop/text_to_image.py.
-Which sampler runs is the caller's choice, as for any Pipeline; `DiffusersFolder.sampler()`
-converts the folder's own scheduler when its options have a diffusekit counterpart.
+The folder's scheduler is the Pipeline's default sampler (`Pipeline.default_sampler_options`,
+interop/folder_sampler.py); `DiffusersFolder.sampler()` is that conversion, which names any option
+without a diffusekit counterpart. The scheduler config is checked when the folder loads: a class
+diffusers does not have, or a key no mapped class has, is refused there.
 
 Export (`export_diffusers`) lives in interop/export.py and is re-exported here.
 """
@@ -22,7 +24,7 @@ from torch import nn
 from ..config import ConfigError
 from ..schedule import PREDICTION_TYPES
 from .export import ExportResult, export_diffusers  # the export half of this interface
-from .schedulers import sampler_from_diffusers_config, schedule_from_diffusers_config
+from .schedulers import SPECS, check_config_keys, sampler_from_diffusers_config, schedule_from_diffusers_config
 from .weights import load_component
 from .text_to_image import (NOT_RUN, DiffusersTextEncoder, DiffusersTextUNet, check_text_to_image_components,
                             check_text_to_image_unet, is_text_to_image)
@@ -244,8 +246,10 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
     """A local DDPMPipeline / DDIMPipeline or StableDiffusionPipeline folder as a diffusekit Pipeline.
 
     Needs `pip install diffusers` (and transformers for a text encoder). The schedule and prediction
-    type come from scheduler/scheduler_config.json; sampler options there (spacing, clip_sample, ...)
-    are not applied implicitly: pass them to Pipeline.sample, or take them from `pipe.config.sampler()`.
+    type come from scheduler/scheduler_config.json, and its sampler settings (spacing, steps_offset,
+    set_alpha_to_one, clip_sample, thresholding, variance_type, ...) are the Pipeline's sampling
+    defaults: `pipe.sample(n)` samples as the folder's own scheduler does, and a named sampler keeps
+    what carries over (Pipeline.default_sampler_options).
     A text-to-image folder gives a Pipeline with prompts, the VAE as its autoencoder (image_shape
     in pixels, latent_shape the UNet's). A folder written by `export_diffusers` for a model without
     a UNet2DModel counterpart (diffusekit_unet/ instead of unet/) loads too.
@@ -255,11 +259,14 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
     path = Path(path)
     if (path / "diffusekit_unet").is_dir() and not (path / "unet").exists():
         from .export import load_exported_diffusekit_unet
-        return load_exported_diffusekit_unet(path, device=device, precision=precision)
+        pipe = load_exported_diffusekit_unet(path, device=device, precision=precision)
+        pipe.scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+        return pipe
     folder = read_diffusers_folder(path)
     _check_vp_scheduler(folder)
-    schedule = schedule_from_diffusers_config(folder.scheduler_config)
     diffusers = _import_diffusers()
+    _check_scheduler_class(folder, diffusers)
+    schedule = schedule_from_diffusers_config(folder.scheduler_config)
     device = resolve_device(device)
     if folder.text_to_image:
         if null_class_label is not None:
@@ -273,7 +280,19 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
     return Pipeline(model, schedule, image_shape=(unet.config.in_channels, height, width),
                     prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"),
                     num_classes=model.num_classes, config=folder, device=device, precision=precision,
-                    source=str(path))
+                    source=str(path), scheduler_config=folder.scheduler_config)
+
+
+def _check_scheduler_class(folder: DiffusersFolder, diffusers) -> None:
+    """A scheduler class diffusers does not have, or a key that no mapped class has, is refused at load."""
+    name = folder.scheduler_class
+    if any(s.class_name == name for s in SPECS):
+        check_config_keys(folder.scheduler_config, name)
+    elif not hasattr(diffusers, name) or not name.endswith("Scheduler"):
+        raise ConfigError(f"{folder.path}/scheduler/scheduler_config.json names the class {name!r}, which is not a "
+                          f"diffusers scheduler (diffusers {diffusers.__version__}); set its \"_class_name\" to the "
+                          f"scheduler the model was trained with, e.g. \"DDPMScheduler\" or one of "
+                          f"{sorted({s.class_name for s in SPECS})}.")
 
 
 def _import_diffusers():
@@ -305,4 +324,4 @@ def _load_text_to_image(folder: DiffusersFolder, schedule, device: torch.device,
     image_shape = (autoencoder.in_channels, height * f, width * f)
     return Pipeline(model, schedule, image_shape=image_shape, latent_shape=latent_shape, autoencoder=autoencoder,
                     prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"), config=folder,
-                    device=device, precision=precision, source=str(path))
+                    device=device, precision=precision, source=str(path), scheduler_config=folder.scheduler_config)

@@ -5,9 +5,18 @@ A diffusers scheduler config mixes two things that diffusekit keeps apart: the f
 prediction type and options). Both directions are strict: an option value that selects a
 behaviour diffusekit does not have is a ConfigError naming the option, never dropped.
 
-Deliberate differences that no option selects (so they do not raise), see docs/DESIGN-NOTES.md:
-DDIM with "linspace" spacing steps to the next grid point (diffusers: t - T // n); DEIS's last
-step lands on x0_pred (diffusers stops at sigma(t = 0)).
+Keys that diffusers itself ignores for a class are ignored here too: an option of another mapped
+class (diffusers' from_config keeps them, e.g. skip_prk_steps and set_alpha_to_one in an Euler
+config made from Stable Diffusion's PNDM one, clip_sample in SD 1.x's PNDM config) and keys that act
+only with a switch that is off (dynamic_thresholding_ratio and sample_max_value without
+thresholding, clip_sample_range without clip_sample). The one exception is
+rescale_betas_zero_snr=True on a class without it (Heun, DEIS, PNDM): diffusers would sample the
+un-rescaled betas, which is not what such a config asks for, so it is an error. A key no mapped
+class has is an error.
+
+Deliberate differences that no option selects (so they do not raise), see docs/INTEROP.md: DDIM
+with "linspace" spacing steps to the next grid point (diffusers: t - T // n); a deis sampler of our
+own lands on x0_pred, and exports to DEIS (which stops at sigma(t = 0)) with that last-step difference.
 """
 from __future__ import annotations
 
@@ -28,10 +37,11 @@ SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
                  "rescale_betas_zero_snr")
 # the class defaults of beta_start / beta_end where they are not DDPM's (a hand-written config may omit them)
 _BETA_DEFAULTS = {"HeunDiscreteScheduler": (0.00085, 0.012), "KDPM2DiscreteScheduler": (0.00085, 0.012)}
-# keys that only act together with an option we require off (thresholding, flow or shifted sigmas)
-_NO_EFFECT = ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type")
+# keys that only act together with an option we require off (flow or shifted sigmas)
+_NO_EFFECT = ("flow_shift", "time_shift_type")
+_THRESHOLD_KEYS = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
 _OFF_SIGMAS = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
-_OFF_SOLVER = dict(thresholding=False, use_flow_sigmas=False, use_dynamic_shifting=False, **_OFF_SIGMAS)
+_OFF_SOLVER = dict(use_flow_sigmas=False, use_dynamic_shifting=False, **_OFF_SIGMAS)
 
 
 @dataclass(frozen=True)
@@ -48,66 +58,63 @@ class SchedulerSpec:
     required: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     defaults: dict = field(default_factory=dict)
-    clip: bool = False                             # the class has clip_sample (x0_pred clipped to [-1, 1])
-    clip_keeps_eps: bool = False                   # clipping x0_pred leaves the eps in the update unclipped
+    clip: bool = False                             # the class has clip_sample and clip_sample_range
+    clip_keeps_eps: bool = False                   # bounding x0_pred leaves the eps in the update unclipped
+    thresholding: bool = False                     # the class has dynamic thresholding (Imagen)
     karras: bool = False                           # the class has use_karras_sigmas
     predictions: tuple = PREDICTION_TYPES          # prediction types diffusers steps with as we do
     no_effect: tuple = ()                          # keys without effect under `required`
     rescale: bool = True                           # the class has rescale_betas_zero_snr
     sigmoid: bool = False                          # the class has beta_schedule="sigmoid"
+    implied: dict = field(default_factory=dict)    # our sampler options the class always steps with (no key)
 
 
 SPECS = [
-    SchedulerSpec("DDPMScheduler", "ddpm", "leading", dict(thresholding=False, steps_offset=0),
-                  options={"variance_type": "variance_type"}, defaults=dict(clip_sample=True), clip=True, sigmoid=True),
-    SchedulerSpec("DDIMScheduler", "ddim", "leading", dict(thresholding=False, steps_offset=0, set_alpha_to_one=True),
-                  defaults=dict(clip_sample=True), clip=True, clip_keeps_eps=True),
+    SchedulerSpec("DDPMScheduler", "ddpm", "leading", options={"variance_type": "variance_type"},
+                  defaults=dict(clip_sample=True), clip=True, thresholding=True, sigmoid=True),
+    SchedulerSpec("DDIMScheduler", "ddim", "leading", options={"set_alpha_to_one": "set_alpha_to_one"},
+                  defaults=dict(clip_sample=True), clip=True, clip_keeps_eps=True, thresholding=True),
     SchedulerSpec("DPMSolverMultistepScheduler", "dpmpp_2m", "linspace",
                   dict(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", final_sigmas_type="zero",
-                       use_lu_lambdas=False, lambda_min_clipped=-math.inf, variance_type=None, steps_offset=0,
-                       **_OFF_SOLVER),
-                  karras=True, no_effect=("lower_order_final", "euler_at_final")),  # order 2, final sigma 0
+                       use_lu_lambdas=False, lambda_min_clipped=-math.inf, variance_type=None, **_OFF_SOLVER),
+                  karras=True, thresholding=True, no_effect=("lower_order_final", "euler_at_final")),  # final sigma 0
     SchedulerSpec("DPMSolverMultistepScheduler", "dpmpp_3m", "linspace",
                   dict(solver_order=3, algorithm_type="dpmsolver++", final_sigmas_type="zero", use_lu_lambdas=False,
-                       lambda_min_clipped=-math.inf, variance_type=None, steps_offset=0, **_OFF_SOLVER),
+                       lambda_min_clipped=-math.inf, variance_type=None, **_OFF_SOLVER),
                   options={"solver_type": "solver_type", "lower_order_final": "lower_order_final"},
-                  karras=True, no_effect=("euler_at_final",)),
+                  karras=True, thresholding=True, no_effect=("euler_at_final",)),
     SchedulerSpec("EulerDiscreteScheduler", "euler", "linspace",
                   dict(interpolation_type="linear", sigma_min=None, sigma_max=None, timestep_type="discrete",
-                       final_sigmas_type="zero", steps_offset=0, **_OFF_SIGMAS), karras=True),
-    SchedulerSpec("EulerAncestralDiscreteScheduler", "euler_ancestral", "linspace", dict(steps_offset=0),
+                       final_sigmas_type="zero", **_OFF_SIGMAS), karras=True),
+    SchedulerSpec("EulerAncestralDiscreteScheduler", "euler_ancestral", "linspace",
                   predictions=("epsilon", "v_prediction")),
-    SchedulerSpec("HeunDiscreteScheduler", "heun", "linspace", dict(steps_offset=0, **_OFF_SIGMAS),
-                  clip=True, karras=True, rescale=False),
+    SchedulerSpec("HeunDiscreteScheduler", "heun", "linspace", dict(**_OFF_SIGMAS), clip=True, karras=True,
+                  rescale=False),
     SchedulerSpec("UniPCMultistepScheduler", "unipc", "linspace",
                   dict(solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[],
                        solver_p=None, final_sigmas_type="zero", sigma_min=None, sigma_max=None, shift_terminal=None,
-                       steps_offset=0, **_OFF_SOLVER), karras=True),
+                       **_OFF_SOLVER), karras=True, thresholding=True),
     SchedulerSpec("DEISMultistepScheduler", "deis", "linspace",
-                  dict(algorithm_type="deis", solver_type="logrho", steps_offset=0, **_OFF_SOLVER),
+                  dict(algorithm_type="deis", solver_type="logrho", **_OFF_SOLVER),
                   options={"solver_order": "solver_order", "lower_order_final": "lower_order_final"}, karras=True,
-                  rescale=False),
-    SchedulerSpec("PNDMScheduler", "plms", "leading", dict(skip_prk_steps=True, set_alpha_to_one=True, steps_offset=0),
+                  thresholding=True, rescale=False, implied=dict(set_alpha_to_one=False)),   # stops at sigma(t = 0)
+    SchedulerSpec("PNDMScheduler", "plms", "leading", dict(skip_prk_steps=True),
+                  options={"set_alpha_to_one": "set_alpha_to_one"},
                   # PNDM runs its multistep formula on raw v outputs from different timesteps, ours on eps
-                  defaults=dict(skip_prk_steps=False, set_alpha_to_one=False), predictions=("epsilon",),
+                  defaults=dict(set_alpha_to_one=False), predictions=("epsilon",),
+                  rescale=False),
+    SchedulerSpec("LMSDiscreteScheduler", "lms", "linspace", dict(**_OFF_SIGMAS), karras=True, rescale=False),
+    SchedulerSpec("PNDMScheduler", "pndm", "leading", dict(skip_prk_steps=False), predictions=("epsilon",),
+                  options={"set_alpha_to_one": "set_alpha_to_one"}, defaults=dict(set_alpha_to_one=False),
                   rescale=False),
 ]
+_SELECTORS = {"DPMSolverMultistepScheduler": ("solver_order", 2), "PNDMScheduler": ("skip_prk_steps", False)}
 # the ones whose sampler is registered (plms, deis and dpmpp_3m arrived later than the others)
 SCHEDULER_CLASSES = sorted({s.class_name for s in SPECS if s.sampler in SAMPLERS})
 
 _WHY = {
-    "set_alpha_to_one": "diffusekit's last step always reaches abar = 1 (a clean sample); set_alpha_to_one=False "
-                        "stops at abar_0 instead",
-    "steps_offset": "diffusekit places timesteps without an offset; the offset acts with timestep_spacing='leading' "
-                    "only, so 'trailing' or 'linspace' with any steps_offset converts",
-    "thresholding": "diffusekit has no dynamic thresholding (Imagen); use clip_sample=True, or leave it off",
-    "skip_prk_steps": "diffusekit's PLMS starts with one pseudo improved-Euler step (skip_prk_steps=True); the "
-                      "Runge-Kutta warm-up is not implemented",
     "final_sigmas_type": "diffusekit's last step goes to sigma = 0",
     "variance_type": "the model's learned variances are not used by diffusekit's samplers",
-    "clip_sample": "diffusers' DDIM clips x0_pred but keeps the unclipped eps in its update unless the call passes "
-                   "use_clipped_model_output=True; diffusekit's clip_sample always re-derives eps from the clipped "
-                   "x0_pred, i.e. it matches use_clipped_model_output=True",
     "use_lu_lambdas": "diffusekit's nearest option is timestep_spacing='logsnr' (uniform in log-SNR, not "
                       "rounded to integer timesteps), which is not the same placement",
 }
@@ -173,7 +180,22 @@ _WHY["algorithm_type"] = ("diffusekit's DPM-Solver samplers are the data-predict
                           "its dpmpp_3m_sde follows k-diffusion, whose third-order SDE update is not diffusers' "
                           "'sde-dpmsolver++'")
 # sampler options that diffusers takes as call arguments, not config keys, with the call's default
-_CALL_ARGS = {"eta": 0.0}
+_CALL_ARGS = {"eta": 0.0, "order": 4}   # order: LMSDiscreteScheduler.step's
+
+
+def class_keys(spec: SchedulerSpec) -> set:
+    """The config keys of spec's diffusers class that diffusekit reads, checks or knows to be inert."""
+    keys = set(SCHEDULE_KEYS) - (set() if spec.rescale else {"rescale_betas_zero_snr"})
+    keys |= set(spec.required) | set(spec.options) | set(_NO_EFFECT) | set(spec.no_effect)
+    keys |= {"prediction_type", "timestep_spacing", "steps_offset"}
+    keys |= {"clip_sample", "clip_sample_range"} if spec.clip else set()
+    keys |= set(_THRESHOLD_KEYS) if spec.thresholding else set()
+    return keys | ({"use_karras_sigmas"} if spec.karras else set())
+
+
+# every key of every mapped class: a key outside this set is unknown, one inside it but not in a
+# class's own keys belongs to another class, which diffusers ignores (its from_config keeps such keys)
+ALL_KEYS = frozenset().union(*(class_keys(s) for s in SPECS))
 
 
 def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
@@ -185,13 +207,14 @@ def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
         kind = " is a variance-exploding (sigma) scheduler;" if "Ve" in class_name else " has no counterpart;"
         raise ConfigError(f"diffusers scheduler {class_name!r}{kind} diffusekit drives variance-preserving (beta) "
                           f"schedules with the samplers of {SCHEDULER_CLASSES}. Save the pipeline with one of "
-                          "those (scheduler.from_config(...)), or load only the model and schedule.")
-    if len(specs) > 1:  # DPMSolverMultistepScheduler: the order picks the sampler
-        order = cfg.get("solver_order", 2)
-        specs = [s for s in specs if s.required.get("solver_order") == order and s.sampler in SAMPLERS]
+                          "those (scheduler.from_config(...)), or name a diffusekit sampler (sampler=...).")
+    if len(specs) > 1:  # the key that picks the sampler (solver_order, skip_prk_steps) and its class default
+        key, default = _SELECTORS[class_name]
+        choices = ", ".join(f"{key}={s.required[key]!r} ({s.sampler})" for s in specs)
+        value = cfg.get(key, default)
+        specs = [s for s in specs if s.required.get(key) == value and s.sampler in SAMPLERS]
         if not specs:
-            raise ConfigError(f"{class_name} with solver_order={order!r} has no diffusekit counterpart; use "
-                              "solver_order=2 (dpmpp_2m) or 3 (dpmpp_3m).")
+            raise ConfigError(f"{class_name} with {key}={value!r} has no diffusekit counterpart; use {choices}.")
     spec = specs[0]
     if spec.sampler not in SAMPLERS:
         raise ConfigError(f"{class_name} corresponds to diffusekit's sampler {spec.sampler!r}, which this version "
@@ -205,20 +228,42 @@ def _unsupported(class_name: str, key: str, have, want) -> ConfigError:
                        f"{key}={want!r} in the scheduler config to use a diffusekit sampler.")
 
 
+def check_config_keys(cfg: dict, class_name: str | None = None) -> list[str]:
+    """Refuse keys no mapped class has; return the keys of other classes, which diffusers ignores here.
+
+    rescale_betas_zero_snr=True on a class without it is refused (see the module docstring).
+    """
+    class_name = class_name or cfg.get("_class_name")
+    spec = _spec_for(class_name, cfg)
+    own = class_keys(spec)
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in ALL_KEYS)
+    if unknown:
+        raise ConfigError(f"{class_name} option {unknown[0]}={cfg[unknown[0]]!r} is not known to diffusekit, so it "
+                          f"cannot say whether the sampler honours it; remove it from the scheduler config if it is at "
+                          f"diffusers' default (known options of {class_name}: {sorted(own)}).")
+    if cfg.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in own:
+        raise ConfigError(f"{class_name} option rescale_betas_zero_snr=True is not known to {class_name}: diffusers "
+                          "ignores it there and samples the betas without the zero-terminal-SNR rescale; remove it, or "
+                          "use a class that has it (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, ...).")
+    return sorted(k for k in cfg if not k.startswith("_") and k not in own)
+
+
 def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> tuple[str, dict]:
     """(sampler name, get_sampler keyword arguments) for a diffusers scheduler config.
 
     Use as `get_sampler(name, schedule_from_diffusers_config(cfg), **kwargs)`. class_name defaults
-    to cfg["_class_name"]. Every key of cfg is either converted, checked to have the value that our
-    sampler implements, or known to have no effect there; anything else is a ConfigError.
+    to cfg["_class_name"]. Every key of cfg is converted, checked to have the value that our
+    sampler implements, known to have no effect there, or an option of another class that
+    diffusers ignores for this one (module docstring); anything else is a ConfigError. Options at
+    our sampler's default are left out, except clip_sample for the classes that have it.
     """
     class_name = class_name or cfg.get("_class_name")
     spec = _spec_for(class_name, cfg)
+    check_config_keys(cfg, class_name)
     spacing = cfg.get("timestep_spacing", spec.spacing)
     for key, want in spec.required.items():
         have = cfg.get(key, spec.defaults.get(key, want))
-        # every class adds steps_offset to "leading" timesteps only (StableDiffusionPipeline forces it to 1)
-        if have != want and not (key == "steps_offset" and spacing != "leading"):
+        if have != want:
             raise _unsupported(class_name, key, have, want)
     prediction_type = cfg.get("prediction_type", "epsilon")
     if prediction_type not in spec.predictions:
@@ -226,48 +271,61 @@ def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> t
                           f"here (diffusers steps {list(spec.predictions)} as diffusekit's {spec.sampler!r} does); "
                           "load the model with its schedule and pick another sampler.")
     kwargs = dict(prediction_type=prediction_type, timestep_spacing=spacing)
-    # a class without rescale_betas_zero_snr ignores the key, so it must not reach the schedule
-    schedule_keys = set(SCHEDULE_KEYS) - (set() if spec.rescale else {"rescale_betas_zero_snr"})
-    known = schedule_keys | set(spec.required) | set(spec.options) | set(_NO_EFFECT) | set(spec.no_effect)
-    known |= {"prediction_type", "timestep_spacing"}
-    if spec.clip:
-        kwargs["clip_sample"] = bool(cfg.get("clip_sample", spec.defaults.get("clip_sample", False)))
-        if kwargs["clip_sample"] and spec.clip_keeps_eps:
-            raise _unsupported(class_name, "clip_sample", True, False)
-        if kwargs["clip_sample"] and cfg.get("clip_sample_range", 1.0) != 1.0:
-            raise ConfigError(f"{class_name} option clip_sample_range={cfg['clip_sample_range']!r} has no diffusekit "
-                              "counterpart (diffusekit clips x0_pred to [-1, 1]); set clip_sample_range=1.0.")
-        known |= {"clip_sample", "clip_sample_range"}
+    offset = cfg.get("steps_offset", 0)
+    if spacing == "leading" and offset != 0:      # every class adds it to "leading" timesteps only
+        kwargs["steps_offset"] = offset
+    kwargs.update(_bounds_from_config(spec, cfg))
     if spec.karras:
         kwargs["use_karras_sigmas"] = bool(cfg.get("use_karras_sigmas", False))
-        known.add("use_karras_sigmas")
+    if "init_noise_sigma" in SAMPLERS[spec.sampler].options and spacing in ("linspace", "trailing"):
+        kwargs["init_noise_sigma"] = "sigma_max"      # diffusers' Euler/Heun start from x_T * sigma_max there
+    sampler_defaults = SAMPLERS[spec.sampler].options
     for theirs, ours in spec.options.items():
-        if theirs in cfg:
-            kwargs[ours] = _option_from_diffusers(class_name, theirs, cfg[theirs])
-    _check_combinations(class_name, kwargs)
-    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
-    if unknown:
-        raise ConfigError(f"{class_name} option {unknown[0]}={cfg[unknown[0]]!r} is not known to diffusekit, so it "
-                          f"cannot say whether the sampler honours it; remove it from the config if it is at "
-                          f"diffusers' default (known options: {sorted(known)}).")
+        if theirs in cfg or theirs in spec.defaults:
+            value = _option_from_diffusers(class_name, theirs, cfg.get(theirs, spec.defaults.get(theirs)))
+            if value != sampler_defaults.get(ours, object()):
+                kwargs[ours] = value
+    kwargs.update(spec.implied)
+    _check_combinations(class_name, {**kwargs, "steps_offset": offset})
     return spec.sampler, kwargs
+
+
+def _bounds_from_config(spec: SchedulerSpec, cfg: dict) -> dict:
+    """clip_sample / thresholding as Sampler options (samplers/clipping.py): the same x0_pred bound, and
+    for DDIM the network's eps kept in the update, as DDIMScheduler.step does by default."""
+    out = {}
+    thresholding = spec.thresholding and bool(cfg.get("thresholding", False))
+    if spec.clip:
+        out["clip_sample"] = bool(cfg.get("clip_sample", spec.defaults.get("clip_sample", False)))
+        if out["clip_sample"] and not thresholding and cfg.get("clip_sample_range", 1.0) != 1.0:
+            out["clip_sample_range"] = float(cfg["clip_sample_range"])
+    if thresholding:   # diffusers: thresholding, else clipping
+        out["thresholding"] = True
+        out.update({k: float(cfg[k]) for k in ("dynamic_thresholding_ratio", "sample_max_value") if k in cfg})
+    if spec.clip_keeps_eps and (out.get("clip_sample") or thresholding):
+        out["use_clipped_model_output"] = False
+    return out
 
 
 def _check_combinations(class_name: str, kwargs: dict) -> None:
     """Option pairs whose diffusers behaviour differs from ours although each option alone matches."""
-    if (class_name == "DDPMScheduler" and kwargs.get("variance_type") == "fixed_large"
-            and kwargs["timestep_spacing"] == "trailing"):
-        raise ConfigError("DDPMScheduler with variance_type='fixed_large' and timestep_spacing='trailing' has no "
-                          "diffusekit counterpart: its last step (t = T/n - 1 > 0) adds noise of variance beta to "
-                          "the final sample, while diffusekit's last step adds none; use variance_type="
-                          "'fixed_small' or another spacing.")
+    last_t_positive = kwargs["timestep_spacing"] == "trailing" or (
+        kwargs["timestep_spacing"] == "leading" and kwargs.get("steps_offset", 0) > 0)
+    if class_name == "DDPMScheduler" and kwargs.get("variance_type") == "fixed_large" and last_t_positive:
+        raise ConfigError(f"DDPMScheduler with variance_type='fixed_large' and timestep_spacing="
+                          f"{kwargs['timestep_spacing']!r} (steps_offset={kwargs.get('steps_offset', 0)}) has no "
+                          "diffusekit counterpart: its last step (at t > 0) adds noise of variance beta to the final "
+                          "sample, while diffusekit's last step adds none; use variance_type='fixed_small', or "
+                          "'linspace' spacing (or 'leading' with steps_offset=0).")
 
 
 def _option_from_diffusers(class_name: str, key: str, value):
     if key == "variance_type":
         if value not in _VARIANCE_TYPES:
-            raise ConfigError(f"{class_name} option variance_type={value!r} has no diffusekit counterpart; "
-                              f"supported: {list(_VARIANCE_TYPES)} (learned variances are not used).")
+            raise ConfigError(f"{class_name} option variance_type={value!r} has no diffusekit counterpart: "
+                              f"diffusekit's ddpm takes {list(_VARIANCE_TYPES)}, and learned variances (the UNet's "
+                              "extra output channels) are not used by its samplers. Set variance_type='fixed_small' "
+                              "(or 'fixed_large'), or sample with a sampler that needs no variance (sampler='ddim').")
         return _VARIANCE_TYPES[value]
     return value
 
@@ -293,16 +351,9 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
                           f"{sampler.prediction_type!r} as diffusekit does (it matches for {list(spec.predictions)}); "
                           "pick another sampler.")
     cfg = schedule_to_diffusers_config(sampler.schedule, rescale_key=spec.rescale, sigmoid=spec.sigmoid)
-    cfg.update(prediction_type=sampler.prediction_type, timestep_spacing=sampler.timestep_spacing, **spec.required)
-    if sampler.clip_sample and spec.clip_keeps_eps:
-        raise ConfigError(f"{where}: clip_sample=True has no exact counterpart in the scheduler config "
-                          f"({_WHY['clip_sample']}); convert with clip_sample=False, or keep the config's "
-                          "clip_sample=True and pass use_clipped_model_output=True to the diffusers call.")
-    if spec.clip:
-        cfg.update(clip_sample=bool(sampler.clip_sample), clip_sample_range=1.0)
-    elif sampler.clip_sample:
-        raise ConfigError(f"{where}: clip_sample=True has no counterpart ({spec.class_name} has no clip_sample); "
-                          "use ddpm, ddim or heun, or sample without clipping.")
+    cfg.update(prediction_type=sampler.prediction_type, timestep_spacing=sampler.timestep_spacing,
+               steps_offset=sampler.steps_offset, **spec.required)
+    cfg.update(_bounds_to_config(where, spec, sampler.bounds))
     options = dict(sampler.options)
     karras = bool(options.pop("use_karras_sigmas", False))
     if spec.karras:
@@ -312,6 +363,9 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
                           "use_karras_sigmas); sample without Karras sigmas.")
     for theirs, ours in spec.options.items():
         cfg[theirs] = options.pop(ours)
+    # where diffusers starts from x_T * sigma_max, and DEIS landing on x0_pred: documented deliberate differences
+    for key in ("init_noise_sigma", *spec.implied):
+        options.pop(key, None)
     _check_combinations(spec.class_name, {**cfg, **{ours: cfg[theirs] for theirs, ours in spec.options.items()}})
     for key, value in options.items():
         default = _CALL_ARGS.get(key)
@@ -321,3 +375,25 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
                                  f"scheduler.step); convert with {key}={default!r} and pass {key}={value!r} "
                                  "to the call." if key in _CALL_ARGS else "."))
     return spec.class_name, cfg
+
+
+def _bounds_to_config(where: str, spec: SchedulerSpec, bounds) -> dict:
+    """The clip / thresholding keys of the class for a sampler's X0Bounds, or a ConfigError."""
+    if bounds.active and spec.clip_keeps_eps and bounds.use_clipped_model_output:
+        raise ConfigError(f"{where}: clip_sample=True (or thresholding) with use_clipped_model_output=True has no "
+                          "exact counterpart in the scheduler config (diffusers' DDIM keeps the network's eps in its "
+                          "update unless the call passes use_clipped_model_output=True); convert a sampler made with "
+                          "use_clipped_model_output=False, or pass use_clipped_model_output=True to the diffusers call.")
+    if bounds.thresholding and not spec.thresholding:
+        raise ConfigError(f"{where}: thresholding=True has no counterpart ({spec.class_name} has no thresholding); "
+                          "use ddpm, ddim, dpmpp_2m, dpmpp_3m, unipc or deis, or sample without it.")
+    if bounds.clip_sample and not spec.clip and not bounds.thresholding:
+        raise ConfigError(f"{where}: clip_sample=True has no counterpart ({spec.class_name} has no clip_sample); "
+                          "use ddpm, ddim or heun, or sample without clipping.")
+    out = {}
+    if spec.clip:
+        out.update(clip_sample=bool(bounds.clip_sample), clip_sample_range=float(bounds.clip_sample_range))
+    if spec.thresholding:
+        out.update(thresholding=bool(bounds.thresholding), dynamic_thresholding_ratio=bounds.dynamic_thresholding_ratio,
+                   sample_max_value=bounds.sample_max_value)
+    return out

@@ -4,51 +4,18 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 
 from ..config import ConfigError, check_choice
-from ..schedule import PREDICTION_TYPES, ZERO_SNR_ALPHA_BAR, NoiseSchedule, as_batch, eps_from_x0, to_x0_eps
+from ..schedule import PREDICTION_TYPES, ZERO_SNR_ALPHA_BAR, NoiseSchedule
+from .clipping import BOUND_OPTIONS, BoundedDenoiser, X0Bounds
+from .denoiser import Denoiser, Prediction  # noqa: F401  (re-exported: the sampler contract's types)
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' spacings, placed exactly as diffusers does
 # plus spacings of our own, placed the same way for every sampler style (see Sampler.plan)
 SAMPLER_SPACINGS = TIMESTEP_SPACINGS + ("logsnr",)
-
-
-class Prediction(NamedTuple):
-    """One denoiser evaluation: the predicted clean sample and the predicted noise."""
-    x0: torch.Tensor
-    eps: torch.Tensor
-
-
-class Denoiser:
-    """Wraps a network trained on any prediction type; returns Prediction(x0, eps).
-
-    x_t is in the variance-preserving convention x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, abar is
-    a float or a per-sample tensor, and t is in training-timestep units (fractional allowed).
-    This is the one place where "epsilon", "sample" and "v_prediction" are told apart.
-    Guidance wrappers (diffusekit.guidance) subclass Denoiser: anything that is an instance of it is
-    called as denoiser(x_t, t, abar, **cond) -> Prediction; anything else is a raw network.
-    """
-
-    def __init__(self, model: Callable, prediction_type: str = "epsilon", clip_sample: bool = False,
-                 clip_sample_range: float = 1.0):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        self.model, self.prediction_type = model, prediction_type
-        self.clip_sample, self.clip_sample_range = clip_sample, clip_sample_range
-
-    def __call__(self, x_t: torch.Tensor, t, abar, **cond) -> Prediction:
-        t_batch = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
-        if t_batch.ndim == 0:
-            t_batch = t_batch.expand(x_t.shape[0])
-        out = self.model(x_t, t_batch, **cond).to(x_t.dtype)
-        abar_b = as_batch(abar, x_t)
-        x0, eps = to_x0_eps(self.prediction_type, out, x_t, abar_b)
-        if self.clip_sample:
-            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
-            eps = eps_from_x0(x_t, x0, abar_b)
-        return Prediction(x0, eps)
 
 
 @dataclass
@@ -127,23 +94,39 @@ class SamplerSpec:
     options: dict = field(default_factory=dict)  # option name -> default
     first_step_evals: int = 1     # PLMS: 2 (a pseudo improved Euler start, so NFE = n + 1 for n > 1)
     exact_zero_snr: bool = False  # DDIM, DDPM: step from abar = 0 itself (else from ZERO_SNR_ALPHA_BAR)
+    clip_keeps_eps: bool = False  # DDIM, DDPM: x0_pred may be bounded with the network's eps kept in the update
+    half_steps: int = 0           # PNDM: 3 Runge-Kutta steps that also call the model half-way (Sampler.plan_midpoints)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
+# registry options that act on Sampler.plan, not on the sampler function
+PLAN_OPTIONS = ("use_karras_sigmas", "set_alpha_to_one")
 
 
 def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = False,
-             karras: bool = True, first_step_evals: int = 1, exact_zero_snr: bool = False, **options):
-    """Decorator: add a sampler function to the registry under name."""
+             karras: bool = True, first_step_evals: int = 1, exact_zero_snr: bool = False,
+             clip_keeps_eps: bool = False, half_steps: int = 0, **options):
+    """Decorator: add a sampler function to the registry under name.
+
+    options are the function's keyword knobs with their defaults, plus PLAN_OPTIONS the sampler
+    takes (they place the noise levels and do not reach the function).
+    """
     def wrap(fn):
         SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options, first_step_evals,
-                                     exact_zero_snr)
+                                     exact_zero_snr, clip_keeps_eps, half_steps)
         return fn
     return wrap
 
 
 class Sampler:
-    """A sampler bound to a schedule and options; see diffusekit.get_sampler."""
+    """A sampler bound to a schedule and options; see diffusekit.get_sampler.
+
+    Options every sampler takes besides its registry options: steps_offset (added to "leading"
+    timesteps, as diffusers does) and the x0_pred bounds of samplers/clipping.py (clip_sample,
+    clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value,
+    use_clipped_model_output). DDIM and PLMS also take set_alpha_to_one (False: the last step
+    ends at abar = alphas_cumprod[0] instead of a clean sample, as diffusers' option of that name).
+    """
 
     def __init__(self, name: str, schedule: NoiseSchedule, prediction_type: str = "epsilon",
                  timestep_spacing: str = "trailing", clip_sample: bool = False, **options):
@@ -154,6 +137,12 @@ class Sampler:
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, SAMPLER_SPACINGS)
         self.spec = SAMPLERS[name]
+        self.bounds = X0Bounds(bool(clip_sample), **{k: options.pop(k) for k in BOUND_OPTIONS if k in options})
+        if self.bounds.active and not self.bounds.use_clipped_model_output and not self.spec.clip_keeps_eps:
+            raise ConfigError(f"use_clipped_model_output=False (bound x0_pred, keep the network's eps) is a DDIM/DDPM "
+                              f"choice; sampler {name!r} steps with eps re-derived from the bounded x0_pred. Drop "
+                              "the option, or use ddim or ddpm.")
+        self.steps_offset = _check_offset(options.pop("steps_offset", 0), timestep_spacing)
         allowed = dict(self.spec.options)
         if self.spec.karras:
             allowed.setdefault("use_karras_sigmas", False)
@@ -208,7 +197,9 @@ class Sampler:
         if not self.spec.exact_zero_snr:
             # zero terminal SNR: a sigma or log-SNR solver starts just below it, at abar = 2^-24 (as diffusers)
             abars = torch.where(abars > 0, abars, ZERO_SNR_ALPHA_BAR)
-        return ts, torch.cat([abars, torch.ones(1, dtype=torch.float64)])
+        # set_alpha_to_one=False: the last step ends at abar_0 = 1 - beta_0 (DDIM/PNDM's final_alpha_cumprod)
+        final = 1.0 if self.options.get("set_alpha_to_one", True) else float(self.schedule.alphas_cumprod[0])
+        return ts, torch.cat([abars, torch.full((1,), final, dtype=torch.float64)])
 
     def _plan(self, num_steps, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
         sched = self.schedule
@@ -219,7 +210,11 @@ class Sampler:
         if self.timestep_spacing == "logsnr":
             ts = logsnr_timesteps(sched, n, self.spec.style)
             return ts, sched.alpha_bar_at(ts)
-        ts = spaced_timesteps(sched.num_train_timesteps, n, self.timestep_spacing, self.spec.style)
+        ts = spaced_timesteps(sched.num_train_timesteps, n, self.timestep_spacing, self.spec.style) + self.steps_offset
+        if float(ts.max()) > sched.num_train_timesteps - 1:
+            raise ConfigError(f"num_steps={n} with steps_offset={self.steps_offset} places a timestep at "
+                              f"{int(ts.max())}, past the schedule's last ({sched.num_train_timesteps - 1}); use fewer "
+                              "steps or steps_offset=0.")
         if self.options.get("use_karras_sigmas"):
             # Karras et al. 2022: sigmas between the schedule's extremes, times from log-sigma interpolation
             # Euler/Heun take the range of the spaced timesteps, DPM-Solver/UniPC the full schedule (as diffusers)
@@ -239,13 +234,34 @@ class Sampler:
     def timesteps(self, num_steps: int | None = None, timesteps=None) -> torch.Tensor:
         """The timesteps the model will be called at, in order (Heun's second calls included)."""
         ts, _ = self.plan(num_steps, timesteps)
-        if self.spec.evals_per_step == 2:
+        if self.spec.half_steps:
+            # a Runge-Kutta step calls the model at t, twice half-way, and at the next time
+            mids = self.plan_midpoints(ts, timesteps)[:self.spec.half_steps]
+            rk = [torch.stack([ts[i], m[0], m[0], ts[i + 1]]) for i, m in enumerate(mids) if m is not None]
+            ts = torch.cat(rk + [ts[len(rk):]])
+        elif self.spec.evals_per_step == 2:
             ts = torch.cat([ts[:1], ts[1:].repeat_interleave(2)])
         elif self.spec.first_step_evals == 2 and len(ts) > 1:
             # the first step also calls the model at the next time, so that time comes twice (as in
             # diffusers' PNDM with skip_prk_steps)
             ts = torch.cat([ts[:2], ts[1:]])
         return ts
+
+    def plan_midpoints(self, ts: torch.Tensor, timesteps=None) -> list:
+        """(t_mid, abar_mid, abar_half) half-way through each step of the plan ts, None for the last step.
+
+        PNDM's Runge-Kutta stages call the model at t_mid (noise level abar_mid), and its first stage
+        moves x to abar_half. Spaced plans place both as diffusers' PNDM does: t_mid = t_next + h and
+        abar_half at t - h, h = T // n // 2 (integer timesteps; the same point unless T // n is odd).
+        Explicit times and "logsnr": both at (t + t_next) / 2.
+        """
+        if timesteps is None and self.timestep_spacing in TIMESTEP_SPACINGS:
+            half = self.schedule.num_train_timesteps // len(ts) // 2
+            t_mid, t_half = ts[1:] + half, ts[:-1] - half
+        else:
+            t_mid = t_half = (ts[:-1] + ts[1:]) / 2
+        abar_mid, abar_half = self.schedule.alpha_bar_at(t_mid), self.schedule.alpha_bar_at(t_half)
+        return [(t, float(a), float(h)) for t, a, h in zip(t_mid, abar_mid, abar_half)] + [None]
 
     def nfe(self, num_steps: int | None = None, timesteps=None) -> int:
         """Number of model evaluations for num_steps steps (or the explicit timesteps), counted honestly."""
@@ -270,18 +286,35 @@ class Sampler:
         if not 0 <= start_step < stop <= len(ts):
             raise ConfigError(f"start_step={start_step}, stop_step={stop_step}: need 0 <= start_step < stop_step "
                               f"<= {len(ts)} for a plan of {len(ts)} steps.")
-        # a method that evaluates at the next level too (Heun, PLMS's start) needs the time it stops at
-        ts = ts[start_step:stop + (self.spec.evals_per_step == 2 or self.spec.first_step_evals == 2)]
+        opts = {k: v for k, v in self.options.items() if k not in PLAN_OPTIONS}
+        if self.spec.half_steps:
+            opts["midpoints"] = self.plan_midpoints(ts, timesteps)[start_step:stop]
+        # a method that evaluates at the next level too (Heun, PLMS's start, PRK) needs the time it stops at
+        ts = ts[start_step:stop + (self.spec.evals_per_step == 2 or self.spec.first_step_evals == 2
+                                   or bool(self.spec.half_steps))]
         abars = abars[start_step:stop + 1]
-        denoiser = model if isinstance(model, Denoiser) else Denoiser(model, self.prediction_type, self.clip_sample)
-        opts = {k: v for k, v in self.options.items() if k != "use_karras_sigmas"}
+        denoiser = model if isinstance(model, Denoiser) else Denoiser(model, self.prediction_type)
+        if self.bounds.active:  # bound the x0_pred of whatever denoiser came in, guided ones included
+            denoiser = BoundedDenoiser(denoiser, self.bounds)
         if progress:
             callback = _with_progress(callback, len(ts), self.name)
         return self.spec.fn(denoiser, x_T, ts, abars, generator=generator, callback=callback, cond=cond, **opts)
 
     def __repr__(self):
+        extra = {**({"steps_offset": self.steps_offset} if self.steps_offset else {}), **self.bounds.changed()}
         return (f"Sampler({self.name!r}, prediction_type={self.prediction_type!r}, "
-                f"timestep_spacing={self.timestep_spacing!r}, options={self.options})")
+                f"timestep_spacing={self.timestep_spacing!r}, options={self.options}"
+                + "".join(f", {k}={v!r}" for k, v in extra.items()) + ")")
+
+
+def _check_offset(steps_offset, spacing: str) -> int:
+    """diffusers adds steps_offset to "leading" timesteps only (Stable Diffusion's configs hold 1)."""
+    if not isinstance(steps_offset, int) or isinstance(steps_offset, bool) or steps_offset < 0:
+        raise ConfigError(f"steps_offset={steps_offset!r}; give a non-negative integer (Stable Diffusion uses 1).")
+    if steps_offset and spacing != "leading":
+        raise ConfigError(f"steps_offset={steps_offset} acts on timestep_spacing='leading' only (diffusers ignores it "
+                          f"otherwise); drop it, or use timestep_spacing='leading' (got {spacing!r}).")
+    return steps_offset
 
 
 def _with_progress(callback, total, name):
@@ -316,6 +349,17 @@ def get_sampler(name: str, schedule: NoiseSchedule, prediction_type: str = "epsi
                 timestep_spacing: str = "trailing", clip_sample: bool = False, **options) -> Sampler:
     """Look a sampler up in the registry and bind it to a schedule and options."""
     return Sampler(name, schedule, prediction_type, timestep_spacing, clip_sample, **options)
+
+
+def lagrange_basis(nodes: list[float], j: int) -> list[float]:
+    """Coefficients (lowest degree first) of the Lagrange basis polynomial L_j on nodes (multistep weights)."""
+    from numpy.polynomial import polynomial as P
+    basis = [1.0]
+    for k, u_k in enumerate(nodes):
+        if k != j:
+            # L_j(u) = prod_{k != j} (u - u_k) / (u_j - u_k)
+            basis = P.polymul(basis, [-u_k / (nodes[j] - u_k), 1 / (nodes[j] - u_k)])
+    return list(basis)
 
 
 def sigma_of(abar: float) -> float:

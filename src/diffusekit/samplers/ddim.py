@@ -6,7 +6,8 @@ import math
 from .base import randn_like, register, run_callback
 
 
-@register("ddim", style="ddim", karras=False, eta=0.0, exact_zero_snr=True)
+@register("ddim", style="ddim", karras=False, eta=0.0, exact_zero_snr=True, clip_keeps_eps=True,
+          set_alpha_to_one=True)
 def sample_ddim(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None, eta=0.0):
     """DDIM sampling (DDIM eq. 12); eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
     cond = cond or {}

@@ -6,7 +6,8 @@ import math
 from .base import randn_like, register, run_callback
 
 
-@register("ddpm", style="ddim", stochastic=True, karras=False, exact_zero_snr=True, variance_type="fixed_small")
+@register("ddpm", style="ddim", stochastic=True, karras=False, exact_zero_snr=True, clip_keeps_eps=True,
+          variance_type="fixed_small")
 def sample_ddpm(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None,
                 variance_type="fixed_small"):
     """DDPM ancestral sampling; with skipped steps, beta_t is 1 - abar_t / abar_prev."""

@@ -6,7 +6,7 @@ import math
 from numpy.polynomial import polynomial as P
 
 from ..config import check_choice
-from .base import register, run_callback, sigma_of
+from .base import lagrange_basis, register, run_callback, sigma_of
 
 
 def _lagrange_exp_integrals(u_start: float, u_end: float, nodes: list[float]) -> list[float]:
@@ -16,12 +16,8 @@ def _lagrange_exp_integrals(u_start: float, u_end: float, nodes: list[float]) ->
     An antiderivative of p(u) e^u, p a polynomial, is e^u (p - p' + p'' - ...).
     """
     weights = []
-    for j, u_j in enumerate(nodes):
-        basis = [1.0]  # coefficients, lowest degree first
-        for k, u_k in enumerate(nodes):
-            if k != j:
-                # L_j(u) = prod_{k != j} (u - u_k) / (u_j - u_k)
-                basis = P.polymul(basis, [-u_k / (u_j - u_k), 1 / (u_j - u_k)])
+    for j in range(len(nodes)):
+        basis = lagrange_basis(nodes, j)
 
         def antiderivative(u):
             return math.exp(u) * sum((-1) ** m * P.polyval(u, P.polyder(basis, m)) for m in range(len(basis)))
@@ -38,12 +34,13 @@ def _order(i: int, n: int, solver_order: int, lower_order_final: bool) -> int:
     return order
 
 
-@register("deis", style="solver", solver_order=3, lower_order_final=True)
+@register("deis", style="solver", solver_order=3, lower_order_final=True, set_alpha_to_one=True)
 def sample_deis(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None, solver_order=3,
                 lower_order_final=True):
     """DEIS multistep (Zhang & Chen 2022, rhoAB-DEIS): d(x / alpha) = eps d rho with rho = sigma / alpha,
     eps interpolated through the last solver_order predictions by a polynomial in log rho
-    (diffusers' DEISMultistepScheduler, solver_type "logrho"). The step to sigma = 0 lands on x0_pred.
+    (diffusers' DEISMultistepScheduler, solver_type "logrho"). The step to sigma = 0 lands on x0_pred;
+    set_alpha_to_one=False (Sampler.plan) ends at sigma(t = 0) instead, as diffusers' DEIS does.
     """
     check_choice("solver_order", solver_order, (1, 2, 3))
     cond = cond or {}
