@@ -52,7 +52,7 @@ def test_every_sampler_edits_at_strength_one_exactly_as_it_samples(imported, nam
 
 def _sdedit_by_hand(pipe, image, strength, steps, **cond):
     """SDEdit written out: forward-noise to the plan's level at start_step, then the sampler from there."""
-    sampler = pipe.sampler_for("ddim")
+    sampler = pipe.resolve_sampler("ddim")     # with what carries over from the folder's scheduler
     _, abars = sampler.plan(steps)
     start = steps - round(strength * steps)
     generator = g()
