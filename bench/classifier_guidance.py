@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.classifier_train import ClassifierTrainConfig, load_classifier, train_classifier
 from diffusekit.data import DataConfig
 from diffusekit.evaluation import judge_accuracy

@@ -44,7 +44,7 @@ def config(data: Path, recipe: str, steps: int, seed: int):
 
 def sample_classes(pipe, n: int, steps: int, guidance: float, seed: int = 0, batch: int = 100):
     """n DDIM samples, class k for image k mod 10, each batch from a generator seeded by its first index."""
-    from diffusekit.loop import derive_seed
+    from diffusekit.seeding import derive_seed
     out, labels = [], torch.arange(n) % 10
     for first in range(0, n, batch):
         g = torch.Generator().manual_seed(derive_seed(seed, "eval", first))

@@ -163,7 +163,7 @@ def score_images(images: torch.Tensor, judge: Judge, data: Path, cache: Path, se
 
 def sample(pipe, n: int, steps: int, seed: int = 0, batch: int = 100) -> torch.Tensor:
     """n DDIM samples (eta 0), batch k from a generator seeded by (seed, "eval", first index)."""
-    from diffusekit.loop import derive_seed
+    from diffusekit.seeding import derive_seed
     out = []
     for first in range(0, n, batch):
         g = torch.Generator().manual_seed(derive_seed(seed, "eval", first))

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_reader import adherence, attribute_indices, caption_attributes, read, train_reader  # noqa: E402
 
-from diffusekit import checkpoint as ckpt                                                    # noqa: E402
+from diffusekit import store as ckpt                                                    # noqa: E402
 from diffusekit.autoencoder_train import (autoencoder_run_config, load_trained_autoencoder,  # noqa: E402
                                           reconstruction_psnr, train_autoencoder)
 from diffusekit.data import DataConfig, load_dataset                                        # noqa: E402

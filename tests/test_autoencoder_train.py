@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.autoencoder_train import (AutoencoderRunConfig, AutoencoderTrainConfig, autoencoder_fingerprint,
                                           cpu_autoencoder_config, load_autoencoder, reconstruction_psnr,
                                           save_reconstruction_grid, train_autoencoder)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.data import DataConfig
 from diffusekit.evaluation import evaluate_run
 from diffusekit.nn.unet import UNetConfig

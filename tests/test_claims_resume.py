@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.cli import main
 from diffusekit.data import DataConfig
 from diffusekit.nn.unet import UNetConfig

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.data import DataConfig, load_dataset
 from diffusekit.losses import diffusion_loss
 from diffusekit.nn.unet import UNetConfig

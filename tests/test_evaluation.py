@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.classifier_train import (ClassifierTrainConfig, default_classifier_config, load_classifier,
-                                         random_shift, split_heldout, train_classifier)
-from diffusekit.data import DataConfig, load_dataset
+                                         random_shift, train_classifier)
+from diffusekit.data import DataConfig, load_dataset, split_heldout
 from diffusekit.evaluation import _share, evaluate_run, judge_accuracy, reference_key
 from diffusekit.metrics import RawPixelFeatures
 from diffusekit.nn.unet import UNetConfig

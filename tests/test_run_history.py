@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.cli import main
 from diffusekit.run import resolve_run_config
 from diffusekit.train import train

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit import train as train_mod
 from diffusekit.config import ConfigError
 from diffusekit.data import DataConfig

@@ -14,7 +14,7 @@ step s comes from (seed, s), so on the CPU a resumed run equals an uninterrupted
 When training ends, the latent scaling factor 1 / std(z) of the unscaled posterior modes over the
 training images (LDM sec. 4.3.2) is computed with the EMA weights and saved in config.json and
 in the weights' metadata; intermediate checkpoints carry none, and load_autoencoder refuses them.
-Reconstruction PSNR is measured on a seeded held-out share of the data (classifier_train.split_heldout).
+Reconstruction PSNR is measured on a seeded held-out share of the data (data.split_heldout).
 
 `load_autoencoder(path)` gives a frozen autoencoder from such a folder or a diffusers AutoencoderKL
 folder; `autoencoder_fingerprint(path)` names its weights and scale, to key a latent cache.
@@ -31,14 +31,14 @@ from typing import Literal
 import safetensors
 import torch
 
-from diffusekit import checkpoint as ckpt
-from diffusekit.classifier_train import split_heldout
+from diffusekit import store as ckpt
 from diffusekit.config import Config, ConfigError, check_range
-from diffusekit.data import BatchSource, DataConfig, ImageDataset, load_dataset
+from diffusekit.data import BatchSource, DataConfig, DataOrder, ImageDataset, load_dataset, split_heldout
 from diffusekit.device import (DeviceChoice, Precision, autocast, check_precision, grad_scaler, rank_world,
                                resolve_device)
-from diffusekit.editing import psnr
-from diffusekit.loop import EMA, DataOrder, Dist, MetricsLog, check_loss, clip_and_step, derive_seed, run_loop
+from diffusekit.metrics import psnr
+from diffusekit.loop import EMA, Dist, MetricsLog, check_loss, clip_and_step, run_loop
+from diffusekit.seeding import derive_seed
 from diffusekit.nn.autoencoder import (AutoencoderConfig, DiffusersAutoencoder, KLAutoencoder,
                                        load_diffusers_autoencoder)
 from diffusekit.viz import plot_loss, save_grid
@@ -164,7 +164,7 @@ def check_data_fits(cfg: AutoencoderRunConfig, data: ImageDataset) -> None:
 
 
 def _split(cfg: AutoencoderRunConfig, dataset: ImageDataset) -> tuple[ImageDataset, ImageDataset, str]:
-    """(training images, held-out images, description) by classifier_train.split_heldout."""
+    """(training images, held-out images, description) by data.split_heldout."""
     if dataset.labels is None:      # split_heldout subsets labels too; an autoencoder needs none
         dataset = ImageDataset(dataset.images, torch.zeros(len(dataset), dtype=torch.int64), source=dataset.source)
     return split_heldout(cfg.data, dataset, cfg.train.heldout_fraction, cfg.train.seed)

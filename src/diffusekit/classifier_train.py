@@ -25,13 +25,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.config import Config, ConfigError, check_range
-from diffusekit.data import DataConfig, ImageDataset, load_dataset, resolve_kind
+from diffusekit.data import DataConfig, DataOrder, ImageDataset, load_dataset, split_heldout
 from diffusekit.nn.classifier import ClassifierConfig, NoiseAwareClassifier
 from diffusekit.schedule import NoiseSchedule, ScheduleConfig
 from diffusekit.device import DeviceChoice, resolve_device
-from diffusekit.loop import DataOrder, Dist, NonFinite, derive_seed, run_loop
+from diffusekit.loop import Dist, NonFinite, run_loop
+from diffusekit.seeding import derive_seed
 
 WEIGHTS_FILE = "classifier.safetensors"
 METRICS_FILE = "metrics.json"
@@ -101,27 +102,6 @@ def default_classifier_config(image_size: int, in_channels: int, num_classes: in
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-
-def split_heldout(data_cfg: DataConfig, dataset: ImageDataset, fraction: float,
-                  seed: int) -> tuple[ImageDataset, ImageDataset, str]:
-    """(train, held-out, description): the IDX t10k split for an IDX folder, else a seeded random share."""
-    if data_cfg.split == "train" and resolve_kind(data_cfg.source, data_cfg.kind) == "idx" \
-            and Path(data_cfg.source).is_dir():
-        test = load_dataset(dataclasses.replace(data_cfg, split="t10k", limit=0))
-        return dataset, test, f"{data_cfg.source} split t10k ({len(test)} images)"
-    n = len(dataset)
-    n_held = max(1, round(n * fraction))
-    if n - n_held < 1:
-        raise ConfigError(f"the data holds {n} images, too few to hold out {fraction:.0%} for testing; "
-                          f"use more images.")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "heldout")))
-    held, kept = perm[:n_held].sort().values, perm[n_held:].sort().values
-
-    def subset(idx):
-        return ImageDataset(dataset.images[idx], dataset.labels[idx], dataset.class_names,
-                            source=dataset.source)
-    return subset(kept), subset(held), f"seeded random {fraction:.0%} of {data_cfg.source} ({n_held} images)"
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

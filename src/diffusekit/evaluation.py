@@ -24,7 +24,7 @@ import torch
 
 from diffusekit import metrics as M
 from diffusekit.data import DataConfig, ImageDataset, load_dataset
-from diffusekit.loop import derive_seed
+from diffusekit.seeding import derive_seed
 
 FEATURE_KINDS = ("raw", "classifier:PATH", "inception:WEIGHTS")
 
@@ -55,7 +55,8 @@ def feature_extractor(spec: str, device: str | torch.device = "cpu") -> M.Featur
         model, _ = load_classifier(arg, device=device)
         return M.ClassifierFeatures(model, name=f"classifier-{_file_digest(weights_path(arg))}")
     if kind == "inception" and arg:
-        return M.InceptionFeatures(arg, device=device)
+        from diffusekit.nn.inception import InceptionFeatures
+        return InceptionFeatures(arg, device=device)
     raise ValueError(f"features={spec!r} is not understood; use one of {list(FEATURE_KINDS)}, e.g. "
                      f"'classifier:runs/judge'.")
 

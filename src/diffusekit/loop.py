@@ -11,7 +11,6 @@ from a generator carried across steps, so resuming needs only weights, EMA and o
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -20,31 +19,10 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import write_text_atomic
+from .store import write_text_atomic
 from .config import ConfigError
 from .device import rank_world, resolve_device
-
-
-def derive_seed(seed: int, *keys) -> int:
-    """A 63-bit seed from the run seed and a tuple of keys, e.g. ("step", 120, rank)."""
-    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-class DataOrder:
-    """Which images make up each step's global batch: a fresh permutation per epoch from (seed, epoch)."""
-
-    def __init__(self, num_images: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = num_images, batch_size, seed
-        self.batches_per_epoch = num_images // batch_size      # the last partial batch is dropped
-        self._epoch, self._perm = -1, None
-
-    def batch(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.batches_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "data", epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+from .seeding import derive_seed
 
 
 def lr_at(cfg, step: int) -> float:

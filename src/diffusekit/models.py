@@ -89,7 +89,7 @@ def cached_latents(autoencoder, ae_fingerprint: str, images: torch.Tensor, cache
     """encode_all, cached in cache_dir/latents-KEY.safetensors; the key changes with the data or the autoencoder."""
     from safetensors.torch import load_file
 
-    from .checkpoint import write_weights_atomic
+    from .store import write_weights_atomic
     key = hashlib.sha256(f"{data_fingerprint(images)}-{ae_fingerprint}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"latents-{key}.safetensors"
     if path.exists():

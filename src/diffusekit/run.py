@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import checkpoint as ckpt
+from . import store as ckpt
 from .config import Config, ConfigError, check_range
 from .data import DataConfig, ImageDataset, load_dataset
 from .device import DeviceChoice, Precision

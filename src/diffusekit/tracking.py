@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .loop import MetricsLog, derive_seed
+from .loop import MetricsLog
+from .seeding import derive_seed
 from .viz import save_grid
 
 REPORT_TO = ("none", "tensorboard")

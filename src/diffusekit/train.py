@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.config import ConfigError
 from diffusekit.data import open_dataset
 from diffusekit.device import autocast, grad_scaler, rank_world
 from diffusekit.fastpath import compile_wanted, maybe_compile
-from diffusekit.loop import EMA, Dist, check_loss, clip_and_step, derive_seed, run_loop, setup_processes
+from diffusekit.loop import EMA, Dist, check_loss, clip_and_step, run_loop, setup_processes
+from diffusekit.seeding import derive_seed
 from diffusekit.losses import diffusion_loss
 from diffusekit.models import build_model
 from diffusekit.train_inputs import StepInputs, micro_batches, slice_cond

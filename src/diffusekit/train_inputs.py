@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .data.batches import BatchSource
-from .loop import Dist, derive_seed
+from .loop import Dist
+from .seeding import derive_seed
 from .losses import draw_t_noise
 from .models import cached_latents
 from .nn.layers import row_dropout_seeds

@@ -228,7 +228,7 @@ def save_steps(path: str | Path, timesteps, meta: dict) -> Path:
               "nfe": sampler.nfe(timesteps=ts), "timesteps": ts.tolist(),
               "schedule": {"fingerprint": schedule_fingerprint(schedule), "kind": schedule.config.kind,
                            "num_train_timesteps": schedule.num_train_timesteps}, **meta}
-    from .checkpoint import write_text_atomic
+    from .store import write_text_atomic
     # write then rename: a crash never leaves a half-written steps file behind
     return write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
