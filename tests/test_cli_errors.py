@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.cli import main
 
 MAX_MESSAGE_LINES = 4     # "one line", or a short list of the fields that differ
@@ -357,3 +357,132 @@ def test_no_traceback_reaches_stderr(tiny_run, files, tmp_path):
     message = p.stderr.strip().splitlines()[-1]
     assert message.startswith("Error: ") and "edited.png" in message and "limit" in message, p.stderr
     assert not edited.exists() and not list(tmp_path.glob("*.tmp"))        # no half-written image left
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing lost (issue 23): --overwrite deletes only what diffusekit wrote; --out apart from --data;
+# no export into a run
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_files(folder: Path) -> dict[str, bytes]:
+    (folder / "keep.txt").write_text("my notes")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return {"keep.txt": b"my notes", "sub/data.csv": b"a,b\n1,2\n"}
+
+
+def test_overwrite_deletes_what_diffusekit_wrote_and_keeps_the_users_files(tiny_run, tiny_config, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path / "run", lambda run: None)
+    mine = _user_files(run)
+    (run / "checkpoint-1").mkdir()          # an old snapshot: diffusekit's, so it goes
+    r = invoke("train", "--config", tiny_config, "--out", run, "--overwrite", "--seed", 9)
+    assert r.exit_code == 0, r.output
+    after = _snapshot(run)
+    assert {k: after.get(k) for k in mine} == mine                       # the user's files survive, unchanged
+    assert not (run / "checkpoint-1").exists()
+    assert json.loads((run / "config.json").read_text())["train"]["seed"] == 9     # a fresh run was written
+    assert ckpt.read_trainer_state(run)["step"] == 2
+
+
+def test_overwrite_refuses_a_folder_diffusekit_did_not_write(tiny_config, tmp_path):
+    project = tmp_path / "web"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"name": "my-web-app", "port": 8080}')
+    (project / "src" / "app.js").write_text("console.log('hi')")
+    before = _snapshot(project)
+    assert_user_error(invoke("train", "--config", tiny_config, "--out", project, "--overwrite"),
+                      str(project), "not written by diffusekit")
+    assert _snapshot(project) == before
+
+
+def test_overwrite_deletes_only_the_manifests_entries(tmp_path):
+    from diffusekit.store.manifest import MANIFEST_FILE, clear_run, note_written
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"w")
+    (run / "samples").mkdir()
+    (run / "samples" / "step_1.png").write_bytes(b"p")
+    (run / "config.json").write_text("{}")          # not recorded: written by someone else, so it stays
+    mine = _user_files(run)
+    note_written(run, ["model.safetensors", "samples"])
+    assert sorted(clear_run(run)) == sorted([MANIFEST_FILE, "model.safetensors", "samples"])
+    after = _snapshot(run)
+    after.pop(ckpt.LOCK_FILE, None)             # the run's lock file, which clear_run held while deleting
+    assert after == {**mine, "config.json": b"{}"}
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    """An 8x8 digits folder with class sub-folders."""
+    from diffusekit.data import DataConfig, load_dataset, save_image
+    data = tmp_path / "data"
+    images = load_dataset(DataConfig("digits", image_size=8)).images
+    for k in range(4):
+        (data / str(k % 2)).mkdir(parents=True, exist_ok=True)
+        save_image(images[k], data / str(k % 2) / f"{k}.png")
+    return data
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_out_overlapping_the_data_is_refused_and_the_data_survives(tiny_config, image_folder, where):
+    out = {"same": image_folder, "inside": image_folder / "run", "contains": image_folder.parent}[where]
+    before = _snapshot(image_folder)
+    for extra in ([], ["--overwrite"]):
+        message = assert_user_error(invoke("train", "--config", tiny_config, "--data", image_folder, "--out", out,
+                                           *extra), str(image_folder), "--out")
+        assert {"same": " is ", "inside": "lies inside", "contains": "contains"}[where] in message
+        assert _snapshot(image_folder) == before
+
+
+def test_export_into_a_run_is_refused_and_the_run_is_unchanged(tiny_run, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path / "run", lambda run: None)
+    other = damaged_copy(tiny_run, tmp_path / "other", lambda run: None)
+    for target, names in ((run, [str(run), "run folder"]), (run / "exported", [str(run), "inside"]),
+                          (other, [str(other), "run folder"])):
+        before = {p: _snapshot(p) for p in (run, other)}
+        assert_user_error(invoke("export", run, target, "--overwrite"), *names)
+        assert {p: _snapshot(p) for p in (run, other)} == before
+        assert not (run / "model_index.json").exists() and not (run / "exported").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# options: a command offers what it uses, one word per concept
+
+
+@pytest.mark.parametrize("command, option", [
+    (["train-classifier", "--out", "x"], ["--precision", "bf16"]),
+    (["make-shapes", "x"], ["--device", "cpu"]), (["make-shapes", "x"], ["--precision", "fp32"]),
+    (["export", "r", "x"], ["--seed", "1"]), (["export", "r", "x"], ["--device", "cpu"]),
+    (["export", "r", "x"], ["--precision", "fp32"]), (["plot-schedule"], ["--device", "cpu"]),
+    (["invert", "r", "--image", "i"], ["--seed", "1"]), (["demo", "r"], ["--seed", "1"])])
+def test_an_option_a_command_does_not_use_is_not_offered(command, option):
+    r = invoke(*command, *option)
+    assert r.exit_code == 2 and "No such option" in r.output and option[0] in r.output, r.output
+
+
+def test_every_command_has_a_worked_example_and_seed_where_it_draws_random_numbers():
+    random = {"train", "train-autoencoder", "train-classifier", "sample", "edit", "inpaint", "eval", "tune-steps",
+              "make-shapes", "plot-schedule", "plot-process"}
+    for name, command in main.commands.items():
+        r = invoke(name, "--help")
+        assert r.exit_code == 0 and "Example" in r.output and f"diffusekit {name}" in r.output, name
+        assert ("--seed" in r.output) == (name in random), name
+        assert "--dry-run" in r.output, name
+
+
+def test_text_encoder_is_one_option_and_the_old_spelling_still_works(tmp_path):
+    from diffusekit.cli.train import text_encoder
+    assert text_encoder("learned", None) == {"text.kind": "learned"}
+    assert text_encoder("pretrained", None) == {"text.kind": "pretrained"}
+    assert text_encoder("minilm", None) == {"text.kind": "pretrained", "text.path": "minilm"}
+    assert text_encoder("pretrained", "some/folder") == {"text.kind": "pretrained", "text.path": "some/folder"}
+    assert text_encoder(None, "some/folder") == text_encoder("some/folder", None)
+    r = invoke("train", "--data", "shapes", "--text", "learned", "--out", tmp_path / "o", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["text"]["kind"] == "learned"
+    assert_user_error(invoke("train", "--data", "shapes", "--text", "learned", "--text-encoder", "minilm",
+                             "--out", tmp_path / "o", "--dry-run"), "--text learned", "--text-encoder minilm")
