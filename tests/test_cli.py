@@ -114,8 +114,7 @@ def test_bad_input_gets_a_clear_message(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A digits run trained for 400 steps (about 15 s): enough for guidance to act on real denoising."""
-    from diffusekit.run import resolve_run_config
-    from diffusekit.train import train
+    from diffusekit.training import resolve_run_config, train
     cfg, data = resolve_run_config({"data.source": "digits", "train.steps": 400, "train.batch_size": 32,
                                     "train.sample_every": 0, "train.save_every": 400, "train.device": "cpu"})
     out = tmp_path_factory.mktemp("trained") / "digits"

@@ -104,7 +104,7 @@ def guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, class
                         "needs a class: pass --class N (an index or a class name), or --class each for one class per "
                         "grid column.")
     if classifier_path:
-        from ..classifier_train import load_classifier
+        from ..store.classifier import load_classifier
         if target is None or isinstance(target, str) and target == "each":
             raise UserError("--classifier needs a target: pass --class N (the class to guide toward).")
         clf, _ = load_classifier(classifier_path, device=pipe.device)

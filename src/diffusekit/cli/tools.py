@@ -46,7 +46,7 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
     """
     from ..data import DataConfig
     from ..evaluation import evaluate_run
-    from ..run import read_run_config
+    from ..store.run_config import read_run_config
     pipe = opt.load_pipeline(run, device, precision) if not dry_run else None
     steps, tuned = opt.steps_plan(run, pipe, sampler, steps, timesteps_file, guidance) if pipe else (steps or 20, None)
     c, size = (pipe.image_shape[0], pipe.image_shape[1]) if pipe else \

@@ -87,7 +87,7 @@ def _model_options() -> list:
 
 
 def _loop_options() -> list:
-    from ..run import TrainConfig
+    from ..store.run_config import TrainConfig
     c = config_option
     return [
         c("--caption-dropout", field="train.caption_dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -219,7 +219,7 @@ def train_autoencoder(source, out, image_size, channels, factor, latent_channels
       diffusekit train-autoencoder --data shapes --out runs/ae
       diffusekit train --data shapes --autoencoder runs/ae --text learned --out runs/shapes-ldm
     """
-    from ..autoencoder_train import train_autoencoder as fit
+    from ..training.autoencoder import train_autoencoder as fit
     from ..training.plan import plan_autoencoder_run
     train_over = {k: v for k, v in dict(steps=train_steps, batch_size=batch_size, lr=lr, seed=seed,
                                         precision=precision, device=device).items() if v is not None}
@@ -256,12 +256,11 @@ def train_autoencoder(source, out, image_size, channels, factor, latent_channels
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True,
               help="Peak learning rate.")
 @click.option("--base-channels", type=click.IntRange(1), default=16, show_default=True, help="Classifier width.")
-@opt.seed
-@opt.dry_run
-@opt.device
+@click.option("--resume", is_flag=True, help="Continue the classifier in --out exactly where it stopped.")
+@opt.network_options
 @friendly_errors
 def train_classifier(source, out, image_size, channels, noise_aware, run_dir, train_steps, batch_size, lr,
-                     base_channels, seed, dry_run, device):
+                     base_channels, resume, seed, dry_run, device, precision):
     """Train a classifier: a judge for `eval --features classifier:OUT`, or (--noise-aware) a guide.
 
     Writes OUT/config.json, OUT/classifier.safetensors and OUT/metrics.json (held-out accuracy on
@@ -272,14 +271,15 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, tr
       diffusekit train-classifier --data path/to/mnist --out runs/judge
       diffusekit train-classifier --data digits --run runs/digits --noise-aware --out runs/guide
     """
-    from ..classifier_train import train_classifier as fit
+    from ..training.classifier import train_classifier as fit
     from ..training.plan import plan_classifier_run
     plan = plan_classifier_run(source, image_size=image_size, channels=int(channels), from_run=run_dir,
                                base_channels=base_channels, steps=train_steps, batch_size=batch_size, lr=lr,
-                               noise_aware=noise_aware, seed=seed or 0, device=device)
+                               noise_aware=noise_aware, seed=seed or 0, device=device,
+                               **({"precision": precision} if precision else {}))
     if dry_run:
         opt.dump({"classifier": plan.classifier.to_dict(), "data": plan.data.to_dict(), "train": plan.train.to_dict()})
         return
-    result = fit(plan.data, out, plan.classifier, plan.train, progress=True)
+    result = fit(plan.data, out, plan.classifier, plan.train, progress=True, resume=resume)
     click.echo(f"trained {train_steps} steps in {result.seconds:.0f} s; held-out accuracy {result.accuracy:.4f} "
                f"({result.metrics['heldout']}); wrote {out}/classifier.safetensors")

@@ -65,7 +65,7 @@ def note_written(run_dir: str | Path, names: Iterable[str]) -> None:
 
 def _is_legacy_run(folder: Path) -> bool:
     """A run written before manifests: its config.json reads as a diffusekit run config."""
-    from ..run import RunConfig
+    from .run_config import RunConfig
     try:
         RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError, TypeError, ConfigError):
@@ -83,7 +83,7 @@ def clear_run(run_dir: str | Path) -> list[str]:
     names = written(folder)
     if names is None:
         if not _is_legacy_run(folder):
-            raise ConfigError(f"--overwrite: {folder} was not written by diffusekit (no {MANIFEST_FILE}, and no run "
+            raise ConfigError(f"--overwrite: {folder} is not a diffusekit run (no {MANIFEST_FILE} and no run "
                               f"config.json), so nothing in it is deleted; choose another --out.")
         names = set(run_entries_present(folder))
     from .lock import RunLock

@@ -26,7 +26,7 @@ class RunPlan:
 
     def train(self, progress: bool = True):
         """Train as planned; returns the trainer's result."""
-        from ..train import train
+        from .diffusion import train
         return train(self.config, self.run_dir, resume=bool(self.resume_from), progress=progress,
                      dataset=self.dataset, resume_from=self.resume_from)
 
@@ -48,7 +48,7 @@ def check_resume_length(run_dir: str | Path, resume_from, steps: int) -> bool:
 
 
 def _base_config(run_dir: Path, config_path, resume):
-    from ..run import read_config_file, read_run_config
+    from ..store.run_config import read_config_file, read_run_config
     if resume:
         if not (run_dir / ckpt.CONFIG_FILE).exists():
             raise ConfigError(f"--resume: {run_dir} has no {ckpt.CONFIG_FILE}, so there is no run to continue; drop "
@@ -58,7 +58,7 @@ def _base_config(run_dir: Path, config_path, resume):
 
 
 def _check_resume_settings(run_dir: Path, base, cfg) -> None:
-    from ..run import resume_conflicts
+    from ..store.run_config import resume_conflicts
     conflicts = resume_conflicts(base, cfg)
     if conflicts:
         lines = "; ".join(f"{k}: the run has {a!r}, the command line says {b!r}" for k, (a, b) in conflicts.items())
@@ -81,7 +81,7 @@ def plan_run(out_dir: str | Path, options: dict[str, Any] | None = None, *, conf
 
     options: dotted config fields ({"train.lr": 1e-3, ...}); on `resume` they apply on top of the run's
     own config and may only change what resuming allows."""
-    from ..run import resolve_run_config
+    from .resolve import resolve_run_config
     from ..store.manifest import check_apart, clear_run
     run_dir = Path(out_dir)
     if overwrite and resume:
@@ -106,7 +106,8 @@ def plan_autoencoder_run(out_dir: str | Path, data: dict[str, Any], autoencoder:
     Resuming a folder with a config keeps its settings; only train["steps"] (the length) applies."""
     from dataclasses import replace
 
-    from ..autoencoder_train import autoencoder_run_config, read_autoencoder_config
+    from ..store.autoencoder import read_autoencoder_config
+    from .autoencoder import autoencoder_run_config
     from ..data import DataConfig, load_dataset
     if resume and (Path(out_dir) / ckpt.CONFIG_FILE).exists():
         cfg = read_autoencoder_config(out_dir)
@@ -130,12 +131,12 @@ def plan_classifier_run(source: str, *, image_size: int = 0, channels: int = 1, 
                         base_channels: int = 16, **train: Any) -> ClassifierPlan:
     """The configs `train-classifier` trains with: the data's shape and classes, or (from_run) the diffusion
     run's image size, channels and noise schedule, so the classifier guides that run."""
-    from ..classifier_train import ClassifierTrainConfig, default_classifier_config
+    from ..store.classifier import ClassifierTrainConfig, default_classifier_config
     from ..data import DataConfig, load_dataset
     from ..schedule import ScheduleConfig
     schedule = ScheduleConfig()
     if from_run:
-        from ..run import read_run_config
+        from ..store.run_config import read_run_config
         run_cfg = read_run_config(from_run)
         schedule, image_size, channels = run_cfg.schedule, run_cfg.model.image_size, run_cfg.model.in_channels
     data_cfg = DataConfig(source=source, image_size=image_size, channels=channels)
