@@ -171,7 +171,7 @@ def load_pipeline(path, device_name="auto", precision_name=None):
 
 def steps_plan(run, pipe, sampler: str, steps, timesteps_file, guidance: float):
     """(steps, tuned timesteps or None) for a sampling command, from the library's choice; its note on stderr."""
-    from ._pending import plan_steps    # TEMP until tune.plan_steps lands
+    from ..tune import plan_steps
     plan = plan_steps(run, pipe.schedule, sampler, steps, timesteps_file, guidance_scale=guidance)
     if plan.note:
         note(plan.note)

@@ -99,7 +99,8 @@ def tune_steps(run, nfe, sampler, n, reference_steps, iterations, guidance, out,
       diffusekit tune-steps runs/digits --nfe 5 --sampler dpmpp_2m
       diffusekit sample runs/digits --sampler dpmpp_2m        # uses runs/digits/tuned_steps.json
     """
-    out = out or str(Path(run) / "tuned_steps.json")
+    from ..tune import TUNED_STEPS_FILE
+    out = out or str(Path(run) / TUNED_STEPS_FILE)
     if dry_run:
         opt.dump(dict(run=run, nfe=nfe, sampler=sampler, n=n, reference_steps=reference_steps, iterations=iterations,
                       guidance=guidance, out=out, seed=seed or 0))
