@@ -216,3 +216,20 @@ def test_steps_tuned_at_a_guidance_scale_are_used_at_that_scale_only(tiny_run, t
     r = run("sample", run_dir, "--sampler", "ddim", "--n", 2, "--out", tmp_path / "h.png")
     assert r.exit_code == 0, r.output
     assert "tuned at guidance 2.0, sampling at 1.0" in r.output and "20 model evaluations" in r.output
+
+
+@pytest.mark.slow
+def test_train_classifier_resumes_and_takes_precision(tmp_path):
+    from diffusekit import store
+    out = tmp_path / "judge"
+    args = ["train-classifier", "--data", "digits", "--out", out, "--batch-size", 16, "--base-channels", 4,
+            "--device", "cpu", "--precision", "fp32"]
+    r = run(*args, "--train-steps", 3)
+    assert r.exit_code == 0, r.output
+    assert store.read_trainer_state(out)["step"] == 3
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "fp32"
+    r = CliRunner().invoke(main, [str(a) for a in args + ["--train-steps", 5]])
+    assert r.exit_code == 2 and "--resume" in r.output          # a finished classifier is not overwritten
+    r = run(*args, "--train-steps", 5, "--resume")
+    assert r.exit_code == 0, r.output
+    assert store.read_trainer_state(out)["step"] == 5
