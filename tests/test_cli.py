@@ -233,3 +233,14 @@ def test_train_classifier_resumes_and_takes_precision(tmp_path):
     r = run(*args, "--train-steps", 5, "--resume")
     assert r.exit_code == 0, r.output
     assert store.read_trainer_state(out)["step"] == 5
+
+
+def test_train_autoencoder_dry_run_resolves_the_factor(tmp_path):
+    for factor, mult in (("4", [1, 2, 2]), ("8", [1, 2, 2, 4])):
+        r = run("train-autoencoder", "--data", "digits", "--out", tmp_path / "ae", "--factor", factor,
+                "--latent-channels", 2, "--train-steps", 7, "--dry-run")
+        assert r.exit_code == 0, r.output
+        cfg = json.loads(r.stdout)
+        assert cfg["autoencoder"]["channel_mult"] == mult and cfg["autoencoder"]["latent_channels"] == 2
+        assert cfg["train"]["steps"] == 7 and cfg["autoencoder"]["in_channels"] == 1
+    assert not (tmp_path / "ae").exists()

@@ -225,8 +225,7 @@ def train_autoencoder(source, out, image_size, channels, factor, latent_channels
                                         precision=precision, device=device).items() if v is not None}
     cfg, dataset, resuming = plan_autoencoder_run(
         out, {"source": source, "image_size": image_size, "channels": 0 if channels == "auto" else int(channels)},
-        {"channel_mult": (1, 2, 2) if factor == "4" else (1, 2, 2, 4), "latent_channels": latent_channels},
-        train_over, resume=resume)
+        {"latent_channels": latent_channels}, train_over, factor=int(factor), resume=resume)
     if dry_run:
         opt.dump(cfg.to_dict())
         return

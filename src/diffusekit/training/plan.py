@@ -99,11 +99,16 @@ def plan_run(out_dir: str | Path, options: dict[str, Any] | None = None, *, conf
     return RunPlan(run_dir, cfg, dataset, resume, finished, [] if finished else _notes(cfg, dataset))
 
 
+# downsampling factor -> the laptop autoencoder's channel multipliers (one halving per level after the first)
+AUTOENCODER_CHANNEL_MULT = {4: (1, 2, 2), 8: (1, 2, 2, 4)}
+
+
 def plan_autoencoder_run(out_dir: str | Path, data: dict[str, Any], autoencoder: dict[str, Any],
-                         train: dict[str, Any], *, resume: bool = False):
+                         train: dict[str, Any], *, factor: int = 4, resume: bool = False):
     """(AutoencoderRunConfig, the data or None, resuming): what `train-autoencoder` trains in out_dir.
 
-    Resuming a folder with a config keeps its settings; only train["steps"] (the length) applies."""
+    factor: 4 or 8 (32x32 images -> 8x8 or 4x4 latents). Resuming a folder with a config keeps its
+    settings; only train["steps"] (the length) applies."""
     from dataclasses import replace
 
     from ..store.autoencoder import read_autoencoder_config
@@ -116,6 +121,9 @@ def plan_autoencoder_run(out_dir: str | Path, data: dict[str, Any], autoencoder:
         return cfg, None, True
     data_cfg = DataConfig(**data)
     dataset = load_dataset(data_cfg)
+    if factor not in AUTOENCODER_CHANNEL_MULT:
+        raise ConfigError(f"factor={factor}; the autoencoder downsamples by 4 or 8.")
+    autoencoder = {"channel_mult": AUTOENCODER_CHANNEL_MULT[factor], **autoencoder}
     return autoencoder_run_config(getattr(dataset, "config", None) or data_cfg, dataset, autoencoder, **train), \
         dataset, False
 
