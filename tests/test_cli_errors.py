@@ -485,3 +485,11 @@ def test_text_encoder_is_one_option_and_the_old_spelling_still_works(tmp_path):
     assert json.loads(r.stdout)["text"]["kind"] == "learned"
     assert_user_error(invoke("train", "--data", "shapes", "--text", "learned", "--text-encoder", "minilm",
                              "--out", tmp_path / "o", "--dry-run"), "--text learned", "--text-encoder minilm")
+
+
+def test_plot_schedule_names_training_timesteps_as_the_config_does():
+    r = invoke("plot-schedule", "--num-train-timesteps", 60, "--dry-run")
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_train_timesteps"] == 60
+    r = invoke("plot-schedule", "--timesteps", 50, "--dry-run")        # the old spelling still works, with a note
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_train_timesteps"] == 50
+    assert "--num-train-timesteps" in r.stderr

@@ -182,13 +182,16 @@ def _digit(size: int = 32, channels: int = 1) -> torch.Tensor:
 
 @main.command("plot-schedule")
 @click.option("--out", type=click.Path(dir_okay=False), default="schedule.png", help="Image to write.")
-@click.option("--timesteps", type=click.IntRange(2, 100_000), default=1000, help="Training timesteps T.")
+@click.option("--num-train-timesteps", "timesteps", type=click.IntRange(2, 100_000), default=1000,
+              help="Training timesteps T (the schedule's num_train_timesteps).")
+@click.option("--timesteps", "old_timesteps", type=click.IntRange(2, 100_000), default=None, hidden=True,
+              help="Deprecated: --num-train-timesteps (elsewhere --timesteps is a steps file).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Image for the noising strip (default: a built-in digit).")
 @opt.seed
 @opt.dry_run
 @friendly_errors
-def plot_schedule(out, timesteps, image, seed, dry_run):
+def plot_schedule(out, timesteps, old_timesteps, image, seed, dry_run):
     """Plot beta_t, alpha_t, abar_t, sqrt(abar_t), sqrt(1 - abar_t) for linear and cosine schedules,
     and one image noised at several t.
 
@@ -196,8 +199,11 @@ def plot_schedule(out, timesteps, image, seed, dry_run):
     Example:
       diffusekit plot-schedule --out schedule.png
     """
+    if old_timesteps is not None:
+        opt.note("--timesteps is deprecated here: write --num-train-timesteps (sample's --timesteps is a steps file).")
+        timesteps = old_timesteps
     if dry_run:
-        opt.dump(dict(out=out, timesteps=timesteps, image=image, seed=seed or 0))
+        opt.dump(dict(out=out, num_train_timesteps=timesteps, image=image, seed=seed or 0))
         return
     from ..data import load_image
     from ..schedule import NoiseSchedule
