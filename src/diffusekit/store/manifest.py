@@ -9,8 +9,8 @@ A run folder can hold a user's own files beside the run (notes, a sub-folder, a 
 - `clear_run` deletes exactly the recorded entries, under the run's lock (refused while a trainer
   holds the run);
 - a folder without a manifest is cleared only when it is a diffusekit run written before manifests
-  existed (its config.json reads as a run config); then only the entries a run writes
-  (`RUN_ENTRIES`) go. Any other folder is refused with one line, and nothing is deleted;
+  existed (its config.json has a run's sections: `is_run_folder`); then only the entries a run
+  writes (`RUN_ENTRIES`) go. Any other folder is refused with one line, and nothing is deleted;
 - `check_apart` refuses an output folder that is, contains or lies inside the data folder
   (resolved, symlinks followed), which `--overwrite` would otherwise empty.
 """
@@ -63,14 +63,18 @@ def note_written(run_dir: str | Path, names: Iterable[str]) -> None:
         write_text_atomic(Path(run_dir) / MANIFEST_FILE, json.dumps({"written": sorted(after)}, indent=1) + "\n")
 
 
-def _is_legacy_run(folder: Path) -> bool:
-    """A run written before manifests: its config.json reads as a diffusekit run config."""
-    from .run_config import RunConfig
+def is_run_folder(folder: str | Path) -> bool:
+    """A folder diffusekit trained into: it has a manifest, or (written before manifests) a config.json with
+    a run's sections (a diffusion, autoencoder or classifier run)."""
+    folder = Path(folder)
+    if (folder / MANIFEST_FILE).exists():
+        return True
     try:
-        RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    except (OSError, ValueError, TypeError, ConfigError):
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
         return False
-    return True
+    return isinstance(config, dict) and isinstance(config.get("train"), dict) and \
+        any(isinstance(config.get(k), dict) for k in ("model", "autoencoder", "classifier"))
 
 
 def clear_run(run_dir: str | Path) -> list[str]:
@@ -78,11 +82,11 @@ def clear_run(run_dir: str | Path) -> list[str]:
 
     Refused (ConfigError) for a folder diffusekit did not write, and while a trainer holds the run."""
     folder = Path(run_dir)
-    if not folder.exists():
-        return []
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return []           # nothing there (a file in the way is refused when the run is written)
     names = written(folder)
     if names is None:
-        if not _is_legacy_run(folder):
+        if not is_run_folder(folder):
             raise ConfigError(f"--overwrite: {folder} is not a diffusekit run (no {MANIFEST_FILE} and no run "
                               f"config.json), so nothing in it is deleted; choose another --out.")
         names = set(run_entries_present(folder))
