@@ -77,7 +77,7 @@ class TreeMemory:
 def small_rgb_run(batch_size: int, steps: int, workers: int, data):
     """A 32x32 RGB unconditional run with a small UNet (the data path, not the network, is measured)."""
     from diffusekit.nn.unet import UNetConfig
-    from diffusekit.run import RunConfig, TrainConfig
+    from diffusekit.store.run_config import RunConfig, TrainConfig
     from diffusekit.schedule import ScheduleConfig
     model = UNetConfig(image_size=32, in_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attention_resolutions=(), num_heads=2, groups=8, num_classes=0)
@@ -102,7 +102,7 @@ def measure(folder: str, mode: str, workers: int, batch_size: int, loader_steps:
     import torch
 
     from diffusekit.data import BatchSource, DataConfig, open_dataset
-    from diffusekit.train import train
+    from diffusekit.training import train
     mib = 2 ** 20
     baseline = psutil.Process().memory_info().rss
     tree = TreeMemory()

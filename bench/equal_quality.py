@@ -43,9 +43,9 @@ RECIPE = "b32-v-cosine"
 
 
 def train_arm(args) -> dict:
-    import diffusekit.train as train_module
+    import diffusekit.training.diffusion as train_module
     from diffusekit.interop.diffusers import DiffusersUNet
-    from diffusekit.run import resolve_run_config
+    from diffusekit.training.resolve import resolve_run_config
     options = {**qpm.base_options(args.data, args.seed, args.steps), **qpm.RECIPES[RECIPE], **ARMS[args.arm]}
     cfg, dataset = resolve_run_config(options)
     if args.arm == "diffusers":      # the trainer builds this network instead of its own UNet

@@ -88,14 +88,14 @@ def base_options(data: Path, seed: int, budget_steps: int) -> dict:
 
 
 def our_config(recipe: str, data: Path, seed: int, steps: int):
-    from diffusekit.run import resolve_run_config
+    from diffusekit.training.resolve import resolve_run_config
     return resolve_run_config({**base_options(data, seed, steps), **RECIPES[recipe]})
 
 
 def probe_cpu_s_per_step(cfg, images: torch.Tensor, steps: int = 12) -> float:
     """CPU seconds per optimiser step of cfg's UNet, loss, batch and precision (after 3 warm-up steps)."""
-    from diffusekit.loop import EMA
-    from diffusekit.losses import diffusion_loss
+    from diffusekit.training.ema import EMA
+    from diffusekit.training.losses import diffusion_loss
     from diffusekit.nn.unet import UNet
     from diffusekit.schedule import NoiseSchedule
     tc, sc = cfg.train, cfg.schedule
@@ -224,7 +224,7 @@ def job_real(args) -> None:
 
 def job_ours(args) -> None:
     from diffusekit.pipeline import Pipeline
-    from diffusekit.train import train
+    from diffusekit.training import train
     m = meta(args)
     budget = args.budget_cpu_min * 60
     name = f"ours-{args.recipe}-{args.budget_cpu_min:g}min-s{args.seed}"

@@ -22,9 +22,9 @@ from diffusekit.data import DataConfig
 from diffusekit.evaluation import evaluate_run
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import RunConfig, TrainConfig
+from diffusekit.store.run_config import RunConfig, TrainConfig
 from diffusekit.schedule import ScheduleConfig
-from diffusekit.train import train
+from diffusekit.training import train
 
 STEPS, BATCH = 6, 16
 EVAL = dict(n=24, num_steps=4, features="raw", seed=3, batch_size=5, progress=False)

@@ -10,15 +10,15 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from diffusekit import store as ckpt
-from diffusekit.classifier_train import (ClassifierTrainConfig, default_classifier_config, load_classifier,
-                                         random_shift, train_classifier)
+from diffusekit.store.classifier import ClassifierTrainConfig, default_classifier_config, load_classifier
+from diffusekit.training.classifier import random_shift, train_classifier
 from diffusekit.data import DataConfig, load_dataset, split_heldout
 from diffusekit.evaluation import _share, evaluate_run, judge_accuracy, reference_key
 from diffusekit.metrics import RawPixelFeatures
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.schedule import ScheduleConfig
-from diffusekit.run import RunConfig, TrainConfig
-from diffusekit.train import train
+from diffusekit.store.run_config import RunConfig, TrainConfig
+from diffusekit.training import train
 
 RESULT_KEYS = {"fd", "kid_mean", "kid_std", "precision", "recall", "sampler", "steps", "nfe", "wall_time_s", "n"}
 

@@ -51,7 +51,7 @@ def feature_extractor(spec: str, device: str | torch.device = "cpu") -> M.Featur
     if kind == "raw" and not arg:
         return M.RawPixelFeatures()
     if kind == "classifier" and arg:
-        from diffusekit.classifier_train import load_classifier, weights_path
+        from diffusekit.store.classifier import load_classifier, weights_path
         model, _ = load_classifier(arg, device=device)
         return M.ClassifierFeatures(model, name=f"classifier-{_file_digest(weights_path(arg))}")
     if kind == "inception" and arg:

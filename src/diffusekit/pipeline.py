@@ -29,7 +29,7 @@ class Pipeline:
     denoises; num_classes > 0 for a class-conditional model (label -1 = the null class).
     With an autoencoder (latent diffusion), image_shape is the pixel images' shape, latent_shape the
     model's, and images are encoded on the way in and decoded on the way out. A model with
-    `encode_text` (models.TextToImageModel) takes prompts.
+    `encode_text` (nn.network.TextToImageModel) takes prompts.
     """
 
     def __init__(self, model: torch.nn.Module | Callable, schedule: NoiseSchedule, *, image_shape,
@@ -55,13 +55,13 @@ class Pipeline:
     def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
              precision: str = "fp32") -> "Pipeline":
         """Load runs/NAME: EMA weights (or "raw"), schedule and config, checked against each other."""
-        from .run import load_run
+        from .store.run import load_run
         device = resolve_device(device)
         cfg, model, extra = load_run(run_dir, device=device, weights=weights)
         m = cfg.model
         model_shape, ae, image_shape = (m.in_channels, m.image_size, m.image_size), None, None
         if cfg.latent is not None:
-            from .autoencoder_train import load_autoencoder
+            from .store.autoencoder import load_autoencoder
             ae = load_autoencoder(Path(run_dir) / "autoencoder", device=device)
             image_shape = (cfg.latent.channels, cfg.latent.image_size, cfg.latent.image_size)
         return cls(model, NoiseSchedule.from_config(cfg.schedule), image_shape=image_shape or model_shape,
@@ -70,11 +70,12 @@ class Pipeline:
                    source=str(run_dir), autoencoder=ae)
 
     @classmethod
-    def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto",
-                       precision: str = "fp32") -> "Pipeline":
+    def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
+                       null_class_label: int | None = None) -> "Pipeline":
         """A local diffusers pipeline folder (unet/ + scheduler/), driven by diffusekit's samplers and editors."""
-        from .interop.diffusers import load_diffusers_pipeline
-        return load_diffusers_pipeline(path, device=device, precision=precision)
+        from .interop.diffusers import diffusers_pipeline_parts
+        return cls(**diffusers_pipeline_parts(path, device=device, precision=precision,
+                                              null_class_label=null_class_label))
 
     # --- the model call and guidance ------------------------------------------------------------
     def sampler_for(self, name: str = "dpmpp_2m", timestep_spacing: str | None = None, **options) -> Sampler:

@@ -7,7 +7,8 @@ One home per concept:
   folder.py     image folders indexed before decoding: splits, classes, captions, channels, sizes
   arrays.py     digits, IDX and numpy readers
   shapes.py     the built-in captioned `shapes` set and write_shapes_folder
-  dataset.py    ImageDataset (in memory) and load_dataset
+  dataset.py    ImageDataset (in memory) and load_folder
+  sources.py    load_dataset: every kind of source into memory
   streaming.py  StreamingImageFolder (decoded per item) and open_dataset (memory or disk)
   batches.py    DataOrder and BatchSource: the batch of each training step, the same in memory or streamed
   split.py      split_heldout: the IDX test split, or a seeded held-out share
@@ -16,7 +17,8 @@ One home per concept:
 from diffusekit.data.arrays import read_idx
 from diffusekit.data.batches import Batch, BatchSource, DataOrder
 from diffusekit.data.config import ARRAY_EXTENSIONS, IMAGE_EXTENSIONS, DataConfig, resolve_kind
-from diffusekit.data.dataset import DataInfo, ImageDataset, load_dataset, load_folder
+from diffusekit.data.dataset import DataInfo, ImageDataset, load_folder
+from diffusekit.data.sources import load_dataset
 from diffusekit.data.folder import FolderIndex, index_folder
 from diffusekit.data.images import (LUMA_WEIGHTS, ImageFileError, augment_item, center_crop, fit_image, from_pixels,
                                     load_image, random_crop, random_hflip, read_image, read_image_array,

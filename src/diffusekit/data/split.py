@@ -8,7 +8,8 @@ import torch
 
 from diffusekit.config import ConfigError
 from diffusekit.data.config import DataConfig, resolve_kind
-from diffusekit.data.dataset import ImageDataset, load_dataset
+from diffusekit.data.dataset import ImageDataset
+from diffusekit.data.sources import load_dataset
 from diffusekit.seeding import derive_seed
 
 

@@ -16,11 +16,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..samplers import SAMPLERS, get_sampler
-from .schedulers import sampler_to_diffusers_config, schedule_from_diffusers_config
+from .schedulers import sampler_to_diffusers_config
 from .unet2d import unet2d_config, unet2d_incompatibility, unet2d_state_dict
 
 
@@ -114,28 +114,6 @@ def _write_diffusekit_unet(folder: Path, model, pipe) -> None:
                                          "class_names": list(pipe.class_names)})
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-def load_exported_diffusekit_unet(path: str | Path, device="auto", precision: str = "fp32"):
-    """A folder that export_diffusers wrote with diffusekit_unet/ (a layout without a UNet2DModel counterpart)."""
-    from ..device import resolve_device
-    from ..nn.unet import UNet, UNetConfig
-    from ..pipeline import Pipeline
-    from .diffusers import read_json
-    path = Path(path)
-    for f in ("diffusekit_unet/config.json", "diffusekit_unet/model.safetensors", "scheduler/scheduler_config.json"):
-        if not (path / f).is_file():
-            raise ConfigError(f"{path} has diffusekit_unet/ but {f} is missing; export the run again.")
-    meta = read_json(path / "diffusekit_unet" / "config.json", "the diffusekit UNet config")
-    cfg = UNetConfig.from_dict(meta["unet"])
-    device = resolve_device(device)
-    model = UNet(cfg)
-    model.load_state_dict(load_file(str(path / "diffusekit_unet" / "model.safetensors")))
-    schedule = schedule_from_diffusers_config(read_json(path / "scheduler" / "scheduler_config.json", "scheduler"))
-    return Pipeline(model.to(device), schedule, image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-                    prediction_type=meta.get("prediction_type", "epsilon"), num_classes=cfg.num_classes,
-                    class_names=meta.get("class_names") or (), config=meta, device=device, precision=precision,
-                    source=str(path))
 
 
 def _readme(pipe, pipeline_class: str, scheduler_class: str, sampler: str, reason: str | None) -> str:
