@@ -96,13 +96,13 @@ class AutoencoderRunConfig(Config):
                               f"downsampling factor {f}; use a multiple of {f}, such as {max(f, d.image_size // f * f)}.")
 
 
-def read_autoencoder_config(out_dir: str | Path) -> AutoencoderRunConfig:
-    """The AutoencoderRunConfig in out_dir/config.json; errors name the file, and a diffusion run's config."""
-    return _parse_config(read_config_json(out_dir), Path(out_dir))
+def read_autoencoder_config(run_dir: str | Path) -> AutoencoderRunConfig:
+    """The AutoencoderRunConfig in run_dir/config.json; errors name the file, and a diffusion run's config."""
+    return _parse_config(read_config_json(run_dir), Path(run_dir))
 
 
-def _parse_config(d, out_dir: Path) -> AutoencoderRunConfig:
-    path = out_dir / CONFIG_FILE
+def _parse_config(d, run_dir: Path) -> AutoencoderRunConfig:
+    path = run_dir / CONFIG_FILE
     if isinstance(d, dict) and "autoencoder" not in d:
         what = "a diffusion run (it has a model section)" if "model" in d else f"not an autoencoder's (keys {sorted(d)})"
         raise ConfigError(f"{path} is {what}, not an autoencoder folder; give a folder written by "

@@ -73,17 +73,17 @@ def default_classifier_config(image_size: int, in_channels: int, num_classes: in
 
 
 
-def save_classifier(out_dir: str | Path, model: NoiseAwareClassifier, cfg: ClassifierRunConfig,
+def save_classifier(run_dir: str | Path, model: NoiseAwareClassifier, cfg: ClassifierRunConfig,
                     step: int | None = None) -> Path:
-    """Write out_dir/config.json and out_dir/classifier.safetensors, each atomically; returns the weights path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / CONFIG_FILE, cfg.to_json() + "\n")
+    """Write run_dir/config.json and run_dir/classifier.safetensors, each atomically; returns the weights path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / CONFIG_FILE, cfg.to_json() + "\n")
     meta = {"classifier_config": json.dumps(cfg.classifier.to_dict()), "noise_aware": str(cfg.train.noise_aware),
             "schedule_config": json.dumps(cfg.train.schedule.to_dict())}
     if step is not None:
         meta["step"] = str(int(step))
-    return write_weights_atomic(out_dir / WEIGHTS_FILE, model.state_dict(), meta)
+    return write_weights_atomic(run_dir / WEIGHTS_FILE, model.state_dict(), meta)
 
 
 def weights_path(path_or_dir: str | Path) -> Path:

@@ -1,6 +1,6 @@
 """The autoencoder trainer: the KL autoencoder of latent diffusion on the training skeleton.
 
-`train_autoencoder(run_cfg, out_dir)` trains a `KLAutoencoder` (nn/autoencoder.py) on its
+`train_autoencoder(run_cfg, run_dir)` trains a `KLAutoencoder` (nn/autoencoder.py) on its
 reconstruction + KL loss with the one training skeleton (training.skeleton: lock, resume, EMA,
 precision, per-step seeds, logging, journaled saves) and writes the folder store/autoencoder.py
 describes, as the diffusion trainer writes a run:
@@ -70,7 +70,7 @@ def _split(cfg: AutoencoderRunConfig, dataset: ImageDataset) -> tuple[ImageDatas
 @dataclass
 class AutoencoderTrainResult:
     """What `train_autoencoder` returns."""
-    out_dir: Path
+    run_dir: Path
     step: int                     # the step the saved weights are at
     start_step: int               # where this call started: 0, or the checkpoint's step on resume
     loss: float | None            # mean loss of the last logging window (None if no step ran)
@@ -83,11 +83,11 @@ class AutoencoderTrainResult:
     ema_model: KLAutoencoder      # EMA weights with the scaling factor (what load_autoencoder gives), eval
 
 
-def train_autoencoder(run_cfg: AutoencoderRunConfig, out_dir: str | Path, resume: bool = False,
+def train_autoencoder(run_cfg: AutoencoderRunConfig, run_dir: str | Path, resume: bool = False,
                       progress: bool = True, dataset: ImageDataset | None = None) -> AutoencoderTrainResult:
-    """Train the autoencoder on run_cfg.data and write out_dir (see the module docstring).
+    """Train the autoencoder on run_cfg.data and write run_dir (see the module docstring).
 
-    resume=True continues the checkpoint in out_dir (exactly, on the CPU) and starts fresh if there
+    resume=True continues the checkpoint in run_dir (exactly, on the CPU) and starts fresh if there
     is none; resume=False refuses a folder that already holds one. dataset: the data already loaded
     for run_cfg.data (in memory). Raises TrainingDiverged on a NaN/inf loss. One process only.
     The caller's global RNG state is left as it was.
@@ -96,10 +96,10 @@ def train_autoencoder(run_cfg: AutoencoderRunConfig, out_dir: str | Path, resume
         raise ConfigError("train_autoencoder runs in one process; start it without torchrun (WORLD_SIZE=1).")
     device = resolve_device(run_cfg.train.device)
     check_precision(run_cfg.train.precision, device)
-    out_dir = Path(out_dir)
-    skeleton.create_folder(out_dir)
-    with skeleton.locked(out_dir, Dist(), device):
-        return _train(run_cfg, out_dir, resume, progress, device, dataset)
+    run_dir = Path(run_dir)
+    skeleton.create_folder(run_dir)
+    with skeleton.locked(run_dir, Dist(), device):
+        return _train(run_cfg, run_dir, resume, progress, device, dataset)
 
 
 @torch.no_grad()
@@ -166,7 +166,7 @@ class AutoencoderTrainer(skeleton.Trainer):
         run.tracker.log(step, {"heldout_psnr": self.psnr, **({"scaling_factor": self.scale} if last else {})})
 
 
-def _train(cfg: AutoencoderRunConfig, out_dir: Path, resume: bool, progress: bool, device: torch.device,
+def _train(cfg: AutoencoderRunConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device,
            dataset: ImageDataset | None) -> AutoencoderTrainResult:
     tc = cfg.train
     dataset = dataset if dataset is not None else load_dataset(cfg.data)
@@ -181,8 +181,8 @@ def _train(cfg: AutoencoderRunConfig, out_dir: Path, resume: bool, progress: boo
         raise ConfigError(f"{len(train_set)} training images (after holding out {len(held_set)}), fewer than "
                           f"batch_size={tc.batch_size}; set batch_size to at most {len(train_set)}.")
     trainer = AutoencoderTrainer(cfg, ReconstructionEvaluator(cfg, train_set.images, held_set.images))
-    state = skeleton.open_run(trainer, out_dir, resume, Dist(), out_dir)
-    run = skeleton.build(trainer, out_dir, Dist(), device, out_dir, state)
+    state = skeleton.open_run(trainer, run_dir, resume, Dist(), run_dir)
+    run = skeleton.build(trainer, run_dir, Dist(), device, run_dir, state)
     saved_scale = run.ema_metadata.get("scaling_factor")
     if saved_scale is not None and run.start >= tc.steps:
         return _already_finished(trainer, run, held_desc, float(saved_scale))
@@ -192,7 +192,7 @@ def _train(cfg: AutoencoderRunConfig, out_dir: Path, resume: bool, progress: boo
     if run.start >= tc.steps:       # resumed past its end without a final save: make it now
         skeleton.save(trainer, run, run.start, last=True)
     run.ema.model.config = trainer.cfg.autoencoder
-    return AutoencoderTrainResult(out_dir, max(run.start, tc.steps), run.start, run.last_loss, trainer.psnr,
+    return AutoencoderTrainResult(run_dir, max(run.start, tc.steps), run.start, run.last_loss, trainer.psnr,
                                   held_desc, trainer.scale, run.elapsed(), trainer.cfg, run.model, run.ema.model)
 
 

@@ -1,11 +1,11 @@
 """The classifier trainer: the (noise-aware) judge of sample quality and guide of classifier guidance.
 
-`train_classifier(data_cfg, out_dir)` trains a `NoiseAwareClassifier` with cross-entropy on the
+`train_classifier(data_cfg, run_dir)` trains a `NoiseAwareClassifier` with cross-entropy on the
 one training skeleton (training.skeleton: lock, resume, precision, EMA, per-step seeds, logging,
 journaled saves) and writes the standard run folder (config.json, model.safetensors (EMA),
 model_raw.safetensors, trainer_state.pt, metrics.jsonl, loss.png) and, when training ends,
-  out_dir/classifier.safetensors     the trained weights (metadata: classifier_config, noise_aware, step)
-  out_dir/metrics.json               held-out accuracy (clean, and at several t when noise-aware)
+  run_dir/classifier.safetensors     the trained weights (metadata: classifier_config, noise_aware, step)
+  run_dir/metrics.json               held-out accuracy (clean, and at several t when noise-aware)
 `store.classifier.load_classifier(path)` reads them back. With noise_aware=True every image is
 noised to a random timestep of the schedule first, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, so
 that the classifier gives log p(y | x_t, t) for guidance (Dhariwal & Nichol 2021, sec. 4.1);
@@ -45,7 +45,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.save_every", "trai
 @dataclass
 class ClassifierTrainResult:
     """What `train_classifier` returns."""
-    out_dir: Path
+    run_dir: Path
     model: NoiseAwareClassifier        # in eval mode
     config: ClassifierRunConfig
     accuracy: float                    # held-out accuracy on clean images
@@ -92,14 +92,14 @@ def heldout_accuracy(model: NoiseAwareClassifier, images: torch.Tensor, labels: 
     return correct / len(labels)
 
 
-def train_classifier(data_cfg: DataConfig, out_dir: str | Path, classifier_cfg: ClassifierConfig | None = None,
+def train_classifier(data_cfg: DataConfig, run_dir: str | Path, classifier_cfg: ClassifierConfig | None = None,
                      train_cfg: ClassifierTrainConfig | None = None, schedule_cfg: ScheduleConfig | None = None,
                      progress: bool = True, resume: bool = False) -> ClassifierTrainResult:
-    """Train a classifier on the labelled data and write out_dir (see the module docstring).
+    """Train a classifier on the labelled data and write run_dir (see the module docstring).
 
     classifier_cfg: None = `default_classifier_config` for the data's size, channels and classes.
     schedule_cfg: overrides train_cfg.schedule (pass a diffusion run's schedule for guidance).
-    resume=True continues the checkpoint in out_dir; resume=False refuses a folder that holds one.
+    resume=True continues the checkpoint in run_dir; resume=False refuses a folder that holds one.
     The caller's global RNG state is left as it was. One process only.
     """
     if rank_world()[1] > 1:
@@ -112,10 +112,10 @@ def train_classifier(data_cfg: DataConfig, out_dir: str | Path, classifier_cfg: 
                               list(dataset.class_names))
     device = resolve_device(tc.device)
     check_precision(tc.precision, device)
-    out_dir = Path(out_dir)
-    skeleton.create_folder(out_dir)
-    with skeleton.locked(out_dir, Dist(), device):
-        return _train(cfg, dataset, out_dir, device, progress, resume)
+    run_dir = Path(run_dir)
+    skeleton.create_folder(run_dir)
+    with skeleton.locked(run_dir, Dist(), device):
+        return _train(cfg, dataset, run_dir, device, progress, resume)
 
 
 def _classifier_for(dataset: ImageDataset, data_cfg: DataConfig, ccfg: ClassifierConfig | None) -> ClassifierConfig:
@@ -182,7 +182,7 @@ class ClassifierTrainer(skeleton.Trainer):
         return step_fn
 
 
-def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, out_dir: Path, device: torch.device,
+def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, run_dir: Path, device: torch.device,
            progress: bool, resume: bool) -> ClassifierTrainResult:
     tc = cfg.train
     train_set, held_set, held_desc = split_heldout(cfg.data, dataset, tc.heldout_fraction, tc.seed)
@@ -190,8 +190,8 @@ def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, out_dir: Path, devic
         raise ConfigError(f"{len(train_set)} training images, fewer than batch_size={tc.batch_size}; "
                           f"set batch_size to at most {len(train_set)}.")
     trainer = ClassifierTrainer(cfg, train_set)
-    state = skeleton.open_run(trainer, out_dir, resume, Dist(), out_dir)
-    run = skeleton.build(trainer, out_dir, Dist(), device, out_dir, state)
+    state = skeleton.open_run(trainer, run_dir, resume, Dist(), run_dir)
+    run = skeleton.build(trainer, run_dir, Dist(), device, run_dir, state)
     skeleton.fit(trainer, run, progress)
     model = run.model.eval()
     accuracy = heldout_accuracy(model, held_set.images, held_set.labels, tc.eval_batch_size)
@@ -204,6 +204,6 @@ def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, out_dir: Path, devic
             str(t): heldout_accuracy(model, held_set.images, held_set.labels, tc.eval_batch_size, trainer.schedule,
                                      t, tc.seed)
             for t in sorted({0, T // 4, T // 2, 3 * T // 4, T - 1})}
-    save_classifier(out_dir, model, cfg, step=max(run.start, tc.steps))
-    write_text_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    return ClassifierTrainResult(out_dir, model, cfg, accuracy, metrics, run.elapsed())
+    save_classifier(run_dir, model, cfg, step=max(run.start, tc.steps))
+    write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    return ClassifierTrainResult(run_dir, model, cfg, accuracy, metrics, run.elapsed())

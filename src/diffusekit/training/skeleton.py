@@ -105,11 +105,13 @@ class Run:
 
 
 def create_folder(run_dir: Path) -> None:
-    """mkdir -p, with an error that says what to do."""
+    """mkdir -p, with an error that names the path, the reason and the fix (store.os_error_line)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise store.CheckpointWriteError(f"cannot create {run_dir}: {e.strerror or e}; choose another --out.") from e
+        err = store.CheckpointWriteError(f"cannot create the run folder {run_dir}: {store.os_error_line(e)}")
+        err.errno = e.errno
+        raise err from e
 
 
 @contextmanager
