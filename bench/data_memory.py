@@ -7,7 +7,7 @@ workers), one fresh process:
   2. loader alone: BatchSource.batch(step) for --loader-steps steps at --batch-size, images/s
      after the first batch (the first batch's time, worker start-up included, is reported apart),
      and the CPU it cost per image (this process plus its workers, first batch included);
-  3. trains a small RGB UNet for --train-steps steps from the same data set (diffusekit.train.train,
+  3. trains a small RGB UNet for --train-steps steps from the same data set (diffusekit.training.train,
      the workers given by train.num_workers); images/s is the mean of the trainer's logged windows
      of 10 steps after the first (metrics.jsonl), so start-up and the final save are left out;
      CPU s per step (process and workers) counts everything, start-up and save included;

@@ -2,7 +2,7 @@
 
 The speed goals of issue 12 are stated "at matched parameters and equal FD": a faster network only
 counts if it trains to the same quality in the same number of steps. Each arm below is trained by
-`diffusekit.train.train` with the same recipe (the 10-minute unconditional recipe: batch 32,
+`diffusekit.training.train` with the same recipe (the 10-minute unconditional recipe: batch 32,
 v-prediction, cosine schedule, bf16, AdamW with the default lr / warm-up / EMA), the same data order
 and the same number of optimiser steps, then scored the same way (bench/quality_per_minute.py: 1,000
 DDIM-20 samples, FD of the judge's features against MNIST t10k, confident share).

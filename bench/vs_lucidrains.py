@@ -5,7 +5,7 @@ budget of CPU time, then sample 1,000 images with the *same* sampler (diffusekit
 50 steps, "trailing" spacing, same starting noise, bf16 autocast) and are scored with the same
 judge features (`classifier:JUDGE`, reference MNIST t10k) by diffusekit.evaluation.
 
-  ours         diffusekit.train.train: UNet preset mnist28 (1.19M parameters, no class embedding),
+  ours         diffusekit.training.train: UNet preset mnist28 (1.19M parameters, no class embedding),
                its defaults (AdamW lr 2e-3, 100 warm-up steps, cosine decay, grad clip 1, EMA 0.999
                with warm-up), bf16 autocast + channels_last; `steps` = budget / measured CPU s/step.
   lucidrains   their Unet(dim=24, dim_mults=(1, 2, 3)) (1.13M parameters, -5%) trained with their
@@ -15,7 +15,7 @@ judge features (`classifier:JUDGE`, reference MNIST t10k) by diffusekit.evaluati
                fp32, EMA (ema_pytorch) 0.995 updated every 10 steps. Stops when its CPU time
                reaches what ours used.
   lucidrains+  the same network and loss, trained with our recipe (AdamW lr 2e-3, warm-up and
-               cosine via diffusekit.loop.lr_at, grad clip 1, diffusekit EMA 0.999, bf16):
+               cosine via diffusekit.training.loop.lr_at, grad clip 1, diffusekit EMA 0.999, bf16):
                separates the network/library from the optimiser settings.
 
 The budget is CPU time of this process (time.process_time, 1 thread), not wall-clock time, so

@@ -55,7 +55,7 @@ class ResBlock(nn.Module):
         self.emb_proj = nn.Linear(emb_dim, out_ch * (2 if use_scale_shift_norm else 1))
         self.ctx_proj = zero_module(nn.Linear(ctx_dim, out_ch)) if ctx_dim else None
         self.norm2 = GroupNorm(groups, out_ch)
-        self.dropout = RowDropout(dropout)         # masks by global row in training (train_inputs)
+        self.dropout = RowDropout(dropout)         # masks by global row in training (training.inputs)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 

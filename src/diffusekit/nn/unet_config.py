@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
                     attention_resolutions=(7,), num_heads=4, groups=8),
     # the same depth with the channels moved to where the maps are small: widths 16/32/80, as many
     # parameters (1.02M against 1.19M) for half the FLOPs per image (docs/BENCHMARKS.md, issue 12);
-    # the default for 28x28 images (run.PRESET_FOR_SIZE)
+    # the default for 28x28 images (store.run_config.PRESET_FOR_SIZE)
     "mnist28-lean": dict(image_size=28, in_channels=1, base_channels=16, channel_mult=(1, 2, 5), num_res_blocks=1,
                          attention_resolutions=(7,), num_heads=4, groups=8),
     # DDPM's CIFAR-10 model (35.7M parameters)
