@@ -77,6 +77,13 @@ class Pipeline:
         return cls(**diffusers_pipeline_parts(path, device=device, precision=precision,
                                               null_class_label=null_class_label))
 
+    @classmethod
+    def open(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32") -> "Pipeline":
+        """A run folder (`load`) or a local diffusers pipeline folder (`from_diffusers`), whichever path is."""
+        from .interop.diffusers import is_diffusers_folder
+        opener = cls.from_diffusers if is_diffusers_folder(path) else cls.load
+        return opener(path, device=device, precision=precision)
+
     # --- the model call and guidance ------------------------------------------------------------
     def sampler_for(self, name: str = "dpmpp_2m", timestep_spacing: str | None = None, **options) -> Sampler:
         """A sampler from the registry bound to this model's schedule and prediction type."""
@@ -124,14 +131,25 @@ class Pipeline:
         """One Denoiser with classifier-free guidance (eps_u + w (eps_c - eps_u)), the eps-space gradient
         guides and classifier guidance toward target_class (default: the class_labels sampled with)
         stacked (guidance.guided_denoiser). For a text model the unconditional branch is negative_prompt."""
-        if guidance_scale != 1.0 and not (self.num_classes or self.has_text):
-            raise ConfigError(f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one "
-                              "has neither. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        self.check_guidance(guidance_scale, labels_known=False)      # the labels come with the call
         null_cond = self.model.encode_text([negative_prompt]) if self.has_text and guidance_scale != 1.0 else None
         return guided_denoiser(Denoiser(self.network(), self.prediction_type), guidance_scale=guidance_scale,
                                null_label=-1, null_cond=null_cond, guides=guides, classifier=classifier,
                                classifier_scale=classifier_scale,
                                target_class=None if target_class is None else torch.as_tensor(target_class).to(self.device))
+
+    def check_guidance(self, guidance_scale: float, class_labels=None, *, labels_known: bool = True) -> None:
+        """Refuse classifier-free guidance this model cannot do: scale != 1 needs a class- or text-conditional
+        model, and a class-conditional one the class_labels to guide toward (unless labels_known=False)."""
+        if guidance_scale == 1.0:
+            return
+        if not (self.num_classes or self.has_text):
+            raise ConfigError(f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one "
+                              "has neither. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        if labels_known and self.num_classes and not self.has_text and class_labels is None:
+            raise ConfigError(f"guidance_scale={guidance_scale:g} (--guidance) mixes the class-conditional and the "
+                              "unconditional prediction, so it needs a class: pass class_labels (--class N, an index "
+                              "or a class name, or --class each for one class per grid column).")
 
     def _callback(self, guides: Sequence[Guide], cond: dict, callback):
         source = [g for g in guides if g.weighting == "source"]
@@ -179,7 +197,9 @@ class Pipeline:
                               f"cannot read them; rephrase with words from the training captions.")
         return prompts
 
-    def _cond(self, class_labels, n: int, prompt=None) -> dict:
+    def conditioning(self, class_labels, n: int, prompt=None) -> dict:
+        """The model's keyword conditioning for n images: class_labels and/or the encoded prompts (a text
+        model without a prompt gets the empty prompt)."""
         labels = self.class_labels(class_labels, n)
         cond = {} if labels is None else {"class_labels": labels}
         prompts = self.prompts(prompt, n)
@@ -217,10 +237,11 @@ class Pipeline:
         check_sampling(n, batch_size, image_shape=self.image_shape, device=self.device,
                        latent_shape=getattr(self, "latent_shape", None),
                        model_config=getattr(self.config, "model", None), guided=guidance_scale != 1.0)
+        self.check_guidance(guidance_scale, class_labels)
         s = self.sampler_for(sampler, timestep_spacing, **options)
         if noise is None:
             noise = randn((n, *self.latent_shape), generator, "cpu")
-        full_cond = self._cond(class_labels, n, prompt)
+        full_cond = self.conditioning(class_labels, n, prompt)
         target = None if target_class is None else torch.as_tensor(target_class)
         outs = []
         batches = range(0, n, batch_size)
@@ -288,7 +309,8 @@ class Pipeline:
         """
         guidance, options = _split_guidance(guidance_and_options)
         image = self._check_image(image)
-        cond = self._cond(class_labels, len(image), prompt)
+        self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
+        cond = self.conditioning(class_labels, len(image), prompt)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "edit")
         out = editing.sdedit(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
@@ -307,13 +329,14 @@ class Pipeline:
         """DDIM inversion: the x_T (latent x_T for a latent model) that deterministic DDIM maps back to the image."""
         image = self._check_image(image)
         return editing.invert(self.ddim(), self.denoiser(), self.encode(image), num_steps, refine_steps=refine_steps,
-                              **self._cond(class_labels, len(image), prompt))
+                              **self.conditioning(class_labels, len(image), prompt))
 
     @torch.no_grad()
     def reconstruct(self, x_T: torch.Tensor, num_steps: int = 50, class_labels=None, prompt=None, **guidance):
         """DDIM (eta = 0) from an inverted x_T, optionally under another class, prompt or guidance; pixels out."""
+        self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
         out = editing.reconstruct(self.ddim(), self.denoiser(**guidance), x_T.to(self.device), num_steps,
-                                  **self._cond(class_labels, len(x_T), prompt))
+                                  **self.conditioning(class_labels, len(x_T), prompt))
         return _checked_finite(self.decode(out), "reconstruction").cpu()
 
     @torch.no_grad()
@@ -327,6 +350,7 @@ class Pipeline:
         """
         guidance, options = _split_guidance(guidance_and_options)
         image, mask = self._check_image(image), mask.to(self.device)
+        self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "inpaint")
         latent_mask = mask
@@ -335,7 +359,7 @@ class Pipeline:
             latent_mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), self.latent_shape[1:])
         out = editing.inpaint(self.sampler_for(sampler, **options), self.denoiser(**guidance), self.encode(image),
                               latent_mask, num_steps, generator, resample=resample,
-                              **self._cond(class_labels, len(image), prompt))
+                              **self.conditioning(class_labels, len(image), prompt))
         out = self.decode(out)
         if self.autoencoder is not None:
             out = torch.where(mask == 0, image, out.clamp(-1, 1))

@@ -1,6 +1,7 @@
 """What steers a sample, as options: --class, --prompt, --guidance, --guide, --classifier.
 
-These only parse: which conditioning a model accepts, and what guidance needs, the Pipeline checks.
+These only parse: which conditioning a model accepts, and what guidance needs, the Pipeline checks
+(Pipeline.class_labels, Pipeline.prompts, Pipeline.check_guidance).
 """
 from __future__ import annotations
 
@@ -98,11 +99,8 @@ def labels(pipe, class_label, classifier_path, each_of: int | None = None):
 def guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, classifier_path, classifier_scale,
                     target) -> dict:
     """Keyword arguments for Pipeline.sample/edit/inpaint from the guidance options."""
+    pipe.check_guidance(guidance, target)          # before any work: the model can be guided so
     kw = {"guidance_scale": guidance, "guides": [parse_guide(g, guide_weighting, guide_window) for g in guides]}
-    if guidance != 1.0 and pipe.num_classes and not pipe.has_text and target is None:
-        raise UserError(f"--guidance {guidance:g} mixes the class-conditional and the unconditional prediction, so it "
-                        "needs a class: pass --class N (an index or a class name), or --class each for one class per "
-                        "grid column.")
     if classifier_path:
         from ..store.classifier import load_classifier
         if target is None or isinstance(target, str) and target == "each":

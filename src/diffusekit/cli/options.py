@@ -163,10 +163,8 @@ def generator(seed_value):
 
 def load_pipeline(path, device_name="auto", precision_name=None):
     """A run folder or a diffusers pipeline folder as a Pipeline."""
-    from ..interop.diffusers import is_diffusers_folder
     from ..pipeline import Pipeline
-    load = Pipeline.from_diffusers if is_diffusers_folder(path) else Pipeline.load
-    return load(path, device=device_name, precision=precision_name or "auto")
+    return Pipeline.open(path, device=device_name, precision=precision_name or "auto")
 
 
 def steps_plan(run, pipe, sampler: str, steps, timesteps_file, guidance: float):

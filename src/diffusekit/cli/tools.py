@@ -107,8 +107,7 @@ def tune_steps(run, nfe, sampler, n, reference_steps, iterations, guidance, out,
         return
     from ..tune import save_steps, tune_timesteps
     pipe = opt.load_pipeline(run, device, precision)
-    cond = pipe._cond(  # TEMP: pipe.conditioning (R2)
-        torch.arange(n) % pipe.num_classes if pipe.num_classes else None, n)
+    cond = pipe.conditioning(torch.arange(n) % pipe.num_classes if pipe.num_classes else None, n)
     x_T = torch.randn((n, *pipe.latent_shape), generator=opt.generator(seed)).to(pipe.device)
     with torch.no_grad():
         ts = tune_timesteps(pipe.denoiser(guidance), pipe.schedule, sampler, nfe, x_T,

@@ -74,6 +74,7 @@ def export_diffusers(source, out_dir: str | Path, *, sampler: str = "ddpm", time
     from .diffusers import DiffusersUNet
     pipe = source if isinstance(source, Pipeline) else Pipeline.load(source, device="cpu")
     out = Path(out_dir)
+    _refuse_run_folder(out, getattr(pipe, "source", None))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose a new folder, or pass overwrite=True "
                           "(--overwrite) to write into it.")
@@ -105,6 +106,21 @@ def export_diffusers(source, out_dir: str | Path, *, sampler: str = "ddpm", time
     (out / "README.md").write_text(_readme(pipe, pipeline_class, scheduler_class, sampler, reason))
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     return ExportResult(str(out), reason is None, pipeline_class, scheduler_class, reason, files)
+
+
+def _refuse_run_folder(out: Path, run) -> None:
+    """Never write into a run (issue 23): export would replace its model card and add model_index.json, after
+    which the run loads as a diffusers folder. Refused even with overwrite: the run, a folder inside or around
+    it, or any other diffusekit run folder."""
+    from ..store.manifest import is_run_folder
+    target = out.resolve()
+    run_dir = Path(run).resolve() if run and Path(run).is_dir() else None
+    if run_dir is not None and (target == run_dir or run_dir in target.parents or target in run_dir.parents):
+        where = "is" if target == run_dir else "lies inside" if run_dir in target.parents else "contains"
+        raise ConfigError(f"{out} {where} the run folder {run} being exported; export to a new folder outside it "
+                          f"(e.g. {run_dir.name}-diffusers).")
+    if out.is_dir() and is_run_folder(out):
+        raise ConfigError(f"{out} is a diffusekit run folder; export to a new folder (overwrite never replaces a run).")
 
 
 def _write_diffusekit_unet(folder: Path, model, pipe) -> None:
