@@ -377,13 +377,16 @@ def _user_files(folder: Path) -> dict[str, bytes]:
 
 def test_overwrite_deletes_what_diffusekit_wrote_and_keeps_the_users_files(tiny_run, tiny_config, tmp_path):
     run = damaged_copy(tiny_run, tmp_path / "run", lambda run: None)
+    from diffusekit.store.manifest import note_written
     mine = _user_files(run)
-    (run / "checkpoint-1").mkdir()          # an old snapshot: diffusekit's, so it goes
+    (run / "samples").mkdir()               # grids an earlier run wrote (and recorded): they go
+    (run / "samples" / "step_1.png").write_bytes(b"png")
+    note_written(run, ["samples"])
     r = invoke("train", "--config", tiny_config, "--out", run, "--overwrite", "--seed", 9)
     assert r.exit_code == 0, r.output
     after = _snapshot(run)
     assert {k: after.get(k) for k in mine} == mine                       # the user's files survive, unchanged
-    assert not (run / "checkpoint-1").exists()
+    assert not (run / "samples").exists()
     assert json.loads((run / "config.json").read_text())["train"]["seed"] == 9     # a fresh run was written
     assert ckpt.read_trainer_state(run)["step"] == 2
 
@@ -493,3 +496,18 @@ def test_plot_schedule_names_training_timesteps_as_the_config_does():
     r = invoke("plot-schedule", "--timesteps", 50, "--dry-run")        # the old spelling still works, with a note
     assert r.exit_code == 0 and json.loads(r.stdout)["num_train_timesteps"] == 50
     assert "--num-train-timesteps" in r.stderr
+
+
+def test_a_trained_run_records_what_it_wrote(tiny_run):
+    from diffusekit.store.manifest import written
+    names = written(tiny_run)
+    assert names is not None and {ckpt.CONFIG_FILE, ckpt.EMA_FILE, ckpt.STATE_FILE, "metrics.jsonl"} <= names
+    assert all(not n.startswith("keep") for n in names)
+
+
+@pytest.mark.parametrize("command", ["train-classifier", "train-autoencoder"])
+def test_other_trainers_refuse_an_out_inside_their_data(command, image_folder):
+    before = _snapshot(image_folder)
+    assert_user_error(invoke(command, "--data", image_folder, "--out", image_folder / "run", "--train-steps", 1,
+                             "--device", "cpu"), str(image_folder), "lies inside")
+    assert _snapshot(image_folder) == before and not (image_folder / "run").exists()

@@ -28,6 +28,7 @@ from diffusekit import store
 from diffusekit.config import ConfigError
 from diffusekit.device import grad_scaler
 from diffusekit.seeding import derive_seed
+from diffusekit.store.manifest import check_apart, note_written, run_entries_present
 from diffusekit.training.ema import EMA
 from diffusekit.training.loop import run_loop
 from diffusekit.training.processes import Dist
@@ -128,6 +129,8 @@ def open_run(trainer: Trainer, run_dir: Path, resume: bool, dist: Dist, folder: 
     Refuses a folder that holds a checkpoint unless resuming, and a resume whose settings changed
     beyond trainer.resumable.
     """
+    data = getattr(trainer.cfg, "data", None)
+    check_apart(run_dir, getattr(data, "source", None))     # never train into (or around) the training data
     if dist.rank == 0:
         create_folder(run_dir)
         store.recover(run_dir)
@@ -239,6 +242,8 @@ def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
             store.snapshot_checkpoint(run.run_dir, step, tc.checkpoints_total_limit)
         plot_logged_loss(run.run_dir)
         trainer.after_save(run, step)
+        # what this run wrote, so that --overwrite deletes exactly that (store/manifest.py)
+        note_written(run.run_dir, run_entries_present(run.run_dir))
     run.saved_step = step
     run.dist.barrier()
 
