@@ -49,8 +49,8 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
     from ..store.run_config import read_run_config
     pipe = opt.load_pipeline(run, device, precision) if not dry_run else None
     steps, tuned = opt.steps_plan(run, pipe, sampler, steps, timesteps_file, guidance) if pipe else (steps or 20, None)
-    c, size = (pipe.image_shape[0], pipe.image_shape[1]) if pipe else \
-        (read_run_config(run).model.in_channels, read_run_config(run).model.image_size)
+    model = None if pipe else read_run_config(run).model        # --dry-run reads the shapes without loading
+    c, size = (pipe.image_shape[0], pipe.image_shape[1]) if pipe else (model.in_channels, model.image_size)
     ref = DataConfig(source=ref_source, split=ref_split, image_size=size, channels=c)
     kw = opt.sampler_kwargs(spacing, eta, karras, variance_type)
     settings = dict(run=run, ref=ref.to_dict(), n=n, sampler=sampler, steps=steps, features=features,
