@@ -312,3 +312,25 @@ def plan_steps(run_dir: str | Path, schedule: NoiseSchedule, sampler: str, steps
     other = "" if tuned_at == guidance_scale else f", tuned at guidance {tuned_at}, not {guidance_scale}"
     return StepPlan(len(ts), ts, f"using {len(ts)} tuned model-call times from {path} ({record['nfe']} "
                                  f"evaluations{other})")
+
+
+def tune_pipeline_steps(pipe, sampler: str, nfe: int, out: str | Path | None = None, *, n: int = 16,
+                        reference_steps: int = 100, iterations: int = 3, guidance_scale: float = 1.0,
+                        generator: torch.Generator | None = None, progress: bool = False) -> tuple[torch.Tensor, Path]:
+    """Tune nfe model-call times for sampling a Pipeline with `sampler` at `guidance_scale`, and save them.
+
+    The discrepancy is measured on n noise images (balanced classes k mod K for a class-conditional
+    model), with the guided denoiser the pipeline samples with (the guided ODE differs from the plain
+    one). Writes `out` (default RUN/tuned_steps.json, which plan_steps then picks up for that sampler
+    and guidance scale). Returns (timesteps, the file written).
+    """
+    cond = pipe.conditioning(torch.arange(n) % pipe.num_classes if pipe.num_classes else None, n)
+    x_T = torch.randn((n, *pipe.latent_shape), generator=generator).to(pipe.device)
+    with torch.no_grad():
+        ts = tune_timesteps(pipe.denoiser(guidance_scale), pipe.schedule, sampler, nfe, x_T,
+                            prediction_type=pipe.prediction_type, reference_steps=reference_steps,
+                            iterations=iterations, cond=cond, progress=progress)
+    path = Path(out) if out is not None else Path(pipe.source) / TUNED_STEPS_FILE
+    save_steps(path, ts, {"sampler": sampler, "schedule": pipe.schedule, "prediction_type": pipe.prediction_type,
+                          "guidance_scale": guidance_scale, "run": str(pipe.source)})
+    return ts, path

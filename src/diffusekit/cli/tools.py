@@ -99,22 +99,15 @@ def tune_steps(run, nfe, sampler, n, reference_steps, iterations, guidance, out,
       diffusekit tune-steps runs/digits --nfe 5 --sampler dpmpp_2m
       diffusekit sample runs/digits --sampler dpmpp_2m        # uses runs/digits/tuned_steps.json
     """
-    from ..tune import TUNED_STEPS_FILE
+    from ..tune import TUNED_STEPS_FILE, tune_pipeline_steps
     out = out or str(Path(run) / TUNED_STEPS_FILE)
     if dry_run:
         opt.dump(dict(run=run, nfe=nfe, sampler=sampler, n=n, reference_steps=reference_steps, iterations=iterations,
                       guidance=guidance, out=out, seed=seed or 0))
         return
-    from ..tune import save_steps, tune_timesteps
-    pipe = opt.load_pipeline(run, device, precision)
-    cond = pipe.conditioning(torch.arange(n) % pipe.num_classes if pipe.num_classes else None, n)
-    x_T = torch.randn((n, *pipe.latent_shape), generator=opt.generator(seed)).to(pipe.device)
-    with torch.no_grad():
-        ts = tune_timesteps(pipe.denoiser(guidance), pipe.schedule, sampler, nfe, x_T,
-                            prediction_type=pipe.prediction_type, reference_steps=reference_steps,
-                            iterations=iterations, cond=cond, progress=True)
-    save_steps(out, ts, {"sampler": sampler, "schedule": pipe.schedule, "prediction_type": pipe.prediction_type,
-                         "guidance_scale": guidance, "run": str(run)})
+    ts, _ = tune_pipeline_steps(opt.load_pipeline(run, device, precision), sampler, nfe, out, n=n,
+                                reference_steps=reference_steps, iterations=iterations, guidance_scale=guidance,
+                                generator=opt.generator(seed), progress=True)
     click.echo(f"wrote {out}: {nfe} model calls for {sampler} at t = {[round(float(t), 1) for t in ts]}")
 
 
