@@ -207,6 +207,8 @@ CASES = [
      ["--image-size"]),
     ("image-size-unsupported", None, lambda R, F, T, C: ["train", "--data", "digits", "--image-size", 1024,
                                                          "--out", T / "o"], ["image_size=1024"]),
+    ("prompt-and-prompts-file", None, lambda R, F, T, C: ["sample", R, *S, "--prompt", "a circle", "--prompts-file",
+                                                          F["afile"]], ["--prompt", "--prompts-file", "afile"]),
     ("n-100000000", None, lambda R, F, T, C: ["sample", R, "--n", 100_000_000, "--steps", 1], ["--n"]),
     # resume surprises
     ("resume-with-other-data", None, lambda R, F, T, C: ["train", "--out", R, "--data", F["empty"], "--train-steps", 4,

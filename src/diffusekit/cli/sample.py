@@ -17,6 +17,9 @@ def _prompts(prompts_file, prompt, n: int, nrow):
     """--prompts-file: (prompts, one per image; images; images per row; the row labels) or the inputs as given."""
     if not prompts_file:
         return prompt, n, nrow, None
+    if prompt is not None:
+        raise UserError(f"--prompt {prompt!r} and --prompts-file {prompts_file} both give the prompts; give one "
+                        f"(add the prompt as a line of the file).")
     rows = [ln.strip() for ln in Path(prompts_file).read_text().splitlines() if ln.strip()]
     if not rows:
         raise UserError(f"--prompts-file {prompts_file} holds no prompts; write one prompt per line.")
