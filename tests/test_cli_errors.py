@@ -513,3 +513,27 @@ def test_other_trainers_refuse_an_out_inside_their_data(command, image_folder):
     assert_user_error(invoke(command, "--data", image_folder, "--out", image_folder / "run", "--train-steps", 1,
                              "--device", "cpu"), str(image_folder), "lies inside")
     assert _snapshot(image_folder) == before and not (image_folder / "run").exists()
+
+
+def test_guidance_and_class_checks_name_the_models_kind():
+    """Pipeline.check_guidance / class_labels: one library check each, the message names what the model takes."""
+    from diffusekit import NoiseSchedule, Pipeline
+    from diffusekit.config import ConfigError
+
+    class TextModel(torch.nn.Module):            # stands for a text-conditioned network: only its interface matters
+        def encode_text(self, prompts):
+            return {}
+
+    sched = NoiseSchedule.create("linear", 10)
+    text = Pipeline(TextModel(), sched, image_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match=r"text-conditioned \(no classes\).*--prompt"):
+        text.class_labels(3, 2)
+    text.check_guidance(2.0)                        # text guidance needs no class
+    classes = Pipeline(torch.nn.Identity(), sched, image_shape=(1, 8, 8), num_classes=3)
+    with pytest.raises(ConfigError, match="--guidance.*--class"):
+        classes.check_guidance(2.0)
+    classes.check_guidance(2.0, torch.tensor([0, 1]))
+    classes.check_guidance(1.0)
+    plain = Pipeline(torch.nn.Identity(), sched, image_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match="needs a class- or text-conditional model"):
+        plain.check_guidance(2.0, labels_known=False)

@@ -159,6 +159,9 @@ class Pipeline:
         """Labels as a (n,) long tensor: None, one int (or class name) for all, or one per image."""
         if labels is None:
             return None
+        if not self.num_classes and self.has_text:
+            raise ConfigError("class labels were given but this model is text-conditioned (no classes); describe "
+                              "the image with a prompt (--prompt) instead of --class.")
         if not self.num_classes:
             raise ConfigError("class labels were given but this model is unconditional (no classes); "
                               "drop --class, or train with labelled data.")
