@@ -38,15 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_reader import adherence, attribute_indices, caption_attributes, read, train_reader  # noqa: E402
 
 from diffusekit import store as ckpt                                                    # noqa: E402
-from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder
-from diffusekit.store.autoencoder import load_trained_autoencoder
+from diffusekit.store.autoencoder import load_trained_autoencoder                            # noqa: E402
+from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder         # noqa: E402
+from diffusekit.training.reconstruction import reconstruction_psnr                            # noqa: E402
 from diffusekit.data import DataConfig, load_dataset                                        # noqa: E402
 from diffusekit.data.shapes import ATTRIBUTES, POSITIONS, write_shapes_folder                # noqa: E402
 from diffusekit.device import autocast                                                       # noqa: E402
-from diffusekit.nn.network import build_model  # noqa: E402
+from diffusekit.nn.network import build_model                                                # noqa: E402
 from diffusekit.pipeline import Pipeline                                                     # noqa: E402
-from diffusekit.training.resolve import resolve_run_config  # noqa: E402
-from diffusekit.training import train  # noqa: E402
+from diffusekit.training import train                                                        # noqa: E402
+from diffusekit.training.resolve import resolve_run_config                                   # noqa: E402
 
 TIME_FILE = "bench_time.json"
 # the pixel UNet: 32 -> 16 -> 8 -> 4 with attention (and cross-attention) at 8x8, ~2.6M parameters,

@@ -7,6 +7,7 @@ way is recorded in `ImageDataset.notes`, for the CLI to report.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from torch.utils.data import Dataset
