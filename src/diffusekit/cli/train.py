@@ -272,7 +272,7 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, tr
     """
     from ..training.classifier import train_classifier as fit
     from ..training.plan import plan_classifier_run
-    plan = plan_classifier_run(source, image_size=image_size, channels=int(channels), from_run=run_dir,
+    plan = plan_classifier_run(out, source, image_size=image_size, channels=int(channels), from_run=run_dir,
                                base_channels=base_channels, steps=train_steps, batch_size=batch_size, lr=lr,
                                noise_aware=noise_aware, seed=seed or 0, device=device,
                                **({"precision": precision} if precision else {}))

@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import store as ckpt
 from ..config import ConfigError
+from ..store.manifest import check_apart
 
 
 @dataclass
@@ -82,7 +83,7 @@ def plan_run(out_dir: str | Path, options: dict[str, Any] | None = None, *, conf
     options: dotted config fields ({"train.lr": 1e-3, ...}); on `resume` they apply on top of the run's
     own config and may only change what resuming allows."""
     from .resolve import resolve_run_config
-    from ..store.manifest import check_apart, clear_run
+    from ..store.manifest import clear_run
     run_dir = Path(out_dir)
     if overwrite and resume:
         raise ConfigError("--overwrite starts afresh and --resume continues; give one of them.")
@@ -119,6 +120,7 @@ def plan_autoencoder_run(out_dir: str | Path, data: dict[str, Any], autoencoder:
         if train.get("steps"):
             cfg = replace(cfg, train=replace(cfg.train, steps=train["steps"]))
         return cfg, None, True
+    check_apart(out_dir, data.get("source"))
     data_cfg = DataConfig(**data)
     dataset = load_dataset(data_cfg)
     if factor not in AUTOENCODER_CHANNEL_MULT:
@@ -135,10 +137,10 @@ class ClassifierPlan:
     train: Any          # ClassifierTrainConfig
 
 
-def plan_classifier_run(source: str, *, image_size: int = 0, channels: int = 1, from_run=None,
+def plan_classifier_run(run_dir: str | Path, source: str, *, image_size: int = 0, channels: int = 1, from_run=None,
                         base_channels: int = 16, **train: Any) -> ClassifierPlan:
-    """The configs `train-classifier` trains with: the data's shape and classes, or (from_run) the diffusion
-    run's image size, channels and noise schedule, so the classifier guides that run."""
+    """The configs `train-classifier` trains with in run_dir: the data's shape and classes, or (from_run) the
+    diffusion run's image size, channels and noise schedule, so the classifier guides that run."""
     from ..store.classifier import ClassifierTrainConfig, default_classifier_config
     from ..data import DataConfig, load_dataset
     from ..schedule import ScheduleConfig
@@ -147,6 +149,7 @@ def plan_classifier_run(source: str, *, image_size: int = 0, channels: int = 1, 
         from ..store.run_config import read_run_config
         run_cfg = read_run_config(from_run)
         schedule, image_size, channels = run_cfg.schedule, run_cfg.model.image_size, run_cfg.model.in_channels
+    check_apart(run_dir, source)
     data_cfg = DataConfig(source=source, image_size=image_size, channels=channels)
     train_cfg = ClassifierTrainConfig(schedule=schedule, **train)
     dataset = load_dataset(data_cfg)
