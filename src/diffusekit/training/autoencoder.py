@@ -97,7 +97,7 @@ def train_autoencoder(run_cfg: AutoencoderRunConfig, run_dir: str | Path, resume
     device = resolve_device(run_cfg.train.device)
     check_precision(run_cfg.train.precision, device)
     run_dir = Path(run_dir)
-    skeleton.create_folder(run_dir)
+    skeleton.create_folder(run_dir, run_cfg.data.source)
     with skeleton.locked(run_dir, Dist(), device):
         return _train(run_cfg, run_dir, resume, progress, device, dataset)
 

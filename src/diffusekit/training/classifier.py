@@ -107,13 +107,13 @@ def train_classifier(data_cfg: DataConfig, run_dir: str | Path, classifier_cfg: 
     tc = train_cfg or ClassifierTrainConfig()
     if schedule_cfg is not None:
         tc = dataclasses.replace(tc, schedule=schedule_cfg)
-    dataset = load_dataset(data_cfg)
-    cfg = ClassifierRunConfig(_classifier_for(dataset, data_cfg, classifier_cfg), data_cfg, tc,
-                              list(dataset.class_names))
     device = resolve_device(tc.device)
     check_precision(tc.precision, device)
     run_dir = Path(run_dir)
-    skeleton.create_folder(run_dir)
+    skeleton.create_folder(run_dir, data_cfg.source)
+    dataset = load_dataset(data_cfg)
+    cfg = ClassifierRunConfig(_classifier_for(dataset, data_cfg, classifier_cfg), data_cfg, tc,
+                              list(dataset.class_names))
     with skeleton.locked(run_dir, Dist(), device):
         return _train(cfg, dataset, run_dir, device, progress, resume)
 

@@ -67,8 +67,7 @@ def train(run_config: RunConfig, run_dir: str | Path, resume: bool = False, prog
     dist, device = setup_processes(run_config.train.device)
     run_dir = Path(run_dir)
     try:
-        if dist.rank == 0:
-            skeleton.create_folder(run_dir)
+        skeleton.create_folder(run_dir, run_config.data.source, dist)
         with skeleton.locked(run_dir, dist, device):
             return _train(run_config, run_dir, resume, progress, dist, device, dataset, resume_from)
     finally:

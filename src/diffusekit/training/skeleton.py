@@ -105,8 +105,12 @@ class Run:
 # open and build
 
 
-def create_folder(run_dir: Path) -> None:
-    """mkdir -p, with an error that names the path, the reason and the fix (store.os_error_line)."""
+def create_folder(run_dir: Path, data_source=None, dist: Dist | None = None) -> None:
+    """Refuse a run folder that is, holds or lies inside the training data (every rank), then mkdir -p
+    (rank 0), with an error that names the path, the reason and the fix (store.os_error_line)."""
+    check_apart(run_dir, data_source)       # never train into (or around) the training data
+    if dist is not None and dist.rank != 0:
+        return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -129,8 +133,6 @@ def open_run(trainer: Trainer, run_dir: Path, resume: bool, dist: Dist, folder: 
     Refuses a folder that holds a checkpoint unless resuming, and a resume whose settings changed
     beyond trainer.resumable.
     """
-    data = getattr(trainer.cfg, "data", None)
-    check_apart(run_dir, getattr(data, "source", None))     # never train into (or around) the training data
     if dist.rank == 0:
         create_folder(run_dir)
         store.recover(run_dir)
