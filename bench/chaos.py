@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}      # PYTHONPATH: see snapshot()

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from diffusekit import checkpoint as ckpt
-from diffusekit.classifier_train import ClassifierTrainConfig, load_classifier, train_classifier
+from diffusekit import store as ckpt
+from diffusekit.store.classifier import ClassifierTrainConfig, load_classifier
+from diffusekit.training.classifier import train_classifier
 from diffusekit.data import DataConfig
 from diffusekit.evaluation import judge_accuracy
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import resolve_run_config
-from diffusekit.train import train
+from diffusekit.training.resolve import resolve_run_config
+from diffusekit.training import train
 
 
 def prepare(out: Path, train_steps: int, classifier_steps: int) -> None:

@@ -7,7 +7,7 @@ workers), one fresh process:
   2. loader alone: BatchSource.batch(step) for --loader-steps steps at --batch-size, images/s
      after the first batch (the first batch's time, worker start-up included, is reported apart),
      and the CPU it cost per image (this process plus its workers, first batch included);
-  3. trains a small RGB UNet for --train-steps steps from the same data set (diffusekit.train.train,
+  3. trains a small RGB UNet for --train-steps steps from the same data set (diffusekit.training.train,
      the workers given by train.num_workers); images/s is the mean of the trainer's logged windows
      of 10 steps after the first (metrics.jsonl), so start-up and the final save are left out;
      CPU s per step (process and workers) counts everything, start-up and save included;
@@ -77,7 +77,7 @@ class TreeMemory:
 def small_rgb_run(batch_size: int, steps: int, workers: int, data):
     """A 32x32 RGB unconditional run with a small UNet (the data path, not the network, is measured)."""
     from diffusekit.nn.unet import UNetConfig
-    from diffusekit.run import RunConfig, TrainConfig
+    from diffusekit.store.run_config import RunConfig, TrainConfig
     from diffusekit.schedule import ScheduleConfig
     model = UNetConfig(image_size=32, in_channels=3, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                        attention_resolutions=(), num_heads=2, groups=8, num_classes=0)
@@ -102,7 +102,7 @@ def measure(folder: str, mode: str, workers: int, batch_size: int, loader_steps:
     import torch
 
     from diffusekit.data import BatchSource, DataConfig, open_dataset
-    from diffusekit.train import train
+    from diffusekit.training import train
     mib = 2 ** 20
     baseline = psutil.Process().memory_info().rss
     tree = TreeMemory()

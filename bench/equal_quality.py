@@ -2,7 +2,7 @@
 
 The speed goals of issue 12 are stated "at matched parameters and equal FD": a faster network only
 counts if it trains to the same quality in the same number of steps. Each arm below is trained by
-`diffusekit.train.train` with the same recipe (the 10-minute unconditional recipe: batch 32,
+`diffusekit.training.train` with the same recipe (the 10-minute unconditional recipe: batch 32,
 v-prediction, cosine schedule, bf16, AdamW with the default lr / warm-up / EMA), the same data order
 and the same number of optimiser steps, then scored the same way (bench/quality_per_minute.py: 1,000
 DDIM-20 samples, FD of the judge's features against MNIST t10k, confident share).
@@ -43,9 +43,9 @@ RECIPE = "b32-v-cosine"
 
 
 def train_arm(args) -> dict:
-    import diffusekit.train as train_module
+    import diffusekit.training.diffusion as train_module
     from diffusekit.interop.diffusers import DiffusersUNet
-    from diffusekit.run import resolve_run_config
+    from diffusekit.training.resolve import resolve_run_config
     options = {**qpm.base_options(args.data, args.seed, args.steps), **qpm.RECIPES[RECIPE], **ARMS[args.arm]}
     cfg, dataset = resolve_run_config(options)
     if args.arm == "diffusers":      # the trainer builds this network instead of its own UNet

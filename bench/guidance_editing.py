@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 
 import diffusekit as dk
-from diffusekit.classifier_train import load_classifier
+from diffusekit.store.classifier import load_classifier
 from diffusekit.data import DataConfig, load_dataset
-from diffusekit.editing import psnr
+from diffusekit.metrics import psnr
 from diffusekit.evaluation import judge_accuracy
 from diffusekit.viz import make_grid, plot_curves
 

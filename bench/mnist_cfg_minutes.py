@@ -35,7 +35,7 @@ from quality_per_minute import MNIST28_WIDTHS, RECIPES, Judge, probe_cpu_s_per_s
 
 def config(data: Path, recipe: str, steps: int, seed: int):
     """(RunConfig, dataset) of a class-conditional MNIST run with the recipe's options."""
-    from diffusekit.run import resolve_run_config
+    from diffusekit.training.resolve import resolve_run_config
     return resolve_run_config({"data.source": str(data), "data.split": "train", "train.precision": "bf16",
                                "train.channels_last": True, "train.sample_every": 0, "train.save_every": steps,
                                "train.log_every": 25, "train.seed": seed, "train.steps": steps,
@@ -44,7 +44,7 @@ def config(data: Path, recipe: str, steps: int, seed: int):
 
 def sample_classes(pipe, n: int, steps: int, guidance: float, seed: int = 0, batch: int = 100):
     """n DDIM samples, class k for image k mod 10, each batch from a generator seeded by its first index."""
-    from diffusekit.loop import derive_seed
+    from diffusekit.seeding import derive_seed
     out, labels = [], torch.arange(n) % 10
     for first in range(0, n, batch):
         g = torch.Generator().manual_seed(derive_seed(seed, "eval", first))
@@ -136,7 +136,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from diffusekit.data import DataConfig, load_dataset
     from diffusekit.pipeline import Pipeline
-    from diffusekit.train import train
+    from diffusekit.training import train
     run = args.run or args.out / f"{args.recipe}-{args.budget_cpu_min:g}min-s{args.seed}"
     record_path = run.with_suffix(".json")
     record = json.loads(record_path.read_text()) if record_path.exists() else {}

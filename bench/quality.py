@@ -111,7 +111,7 @@ def run(args) -> None:
     from diffusekit.evaluation import feature_extractor, generate_features
     from diffusekit.pipeline import Pipeline
     from diffusekit.samplers import SAMPLERS
-    from diffusekit.loop import derive_seed
+    from diffusekit.seeding import derive_seed
     torch.set_num_threads(args.threads)
     out = args.out
     (out / "features").mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ OUT/results/NAME.json, so two can run at once):
 
   real                 the reference: 1,000 MNIST train images against t10k (FD floor at this n),
                        and the judge's confident share on real t10k and train images
-  ours  --recipe R     diffusekit.train.train with recipe R (dotted RunConfig options, RECIPES below)
+  ours  --recipe R     diffusekit.training.train with recipe R (dotted RunConfig options, RECIPES below)
                        for --budget-cpu-min; steps = budget / CPU s per step measured on a probe of
                        the same network, loss, batch and precision, so the cosine schedule ends at
                        the budget; then scored
@@ -88,14 +88,14 @@ def base_options(data: Path, seed: int, budget_steps: int) -> dict:
 
 
 def our_config(recipe: str, data: Path, seed: int, steps: int):
-    from diffusekit.run import resolve_run_config
+    from diffusekit.training.resolve import resolve_run_config
     return resolve_run_config({**base_options(data, seed, steps), **RECIPES[recipe]})
 
 
 def probe_cpu_s_per_step(cfg, images: torch.Tensor, steps: int = 12) -> float:
     """CPU seconds per optimiser step of cfg's UNet, loss, batch and precision (after 3 warm-up steps)."""
-    from diffusekit.loop import EMA
-    from diffusekit.losses import diffusion_loss
+    from diffusekit.training.ema import EMA
+    from diffusekit.training.losses import diffusion_loss
     from diffusekit.nn.unet import UNet
     from diffusekit.schedule import NoiseSchedule
     tc, sc = cfg.train, cfg.schedule
@@ -163,7 +163,7 @@ def score_images(images: torch.Tensor, judge: Judge, data: Path, cache: Path, se
 
 def sample(pipe, n: int, steps: int, seed: int = 0, batch: int = 100) -> torch.Tensor:
     """n DDIM samples (eta 0), batch k from a generator seeded by (seed, "eval", first index)."""
-    from diffusekit.loop import derive_seed
+    from diffusekit.seeding import derive_seed
     out = []
     for first in range(0, n, batch):
         g = torch.Generator().manual_seed(derive_seed(seed, "eval", first))
@@ -224,7 +224,7 @@ def job_real(args) -> None:
 
 def job_ours(args) -> None:
     from diffusekit.pipeline import Pipeline
-    from diffusekit.train import train
+    from diffusekit.training import train
     m = meta(args)
     budget = args.budget_cpu_min * 60
     name = f"ours-{args.recipe}-{args.budget_cpu_min:g}min-s{args.seed}"

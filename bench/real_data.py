@@ -35,8 +35,8 @@ from diffusekit import metrics as M
 from diffusekit.data import DataConfig, load_dataset, write_shapes_folder
 from diffusekit.evaluation import evaluate_run, feature_extractor, reference_statistics
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import resolve_run_config
-from diffusekit.train import train
+from diffusekit.training.resolve import resolve_run_config
+from diffusekit.training import train
 
 SAMPLER, SAMPLE_STEPS = "dpmpp_2m", 20
 # a ~1.2M-parameter RGB UNet for 32x32 (the cifar32 preset, 35.7M, does not fit a CPU-minute budget)
@@ -97,7 +97,8 @@ def judge(name: str, spec: dict, args) -> str | None:
     """A classifier trained on the training split (its features score the samples), or None."""
     if not spec["labels"] or args.judge_steps == 0:
         return None
-    from diffusekit.classifier_train import ClassifierTrainConfig, train_classifier
+    from diffusekit.store.classifier import ClassifierTrainConfig
+    from diffusekit.training.classifier import train_classifier
     out = args.out / f"judge-{name}"
     if not (out / "config.json").exists():
         r = train_classifier(DataConfig(source=spec["options"]["data.source"]), out,

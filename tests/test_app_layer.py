@@ -155,8 +155,9 @@ def test_mean_intensity_loss_is_the_squared_distance():
 
 def test_load_run_detects_edited_prediction_type_and_schedule(tmp_path):
     from diffusekit.data import DataConfig
-    from diffusekit.run import RunConfig, TrainConfig, load_run
-    from diffusekit.train import train
+    from diffusekit.store.run_config import RunConfig, TrainConfig
+    from diffusekit.store.run import load_run
+    from diffusekit.training import train
     model = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                        attention_resolutions=(), num_heads=2, groups=4, num_classes=10)
     cfg = RunConfig(model=model, schedule=dk.ScheduleConfig(num_train_timesteps=100), data=DataConfig(),
@@ -168,7 +169,7 @@ def test_load_run_detects_edited_prediction_type_and_schedule(tmp_path):
         edited = json.loads(json.dumps(good))
         edited[section][key] = value
         (run / "config.json").write_text(json.dumps(edited))
-        with pytest.raises(dk.checkpoint.CheckpointError, match=f"{section}.{key}: config.json has '{value}'"):
+        with pytest.raises(dk.store.CheckpointError, match=f"{section}.{key}: config.json has '{value}'"):
             load_run(run)
     # a config.json of the earlier layout (prediction_type under train, mixed_precision) still loads
     old = json.loads(json.dumps(good))

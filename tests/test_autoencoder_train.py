@@ -7,10 +7,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
-from diffusekit.autoencoder_train import (AutoencoderRunConfig, AutoencoderTrainConfig, autoencoder_fingerprint,
-                                          cpu_autoencoder_config, load_autoencoder, reconstruction_psnr,
-                                          save_reconstruction_grid, train_autoencoder)
+from diffusekit import store as ckpt
+from diffusekit.store.autoencoder import (AutoencoderRunConfig, AutoencoderTrainConfig, autoencoder_fingerprint,
+                                          cpu_autoencoder_config, load_autoencoder)
+from diffusekit.training.reconstruction import reconstruction_psnr, save_reconstruction_grid
+from diffusekit.training.autoencoder import train_autoencoder
 from diffusekit.config import ConfigError
 from diffusekit.data import DataConfig, load_dataset, to_pixels
 from diffusekit.nn.autoencoder import DiffusersAutoencoder, KLAutoencoder
@@ -187,7 +188,7 @@ def test_bad_folders_give_clear_errors(tmp_path):
 
     # a diffusion run folder (its config.json has model/schedule sections) passed as an autoencoder
     from diffusekit.nn.unet import UNet, UNetConfig
-    from diffusekit.run import RunConfig
+    from diffusekit.store.run_config import RunConfig
     run = RunConfig(model=UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mult=(1,),
                                      attention_resolutions=(), groups=4))
     unet = UNet(run.model).state_dict()

@@ -1,8 +1,10 @@
 """Run-directory checkpoints: atomic saves, recovery of interrupted saves, checked loads."""
+import os
 import pytest
+
 import torch
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 
 
 def _weights(value: float) -> dict:
@@ -51,9 +53,9 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
         def second_fails(*args, **kwargs):        # the EMA file is written, then the raw one fails
             calls.append(1)
             return real(*args, **kwargs) if len(calls) == 1 else boom()
-        monkeypatch.setattr(ckpt, "save_file", second_fails)
+        monkeypatch.setattr(ckpt.files, "save_file", second_fails)
     else:
-        monkeypatch.setattr(ckpt.torch, "save", boom)
+        monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError, match="simulated"):
         _save(tmp_path, 4, 2.0)
     monkeypatch.undo()
@@ -65,7 +67,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
 
 def test_interrupted_commit_rolls_forward(tmp_path, monkeypatch):
     _save(tmp_path, 3, 1.0)
-    real_replace = ckpt.os.replace
+    real_replace = os.replace
     moved = []
 
     def crash_after_two(src, dst):                 # the folder rename, then one file, then "kill"
@@ -73,7 +75,7 @@ def test_interrupted_commit_rolls_forward(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed (simulated)")
         moved.append(dst)
         return real_replace(src, dst)
-    monkeypatch.setattr(ckpt.os, "replace", crash_after_two)
+    monkeypatch.setattr(os, "replace", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         _save(tmp_path, 4, 2.0)
     monkeypatch.undo()

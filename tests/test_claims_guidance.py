@@ -15,9 +15,9 @@ from PIL import Image
 from diffusekit.cli import main
 from diffusekit.data import DataConfig, load_dataset
 from diffusekit.nn.unet import UNetConfig
-from diffusekit.run import RunConfig, TrainConfig
+from diffusekit.store.run_config import RunConfig, TrainConfig
 from diffusekit.schedule import ScheduleConfig
-from diffusekit.train import train
+from diffusekit.training import train
 
 N, CLASSES = 200, 10
 

@@ -17,14 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.data import DataConfig
 from diffusekit.evaluation import evaluate_run
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import RunConfig, TrainConfig
+from diffusekit.store.run_config import RunConfig, TrainConfig
 from diffusekit.schedule import ScheduleConfig
-from diffusekit.train import train
+from diffusekit.training import train
 
 STEPS, BATCH = 6, 16
 EVAL = dict(n=24, num_steps=4, features="raw", seed=3, batch_size=5, progress=False)

@@ -18,12 +18,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.cli import main
 from diffusekit.data import DataConfig
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import RunConfig, TrainConfig
+from diffusekit.store.run_config import RunConfig, TrainConfig
 from diffusekit.schedule import ScheduleConfig
 
 TOTAL, SAVE_EVERY, KILL_AT = 16, 6, 9     # killed during step 9: the last checkpoint is step 6
@@ -88,7 +88,7 @@ PRECISIONS = {"fp32": ["--precision", "fp32"], "bf16-channels-last": ["--precisi
 def test_cli_resume_after_sigkill_runs_the_missing_steps_and_equals_an_uninterrupted_run(tmp_path, monkeypatch,
                                                                                         flags):
     # loss.png is redrawn at every save and is not what this test is about: skip it in this process
-    monkeypatch.setattr("diffusekit.train.plot_loss", lambda *a, **k: None, raising=False)
+    monkeypatch.setattr("diffusekit.training.skeleton.plot_loss", lambda *a, **k: None, raising=False)
     config = tiny_config(tmp_path / "run.json")
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     proc = subprocess.run([sys.executable, "-c", KILLER, str(KILL_AT), "train", "--config", str(config),

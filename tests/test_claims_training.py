@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.data import DataConfig, load_dataset
-from diffusekit.losses import diffusion_loss
+from diffusekit.training.losses import diffusion_loss
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import RunConfig, TrainConfig, load_run
+from diffusekit.store.run_config import RunConfig, TrainConfig
+from diffusekit.store.run import load_run
 from diffusekit.schedule import NoiseSchedule, ScheduleConfig
-from diffusekit.train import train
+from diffusekit.training import train
 
 TOTAL, SAVE_EVERY, CRASH_AT = 16, 6, 9
 
@@ -64,7 +65,7 @@ def losses(run):
 @pytest.mark.slow
 @pytest.mark.parametrize("prediction_type,loss_weighting", list(CASES.values()), ids=list(CASES))
 def test_tiny_training_learns_samples_and_resumes_exactly(tmp_path, monkeypatch, prediction_type, loss_weighting):
-    monkeypatch.setattr("diffusekit.train.plot_loss", lambda *a, **k: None, raising=False)   # speed only
+    monkeypatch.setattr("diffusekit.training.skeleton.plot_loss", lambda *a, **k: None, raising=False)   # speed only
     cfg = tiny_config(prediction_type, loss_weighting)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train(cfg, straight, progress=False)

@@ -114,8 +114,7 @@ def test_bad_input_gets_a_clear_message(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A digits run trained for 400 steps (about 15 s): enough for guidance to act on real denoising."""
-    from diffusekit.run import resolve_run_config
-    from diffusekit.train import train
+    from diffusekit.training import resolve_run_config, train
     cfg, data = resolve_run_config({"data.source": "digits", "train.steps": 400, "train.batch_size": 32,
                                     "train.sample_every": 0, "train.save_every": 400, "train.device": "cpu"})
     out = tmp_path_factory.mktemp("trained") / "digits"
@@ -217,3 +216,31 @@ def test_steps_tuned_at_a_guidance_scale_are_used_at_that_scale_only(tiny_run, t
     r = run("sample", run_dir, "--sampler", "ddim", "--n", 2, "--out", tmp_path / "h.png")
     assert r.exit_code == 0, r.output
     assert "tuned at guidance 2.0, sampling at 1.0" in r.output and "20 model evaluations" in r.output
+
+
+@pytest.mark.slow
+def test_train_classifier_resumes_and_takes_precision(tmp_path):
+    from diffusekit import store
+    out = tmp_path / "judge"
+    args = ["train-classifier", "--data", "digits", "--out", out, "--batch-size", 16, "--base-channels", 4,
+            "--device", "cpu", "--precision", "fp32"]
+    r = run(*args, "--train-steps", 3)
+    assert r.exit_code == 0, r.output
+    assert store.read_trainer_state(out)["step"] == 3
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "fp32"
+    r = CliRunner().invoke(main, [str(a) for a in args + ["--train-steps", 5]])
+    assert r.exit_code == 2 and "--resume" in r.output          # a finished classifier is not overwritten
+    r = run(*args, "--train-steps", 5, "--resume")
+    assert r.exit_code == 0, r.output
+    assert store.read_trainer_state(out)["step"] == 5
+
+
+def test_train_autoencoder_dry_run_resolves_the_factor(tmp_path):
+    for factor, mult in (("4", [1, 2, 2]), ("8", [1, 2, 2, 4])):
+        r = run("train-autoencoder", "--data", "digits", "--out", tmp_path / "ae", "--factor", factor,
+                "--latent-channels", 2, "--train-steps", 7, "--dry-run")
+        assert r.exit_code == 0, r.output
+        cfg = json.loads(r.stdout)
+        assert cfg["autoencoder"]["channel_mult"] == mult and cfg["autoencoder"]["latent_channels"] == 2
+        assert cfg["train"]["steps"] == 7 and cfg["autoencoder"]["in_channels"] == 1
+    assert not (tmp_path / "ae").exists()

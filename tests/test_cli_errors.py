@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.cli import main
 
 MAX_MESSAGE_LINES = 4     # "one line", or a short list of the fields that differ
@@ -207,6 +207,8 @@ CASES = [
      ["--image-size"]),
     ("image-size-unsupported", None, lambda R, F, T, C: ["train", "--data", "digits", "--image-size", 1024,
                                                          "--out", T / "o"], ["image_size=1024"]),
+    ("prompt-and-prompts-file", None, lambda R, F, T, C: ["sample", R, *S, "--prompt", "a circle", "--prompts-file",
+                                                          F["afile"]], ["--prompt", "--prompts-file", "afile"]),
     ("n-100000000", None, lambda R, F, T, C: ["sample", R, "--n", 100_000_000, "--steps", 1], ["--n"]),
     # resume surprises
     ("resume-with-other-data", None, lambda R, F, T, C: ["train", "--out", R, "--data", F["empty"], "--train-steps", 4,
@@ -357,3 +359,181 @@ def test_no_traceback_reaches_stderr(tiny_run, files, tmp_path):
     message = p.stderr.strip().splitlines()[-1]
     assert message.startswith("Error: ") and "edited.png" in message and "limit" in message, p.stderr
     assert not edited.exists() and not list(tmp_path.glob("*.tmp"))        # no half-written image left
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing lost (issue 23): --overwrite deletes only what diffusekit wrote; --out apart from --data;
+# no export into a run
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_files(folder: Path) -> dict[str, bytes]:
+    (folder / "keep.txt").write_text("my notes")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return {"keep.txt": b"my notes", "sub/data.csv": b"a,b\n1,2\n"}
+
+
+def test_overwrite_deletes_what_diffusekit_wrote_and_keeps_the_users_files(tiny_run, tiny_config, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path / "run", lambda run: None)
+    from diffusekit.store.manifest import note_written
+    mine = _user_files(run)
+    (run / "samples").mkdir()               # grids an earlier run wrote (and recorded): they go
+    (run / "samples" / "step_1.png").write_bytes(b"png")
+    note_written(run, ["samples"])
+    r = invoke("train", "--config", tiny_config, "--out", run, "--overwrite", "--seed", 9)
+    assert r.exit_code == 0, r.output
+    after = _snapshot(run)
+    assert {k: after.get(k) for k in mine} == mine                       # the user's files survive, unchanged
+    assert not (run / "samples").exists()
+    assert json.loads((run / "config.json").read_text())["train"]["seed"] == 9     # a fresh run was written
+    assert ckpt.read_trainer_state(run)["step"] == 2
+
+
+def test_overwrite_refuses_a_folder_diffusekit_did_not_write(tiny_config, tmp_path):
+    project = tmp_path / "web"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"name": "my-web-app", "port": 8080}')
+    (project / "src" / "app.js").write_text("console.log('hi')")
+    before = _snapshot(project)
+    assert_user_error(invoke("train", "--config", tiny_config, "--out", project, "--overwrite"),
+                      str(project), "not a diffusekit run", "nothing in it is deleted")
+    assert _snapshot(project) == before
+
+
+def test_overwrite_deletes_only_the_manifests_entries(tmp_path):
+    from diffusekit.store.manifest import MANIFEST_FILE, clear_run, note_written
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"w")
+    (run / "samples").mkdir()
+    (run / "samples" / "step_1.png").write_bytes(b"p")
+    (run / "config.json").write_text("{}")          # not recorded: written by someone else, so it stays
+    mine = _user_files(run)
+    note_written(run, ["model.safetensors", "samples"])
+    assert sorted(clear_run(run)) == sorted([MANIFEST_FILE, "model.safetensors", "samples"])
+    after = _snapshot(run)
+    after.pop(ckpt.LOCK_FILE, None)             # the run's lock file, which clear_run held while deleting
+    assert after == {**mine, "config.json": b"{}"}
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    """An 8x8 digits folder with class sub-folders."""
+    from diffusekit.data import DataConfig, load_dataset, save_image
+    data = tmp_path / "data"
+    images = load_dataset(DataConfig("digits", image_size=8)).images
+    for k in range(4):
+        (data / str(k % 2)).mkdir(parents=True, exist_ok=True)
+        save_image(images[k], data / str(k % 2) / f"{k}.png")
+    return data
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "contains"])
+def test_out_overlapping_the_data_is_refused_and_the_data_survives(tiny_config, image_folder, where):
+    out = {"same": image_folder, "inside": image_folder / "run", "contains": image_folder.parent}[where]
+    before = _snapshot(image_folder)
+    for extra in ([], ["--overwrite"]):
+        message = assert_user_error(invoke("train", "--config", tiny_config, "--data", image_folder, "--out", out,
+                                           *extra), str(image_folder), "--out")
+        assert {"same": " is ", "inside": "lies inside", "contains": "contains"}[where] in message
+        assert _snapshot(image_folder) == before
+
+
+def test_export_into_a_run_is_refused_and_the_run_is_unchanged(tiny_run, tmp_path):
+    run = damaged_copy(tiny_run, tmp_path / "run", lambda run: None)
+    other = damaged_copy(tiny_run, tmp_path / "other", lambda run: None)
+    for target, names in ((run, [str(run), "run folder"]), (run / "exported", [str(run), "inside"]),
+                          (other, [str(other), "run folder"])):
+        before = {p: _snapshot(p) for p in (run, other)}
+        assert_user_error(invoke("export", run, target, "--overwrite"), *names)
+        assert {p: _snapshot(p) for p in (run, other)} == before
+        assert not (run / "model_index.json").exists() and not (run / "exported").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# options: a command offers what it uses, one word per concept
+
+
+@pytest.mark.parametrize("command, option", [
+    (["make-shapes", "x"], ["--device", "cpu"]), (["make-shapes", "x"], ["--precision", "fp32"]),
+    (["export", "r", "x"], ["--seed", "1"]), (["export", "r", "x"], ["--device", "cpu"]),
+    (["export", "r", "x"], ["--precision", "fp32"]), (["plot-schedule"], ["--device", "cpu"]),
+    (["invert", "r", "--image", "i"], ["--seed", "1"]), (["demo", "r"], ["--seed", "1"])])
+def test_an_option_a_command_does_not_use_is_not_offered(command, option):
+    r = invoke(*command, *option)
+    assert r.exit_code == 2 and "No such option" in r.output and option[0] in r.output, r.output
+
+
+def test_every_command_has_a_worked_example_and_seed_where_it_draws_random_numbers():
+    random = {"train", "train-autoencoder", "train-classifier", "sample", "edit", "inpaint", "eval", "tune-steps",
+              "make-shapes", "plot-schedule", "plot-process"}
+    for name, command in main.commands.items():
+        r = invoke(name, "--help")
+        assert r.exit_code == 0 and "Example" in r.output and f"diffusekit {name}" in r.output, name
+        assert ("--seed" in r.output) == (name in random), name
+        assert "--dry-run" in r.output, name
+
+
+def test_text_encoder_is_one_option_and_the_old_spelling_still_works(tmp_path):
+    from diffusekit.cli.train import text_encoder
+    assert text_encoder("learned", None) == {"text.kind": "learned"}
+    assert text_encoder("pretrained", None) == {"text.kind": "pretrained"}
+    assert text_encoder("minilm", None) == {"text.kind": "pretrained", "text.path": "minilm"}
+    assert text_encoder("pretrained", "some/folder") == {"text.kind": "pretrained", "text.path": "some/folder"}
+    assert text_encoder(None, "some/folder") == text_encoder("some/folder", None)
+    r = invoke("train", "--data", "shapes", "--text", "learned", "--out", tmp_path / "o", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["text"]["kind"] == "learned"
+    assert_user_error(invoke("train", "--data", "shapes", "--text", "learned", "--text-encoder", "minilm",
+                             "--out", tmp_path / "o", "--dry-run"), "--text learned", "--text-encoder minilm")
+
+
+def test_plot_schedule_names_training_timesteps_as_the_config_does():
+    r = invoke("plot-schedule", "--num-train-timesteps", 60, "--dry-run")
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_train_timesteps"] == 60
+    r = invoke("plot-schedule", "--timesteps", 50, "--dry-run")        # the old spelling still works, with a note
+    assert r.exit_code == 0 and json.loads(r.stdout)["num_train_timesteps"] == 50
+    assert "--num-train-timesteps" in r.stderr
+
+
+def test_a_trained_run_records_what_it_wrote(tiny_run):
+    from diffusekit.store.manifest import written
+    names = written(tiny_run)
+    assert names is not None and {ckpt.CONFIG_FILE, ckpt.EMA_FILE, ckpt.STATE_FILE, "metrics.jsonl"} <= names
+    assert all(not n.startswith("keep") for n in names)
+
+
+@pytest.mark.parametrize("command", ["train-classifier", "train-autoencoder"])
+def test_other_trainers_refuse_an_out_inside_their_data(command, image_folder):
+    before = _snapshot(image_folder)
+    assert_user_error(invoke(command, "--data", image_folder, "--out", image_folder / "run", "--train-steps", 1,
+                             "--device", "cpu"), str(image_folder), "lies inside")
+    assert _snapshot(image_folder) == before and not (image_folder / "run").exists()
+
+
+def test_guidance_and_class_checks_name_the_models_kind():
+    """Pipeline.check_guidance / class_labels: one library check each, the message names what the model takes."""
+    from diffusekit import NoiseSchedule, Pipeline
+    from diffusekit.config import ConfigError
+
+    class TextModel(torch.nn.Module):            # stands for a text-conditioned network: only its interface matters
+        def encode_text(self, prompts):
+            return {}
+
+    sched = NoiseSchedule.create("linear", 10)
+    text = Pipeline(TextModel(), sched, image_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match=r"text-conditioned \(no classes\).*--prompt"):
+        text.class_labels(3, 2)
+    text.check_guidance(2.0)                        # text guidance needs no class
+    classes = Pipeline(torch.nn.Identity(), sched, image_shape=(1, 8, 8), num_classes=3)
+    with pytest.raises(ConfigError, match="--guidance.*--class"):
+        classes.check_guidance(2.0)
+    classes.check_guidance(2.0, torch.tensor([0, 1]))
+    classes.check_guidance(1.0)
+    plain = Pipeline(torch.nn.Identity(), sched, image_shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match="needs a class- or text-conditional model"):
+        plain.check_guidance(2.0, labels_known=False)

@@ -242,8 +242,7 @@ def test_limit_and_kinds(tmp_path):
     assert len(ds) == 2 and any("limit=2" in n for n in ds.notes)
     assert resolve_kind(str(root)) == "folder" and resolve_kind("shapes") == "shapes"
     assert resolve_kind("digits") == "digits" and resolve_kind(str(root), "npy") == "npy"
-    from diffusekit.data import _resolve_kind  # the old name, still there for old callers
-    assert _resolve_kind(str(root), "auto") == "folder"
+    assert resolve_kind(str(root), "auto") == "folder"
 
 
 def test_open_dataset_chooses_by_size(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from diffusekit.data import BatchSource, DataConfig, StreamingImageFolder, load_dataset, open_dataset
-from diffusekit.loop import DataOrder
+from diffusekit.data import DataOrder
 
 N, BATCH, SEED = 30, 6, 11   # 5 batches per epoch: steps 0..11 cross two epoch boundaries
 

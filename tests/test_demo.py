@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 from diffusekit import demo, demo_handlers as h  # noqa: E402
 from diffusekit.data import from_pixels, to_pixels  # noqa: E402
-from diffusekit.editing import psnr  # noqa: E402
+from diffusekit.metrics import psnr  # noqa: E402
 from diffusekit.nn.unet import UNet, UNetConfig  # noqa: E402
 from diffusekit.pipeline import Pipeline  # noqa: E402
 from diffusekit.schedule import NoiseSchedule  # noqa: E402

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import diffusekit as dk
-from diffusekit.editing import inpaint, invert, psnr, reconstruct, sdedit
+from diffusekit.editing import inpaint, invert, reconstruct, sdedit
+from diffusekit.metrics import psnr
 from diffusekit.toy import ExactDenoiserModel, GaussianMixture
 
 SCHED = dk.NoiseSchedule.create("linear", 1000)

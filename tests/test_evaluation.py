@@ -9,16 +9,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from diffusekit import checkpoint as ckpt
-from diffusekit.classifier_train import (ClassifierTrainConfig, default_classifier_config, load_classifier,
-                                         random_shift, split_heldout, train_classifier)
-from diffusekit.data import DataConfig, load_dataset
+from diffusekit import store as ckpt
+from diffusekit.store.classifier import ClassifierTrainConfig, default_classifier_config, load_classifier
+from diffusekit.training.classifier import random_shift, train_classifier
+from diffusekit.data import DataConfig, load_dataset, split_heldout
 from diffusekit.evaluation import _share, evaluate_run, judge_accuracy, reference_key
 from diffusekit.metrics import RawPixelFeatures
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.schedule import ScheduleConfig
-from diffusekit.run import RunConfig, TrainConfig
-from diffusekit.train import train
+from diffusekit.store.run_config import RunConfig, TrainConfig
+from diffusekit.training import train
 
 RESULT_KEYS = {"fd", "kid_mean", "kid_std", "precision", "recall", "sampler", "steps", "nfe", "wall_time_s", "n"}
 
@@ -91,6 +91,35 @@ def test_noise_aware_classifier_reports_accuracy_over_t(tmp_path):
     assert set(by_t) == {"0", "25", "50", "75", "99"} and all(0 <= a <= 1 for a in by_t.values())
     _, loaded = load_classifier(tmp_path)
     assert loaded.train.noise_aware and loaded.train.schedule.num_train_timesteps == 100
+
+
+class _Stopped(Exception):
+    """Stands for a process that died right after a save."""
+
+
+def test_classifier_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """The classifier trains on the one skeleton: stopped after its first save and resumed, it ends with
+    the weights of a straight run, bit for bit (CPU, fp32)."""
+    ccfg = default_classifier_config(8, 1, 10, base_channels=8, channel_mult=(1, 2), groups=4)
+    tc = ClassifierTrainConfig(steps=8, batch_size=32, save_every=4, log_every=2, device="cpu", precision="fp32")
+    straight = train_classifier(DataConfig(), tmp_path / "straight", ccfg, tc, progress=False)
+    real_save = ckpt.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _Stopped
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Stopped):
+        train_classifier(DataConfig(), tmp_path / "stopped", ccfg, tc, progress=False)
+    monkeypatch.undo()
+    assert ckpt.read_trainer_state(tmp_path / "stopped")["step"] == 4
+    with pytest.raises(ckpt.CheckpointError, match="already holds a checkpoint at step 4"):
+        train_classifier(DataConfig(), tmp_path / "stopped", ccfg, tc, progress=False)
+    resumed = train_classifier(DataConfig(), tmp_path / "stopped", ccfg, tc, progress=False, resume=True)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed.accuracy == straight.accuracy
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]               # the standard run folder's log, nothing logged twice
 
 
 def _write_idx(path, arr):

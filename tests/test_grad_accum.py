@@ -14,8 +14,8 @@ import torch
 
 from diffusekit.config import ConfigError
 from diffusekit.nn.layers import RowDropout, row_dropout_seeds
-from diffusekit.run import TrainConfig
-from diffusekit.train import train
+from diffusekit.store.run_config import TrainConfig
+from diffusekit.training import train
 from test_multinode import assert_same_training, entry_point, launch, loopback_env, tiny_distributed_run
 
 STEPS = 6
@@ -104,7 +104,8 @@ def test_grad_accum_with_two_processes_equals_one_process(tmp_path):
 
 def test_grad_accum_equals_the_big_batch_with_captions(tmp_path):
     # a learned text encoder trained with the UNet; caption dropout is drawn for the global batch too
-    from diffusekit.run import RunConfig, resolve_run_config
+    from diffusekit.store.run_config import RunConfig
+    from diffusekit.training.resolve import resolve_run_config
     from test_text_to_image import text_options
     big, data = resolve_run_config(text_options(**{"train.steps": 4, "train.log_every": 1, "train.sample_every": 0,
                                                    "train.caption_dropout": 0.3, "train.precision": "fp32"}))

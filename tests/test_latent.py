@@ -3,12 +3,12 @@ Pipeline operation through encode/decode (tiny models on the built-in shapes).""
 import pytest
 import torch
 
-from diffusekit.autoencoder_train import autoencoder_run_config, train_autoencoder
+from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder
 from diffusekit.config import ConfigError
 from diffusekit.data import DataConfig, load_dataset
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import resolve_run_config
-from diffusekit.train import train
+from diffusekit.training.resolve import resolve_run_config
+from diffusekit.training import train
 
 SHAPES = DataConfig(source="shapes", limit=64)
 

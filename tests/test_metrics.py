@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusekit.metrics import (ClassifierFeatures, FeatureExtractor, InceptionFeatures,
+from diffusekit.metrics import (ClassifierFeatures, FeatureExtractor,
                                 RawPixelFeatures, ReferenceStats, dataset_key, evaluate,
                                 extract_features, feature_stats, frechet_distance, kid,
                                 precision_recall, reference_stats)
-from diffusekit.nn.inception import FID_WEIGHTS_FILE, FIDInceptionV3, load_fid_inception
+from diffusekit.nn.inception import FID_WEIGHTS_FILE, FIDInceptionV3, InceptionFeatures, load_fid_inception
 
 
 def random_spd(rng, d, scale=1.0):

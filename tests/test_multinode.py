@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
-from diffusekit.run import RunConfig
-from diffusekit.train import train
+from diffusekit import store as ckpt
+from diffusekit.store.run_config import RunConfig
+from diffusekit.training import train
 from test_train import tiny_run
 
 LAUNCH_TIMEOUT_S = 240       # generous: a loaded 2-core machine takes ~20 s to import torch in each process

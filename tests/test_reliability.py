@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file as plain_save_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.config import Config, ConfigError, check_finite, check_range
 from diffusekit.schedule import ScheduleConfig
 
@@ -126,7 +126,7 @@ def _assert_one_save(c: ckpt.Checkpoint, step: int):
 
 HOLDER = """
 import sys
-from diffusekit.checkpoint import RunLock
+from diffusekit.store import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()
@@ -196,7 +196,7 @@ def test_lock_in_this_process(tmp_path):
 
 def _half_moved_save(run, monkeypatch, step):
     """Save `step`, then "kill" the save after the commit rename and one file move (config.json)."""
-    real_replace = ckpt.os.replace
+    real_replace = os.replace
     moved = []
 
     def crash_after_two(src, dst):
@@ -204,7 +204,7 @@ def _half_moved_save(run, monkeypatch, step):
             raise KeyboardInterrupt("killed (simulated)")
         moved.append(dst)
         return real_replace(src, dst)
-    monkeypatch.setattr(ckpt.os, "replace", crash_after_two)
+    monkeypatch.setattr(os, "replace", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         _save(run, step)
     monkeypatch.undo()
@@ -376,13 +376,13 @@ def test_unwritable_folder_keeps_the_previous_checkpoint(tmp_path):
 
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     _save(tmp_path, 1)
-    real = ckpt._write_bytes
+    real = ckpt.files.write_bytes
 
     def full_at_state(path, data):
         if path.name == ckpt.STATE_FILE:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
-    monkeypatch.setattr(ckpt, "_write_bytes", full_at_state)
+    monkeypatch.setattr(ckpt.files, "write_bytes", full_at_state)
     with pytest.raises(ckpt.CheckpointWriteError, match=r"could not save step 2 .*No space left on device; the "
                                                         r"previous checkpoint there is intact; free disk space"):
         _save(tmp_path, 2)
@@ -393,7 +393,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 FILL_UP = """
 import errno, json, resource, signal, sys, torch
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit fails with EFBIG instead
 resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 w = {"a": torch.ones(64, 64)}                       # 16 KiB: over the limit
@@ -419,13 +419,13 @@ def test_file_size_limit_during_a_real_save(tmp_path):
 
 def test_failed_move_after_the_commit_rolls_forward_later(tmp_path, monkeypatch):
     _save(tmp_path, 1)
-    real_replace = ckpt.os.replace
+    real_replace = os.replace
 
     def fail_moves(src, dst):
         if os.path.basename(src) != ckpt.TMP_DIR:      # the commit rename works, the moves do not
             raise OSError(errno.EIO, "Input/output error", str(src))
         return real_replace(src, dst)
-    monkeypatch.setattr(ckpt.os, "replace", fail_moves)
+    monkeypatch.setattr(os, "replace", fail_moves)
     with pytest.raises(ckpt.CheckpointWriteError, match=r"the save of step 2 is complete in .*ckpt.ready"):
         _save(tmp_path, 2)
     monkeypatch.undo()

@@ -6,10 +6,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit.cli import main
-from diffusekit.run import resolve_run_config
-from diffusekit.train import train
+from diffusekit.training.resolve import resolve_run_config
+from diffusekit.training import train
 
 TINY = {"data.source": "digits", "model.base_channels": 8, "model.channel_mult": (1, 2), "model.num_res_blocks": 1,
         "model.groups": 4, "model.attention_resolutions": (), "model.num_heads": 2, "train.batch_size": 16,

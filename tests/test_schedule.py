@@ -158,7 +158,7 @@ def test_matches_diffusers_schedules(kind, theirs):
 def test_epsilon_prediction_on_a_zero_terminal_snr_schedule_is_refused_with_the_fix():
     # x0 = (x_T - eps) / sqrt(abar_T) at abar_T = 0: DDIM and DDPM return NaN, the solvers noise
     from diffusekit.pipeline import Pipeline
-    from diffusekit.run import resolve_run_config
+    from diffusekit.training.resolve import resolve_run_config
     zsnr = dk.NoiseSchedule.create("linear", num_train_timesteps=100, rescale_zero_terminal_snr=True)
     model = lambda x, t, **c: 0.5 * x       # noqa: E731
     with pytest.raises(dk.ConfigError, match="v_prediction"):

@@ -254,7 +254,7 @@ def test_training_compiles_on_request_and_trains_what_eager_trains(tmp_path, mon
     # trains the weights eager training trains; "auto" follows the measured table (never, for CPU
     # training); "off" never compiles
     from test_multinode import assert_same_training, tiny_distributed_run
-    from diffusekit import train as train_module
+    from diffusekit.training import diffusion as train_module
     calls = []
 
     def recording_compile(model, enabled=True, **kw):

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from diffusekit.cli import main
 from diffusekit.config import ConfigError
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import resolve_run_config
-from diffusekit.train import train
+from diffusekit.training.resolve import resolve_run_config
+from diffusekit.training import train
 
 TINY = {"model.base_channels": 8, "model.channel_mult": (1, 2), "model.num_res_blocks": 1, "model.groups": 4,
         "model.attention_resolutions": (8,), "model.num_heads": 2}

@@ -11,16 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusekit import checkpoint as ckpt
-from diffusekit import train as train_mod
+from diffusekit import store as ckpt
+from diffusekit.training import diffusion as train_mod
 from diffusekit.config import ConfigError
 from diffusekit.data import DataConfig
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.schedule import NoiseSchedule, ScheduleConfig
-from diffusekit.loop import EMA, TrainingDiverged, lr_at
-from diffusekit.run import RunConfig, TrainConfig, load_run
-from diffusekit.losses import diffusion_loss, loss_weights
-from diffusekit.train import train
+from diffusekit.training.ema import EMA
+from diffusekit.training.loop import TrainingDiverged, lr_at
+from diffusekit.store.run_config import RunConfig, TrainConfig
+from diffusekit.store.run import load_run
+from diffusekit.training.losses import diffusion_loss, loss_weights
+from diffusekit.training import train
 
 
 
@@ -208,7 +210,7 @@ def test_torchrun_two_processes(tmp_path):
     script.write_text(
         "import os, sys\n"
         "from safetensors.torch import save_file\n"
-        "from diffusekit.run import RunConfig\nfrom diffusekit.train import train\n"
+        "from diffusekit.store.run_config import RunConfig\nfrom diffusekit.training import train\n"
         "r = train(RunConfig.from_json(sys.argv[1]), sys.argv[2], progress=False)\n"
         "sd = {k: v.contiguous() for k, v in r.model.state_dict().items()}\n"
         "save_file(sd, os.path.join(sys.argv[2], 'rank%s.safetensors' % os.environ['RANK']))\n")

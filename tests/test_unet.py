@@ -226,7 +226,7 @@ def test_unchanged_config_keeps_v1_parameters_and_outputs():
 
 
 def test_28x28_images_get_the_lean_preset_unless_another_is_named():
-    from diffusekit.run import model_config
+    from diffusekit.store.run_config import model_config
     lean, full = UNetConfig.preset("mnist28-lean"), UNetConfig.preset("mnist28")
     default = model_config(28, 1, 10)
     assert (default.base_channels, default.channel_mult) == (lean.base_channels, lean.channel_mult)

@@ -6,8 +6,8 @@ from .samplers import SAMPLERS, Denoiser, Sampler, ddim_invert, get_sampler
 __version__ = "0.1.0"
 
 
-_LAZY_MODULES = ("guidance", "editing", "metrics", "evaluation", "data", "viz", "train", "pipeline", "toy",
-                 "checkpoint", "classifier_train", "nn")
+_LAZY_MODULES = ("guidance", "editing", "metrics", "evaluation", "data", "viz", "training", "pipeline", "toy",
+                 "store", "nn")
 
 
 def __getattr__(name):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import read_image_array
-from .editing import psnr
+from .metrics import psnr
 from .viz import make_grid, plot_schedule, save_trajectory
 
 DISPLAY_SIZE = 256          # images are shown upscaled (nearest) to about this many pixels a side

@@ -80,15 +80,6 @@ def reconstruct(sampler: Sampler, model, x_T: torch.Tensor, num_steps: int, call
     return _check_ddim(sampler).sample(model, x_T, num_steps, callback=callback, **cond)
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB over all elements; data_range 2 for images in [-1, 1]."""
-    if a.shape != b.shape:
-        raise ValueError(f"psnr needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}.")
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    # PSNR = 10 log10(range^2 / MSE)
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
-
-
 # --- inpainting ----------------------------------------------------------------------------
 
 def _one_step(sampler: Sampler, model, x: torch.Tensor, num_steps: int, i: int, generator, cond) -> torch.Tensor:

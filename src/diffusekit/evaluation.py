@@ -24,7 +24,7 @@ import torch
 
 from diffusekit import metrics as M
 from diffusekit.data import DataConfig, ImageDataset, load_dataset
-from diffusekit.loop import derive_seed
+from diffusekit.seeding import derive_seed
 
 FEATURE_KINDS = ("raw", "classifier:PATH", "inception:WEIGHTS")
 
@@ -51,11 +51,12 @@ def feature_extractor(spec: str, device: str | torch.device = "cpu") -> M.Featur
     if kind == "raw" and not arg:
         return M.RawPixelFeatures()
     if kind == "classifier" and arg:
-        from diffusekit.classifier_train import load_classifier, weights_path
+        from diffusekit.store.classifier import load_classifier, weights_path
         model, _ = load_classifier(arg, device=device)
         return M.ClassifierFeatures(model, name=f"classifier-{_file_digest(weights_path(arg))}")
     if kind == "inception" and arg:
-        return M.InceptionFeatures(arg, device=device)
+        from diffusekit.nn.inception import InceptionFeatures
+        return InceptionFeatures(arg, device=device)
     raise ValueError(f"features={spec!r} is not understood; use one of {list(FEATURE_KINDS)}, e.g. "
                      f"'classifier:runs/judge'.")
 

@@ -1,11 +1,12 @@
-"""Sample-quality metrics: Frechet distance, KID and k-NN precision/recall on pluggable features.
+"""Image metrics: PSNR; sample quality: Frechet distance, KID and k-NN precision/recall on pluggable features.
 
-Features come from a `FeatureExtractor` (the FID Inception network, a trained classifier's
+Features come from a `FeatureExtractor` (the FID Inception network, nn.inception.InceptionFeatures; a trained classifier's
 penultimate layer, or raw pixels). Statistics of a reference data set are cached on disk so that
 evaluating many checkpoints extracts the reference features only once.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -16,6 +17,20 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# PSNR
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
+    """Peak signal-to-noise ratio in dB over all elements; data_range 2 for images in [-1, 1]."""
+    if a.shape != b.shape:
+        raise ValueError(f"psnr needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    # PSNR = 10 log10(range^2 / MSE)
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Frechet distance
@@ -208,40 +223,6 @@ class ClassifierFeatures:
         finally:
             self.model.train(was_training)
         return features.flatten(1).float().cpu()
-
-
-class InceptionFeatures:
-    """The standard FID features: 2048-d pool3 of the TF FID Inception-v3.
-
-    Pass weights_path (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, which you download;
-    we never do), or an already built `network` (e.g. randomly initialised, for tests).
-    Images are resized to 299x299 bilinearly and grayscale is repeated to 3 channels. The
-    network expects inputs in [-1, 1], which is already our image range, so no rescaling.
-    """
-
-    name = "inception-fid-pool3"
-
-    def __init__(self, weights_path: str | Path | None = None, *, network=None,
-                 device: str | torch.device = "cpu"):
-        from diffusekit.nn.inception import load_fid_inception
-
-        if (weights_path is None) == (network is None):
-            raise ValueError("InceptionFeatures needs exactly one of weights_path (the path of "
-                             "pt_inception-2015-12-05-6726825d.pth) or network.")
-        network = load_fid_inception(weights_path) if network is None else network
-        self.device = torch.device(device)
-        self.network = network.eval().requires_grad_(False).to(self.device)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"InceptionFeatures needs images (B, 1 or 3, H, W); got "
-                             f"{tuple(images.shape)}.")
-        x = images.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.network(x).cpu()
 
 
 def extract_features(images, extractor: FeatureExtractor, batch_size: int = 256) -> np.ndarray:

@@ -31,7 +31,7 @@ class Pipeline:
     denoises; num_classes > 0 for a class-conditional model (label -1 = the null class).
     With an autoencoder (latent diffusion), image_shape is the pixel images' shape, latent_shape the
     model's, and images are encoded on the way in and decoded on the way out. A model with
-    `encode_text` (models.TextToImageModel) takes prompts. scheduler_config: a diffusers folder's
+    `encode_text` (nn.network.TextToImageModel) takes prompts. scheduler_config: a diffusers folder's
     scheduler config, whose settings are the sampling defaults (`default_sampler_options`).
     """
 
@@ -65,13 +65,13 @@ class Pipeline:
         from .adapters import is_adapter_folder
         if is_adapter_folder(run_dir):
             return cls.load_adapter(run_dir, device=device, precision=precision)
-        from .run import load_run
+        from .store.run import load_run
         device = resolve_device(device)
         cfg, model, extra = load_run(run_dir, device=device, weights=weights)
         m = cfg.model
         model_shape, ae, image_shape = (m.in_channels, m.image_size, m.image_size), None, None
         if cfg.latent is not None:
-            from .autoencoder_train import load_autoencoder
+            from .store.autoencoder import load_autoencoder
             ae = load_autoencoder(Path(run_dir) / "autoencoder", device=device)
             image_shape = (cfg.latent.channels, cfg.latent.image_size, cfg.latent.image_size)
         return cls(model, NoiseSchedule.from_config(cfg.schedule), image_shape=image_shape or model_shape,
@@ -80,11 +80,19 @@ class Pipeline:
                    source=str(run_dir), autoencoder=ae)
 
     @classmethod
-    def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto",
-                       precision: str = "fp32") -> "Pipeline":
+    def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
+                       null_class_label: int | None = None) -> "Pipeline":
         """A local diffusers pipeline folder (unet/ + scheduler/), driven by diffusekit's samplers and editors."""
-        from .interop.diffusers import load_diffusers_pipeline
-        return load_diffusers_pipeline(path, device=device, precision=precision)
+        from .interop.diffusers import diffusers_pipeline_parts
+        return cls(**diffusers_pipeline_parts(path, device=device, precision=precision,
+                                              null_class_label=null_class_label))
+
+    @classmethod
+    def open(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32") -> "Pipeline":
+        """A run folder (`load`) or a local diffusers pipeline folder (`from_diffusers`), whichever path is."""
+        from .interop.diffusers import is_diffusers_folder
+        opener = cls.from_diffusers if is_diffusers_folder(path) else cls.load
+        return opener(path, device=device, precision=precision)
 
     # --- LoRA adapters (adapters.py, nn/lora.py) ------------------------------------------------
     @classmethod
@@ -180,9 +188,7 @@ class Pipeline:
         """One Denoiser with classifier-free guidance (eps_u + w (eps_c - eps_u)), the eps-space gradient
         guides and classifier guidance toward target_class (default: the class_labels sampled with)
         stacked (guidance.guided_denoiser). For a text model the unconditional branch is negative_prompt."""
-        if guidance_scale != 1.0 and not (self.num_classes or self.has_text):
-            raise ConfigError(f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one "
-                              "has neither. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        self.check_guidance(guidance_scale, labels_known=False)      # the labels come with the call
         if negative_prompt:
             self._check_negative_prompt(negative_prompt, guidance_scale)
         null_cond = self.model.encode_text([negative_prompt]) if self.has_text and guidance_scale != 1.0 else None
@@ -221,6 +227,19 @@ class Pipeline:
                           f"encoder reads {limit}: the last {n - limit} tokens are ignored; shorten it to keep "
                           "them.", stacklevel=4)
 
+    def check_guidance(self, guidance_scale: float, class_labels=None, *, labels_known: bool = True) -> None:
+        """Refuse classifier-free guidance this model cannot do: scale != 1 needs a class- or text-conditional
+        model, and a class-conditional one the class_labels to guide toward (unless labels_known=False)."""
+        if guidance_scale == 1.0:
+            return
+        if not (self.num_classes or self.has_text):
+            raise ConfigError(f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one "
+                              "has neither. Use guidance_scale=1 (and gradient guides or a classifier instead).")
+        if labels_known and self.num_classes and not self.has_text and class_labels is None:
+            raise ConfigError(f"guidance_scale={guidance_scale:g} (--guidance) mixes the class-conditional and the "
+                              "unconditional prediction, so it needs a class: pass class_labels (--class N, an index "
+                              "or a class name, or --class each for one class per grid column).")
+
     def _callback(self, guides: Sequence[Guide], cond: dict, callback):
         source = [g for g in guides if g.weighting == "source"]
         return SourceGuidance(source, self.schedule).callback(cond, then=callback) if source else callback
@@ -229,10 +248,10 @@ class Pipeline:
         """Labels as a (n,) long tensor: None, one int (or class name) for all, or one per image."""
         if labels is None:
             return None
+        if not self.num_classes and self.has_text:
+            raise ConfigError("class labels were given but this model is text-conditioned (no classes); describe "
+                              "the image with a prompt (--prompt) instead of --class.")
         if not self.num_classes:
-            if self.has_text:
-                raise ConfigError("class labels were given but this model is text-conditioned (it has no classes); "
-                                  "describe the image with a prompt instead (prompt=..., --prompt) and drop --class.")
             raise ConfigError("class labels were given but this model is unconditional (no classes); "
                               "drop --class, or train with labelled data.")
         if isinstance(labels, str):
@@ -267,7 +286,9 @@ class Pipeline:
         self._check_words(prompts, "prompt")
         return prompts
 
-    def _cond(self, class_labels, n: int, prompt=None) -> dict:
+    def conditioning(self, class_labels, n: int, prompt=None) -> dict:
+        """The model's keyword conditioning for n images: class_labels and/or the encoded prompts (a text
+        model without a prompt gets the empty prompt)."""
         labels = self.class_labels(class_labels, n)
         cond = {} if labels is None else {"class_labels": labels}
         prompts = self.prompts(prompt, n)
@@ -317,10 +338,11 @@ class Pipeline:
         check_sampling(n, batch_size, image_shape=self.image_shape, device=self.device,
                        latent_shape=getattr(self, "latent_shape", None),
                        model_config=getattr(self.config, "model", None), guided=guidance_scale != 1.0)
+        self.check_guidance(guidance_scale, class_labels)
         s = self._sampler(sampler, timestep_spacing, options)
         if noise is None:
             noise = randn((n, *self.latent_shape), generator, "cpu")
-        full_cond = self._cond(class_labels, n, prompt)
+        full_cond = self.conditioning(class_labels, n, prompt)
         target = None if target_class is None else torch.as_tensor(target_class)
         outs = []
         batches = range(0, n, batch_size)
@@ -394,7 +416,8 @@ class Pipeline:
         guidance, options = _split_guidance(guidance_and_options)
         s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image = self._check_image(image)
-        cond = self._cond(class_labels, len(image), prompt)
+        self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
+        cond = self.conditioning(class_labels, len(image), prompt)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "edit")
         out = editing.sdedit(s, self.denoiser(**guidance), self.encode(image),
@@ -415,13 +438,14 @@ class Pipeline:
         """DDIM inversion: the x_T (latent x_T for a latent model) that deterministic DDIM maps back to the image."""
         image = self._check_image(image)
         return editing.invert(self.ddim(), self.denoiser(), self.encode(image), num_steps, refine_steps=refine_steps,
-                              **self._cond(class_labels, len(image), prompt))
+                              **self.conditioning(class_labels, len(image), prompt))
 
     @torch.no_grad()
     def reconstruct(self, x_T: torch.Tensor, num_steps: int = 50, class_labels=None, prompt=None, **guidance):
         """DDIM (eta = 0) from an inverted x_T, optionally under another class, prompt or guidance; pixels out."""
+        self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
         out = editing.reconstruct(self.ddim(), self.denoiser(**guidance), x_T.to(self.device), num_steps,
-                                  **self._cond(class_labels, len(x_T), prompt))
+                                  **self.conditioning(class_labels, len(x_T), prompt))
         return _checked_finite(self.decode(out), "reconstruction").cpu()
 
     @torch.no_grad()
@@ -437,6 +461,7 @@ class Pipeline:
         sampler = sampler or (None if self.scheduler_config is not None else "ddim")
         s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image, mask = self._check_image(image), mask.to(self.device)
+        self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
         if guidance.get("guides"):
             _refuse_source(guidance["guides"], "inpaint")
         latent_mask = mask
@@ -445,7 +470,7 @@ class Pipeline:
             latent_mask = torch.nn.functional.adaptive_max_pool2d(mask.float(), self.latent_shape[1:])
         out = editing.inpaint(s, self.denoiser(**guidance), self.encode(image),
                               latent_mask, num_steps, generator, resample=resample,
-                              **self._cond(class_labels, len(image), prompt))
+                              **self.conditioning(class_labels, len(image), prompt))
         out = self.decode(out)
         if self.autoencoder is not None:
             out = torch.where(mask == 0, image, out.clamp(-1, 1))

@@ -146,17 +146,6 @@ class NoiseSchedule:
             betas = rescale_zero_terminal_snr(betas)
         return cls(betas, cfg)
 
-    @classmethod
-    def from_diffusers_config(cls, cfg: dict) -> "NoiseSchedule":
-        """The schedule of a diffusers scheduler config (a dict, e.g. scheduler_config.json); see diffusekit.interop."""
-        from .interop.schedulers import schedule_from_diffusers_config
-        return schedule_from_diffusers_config(cfg)
-
-    def to_diffusers_config(self) -> dict:
-        """The schedule keys of a diffusers scheduler config (beta_schedule, ..., or trained_betas)."""
-        from .interop.schedulers import schedule_to_diffusers_config
-        return schedule_to_diffusers_config(self)
-
     @property
     def num_train_timesteps(self) -> int:
         return len(self.betas)

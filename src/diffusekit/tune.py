@@ -6,13 +6,14 @@ a many-step solution of the same probability-flow ODE lands. The times are tuned
 golden-section search in log-SNR between their neighbours and by trial moves into every other gap
 (coordinate descent), starting from the best of the built-in spacings ("logsnr" first). The result
 is a descending list of fractional timesteps for Sampler.sample(..., timesteps=...), saved and
-loaded as JSON with save_steps / load_steps.
+loaded as JSON with save_steps / load_steps; plan_steps decides which steps sampling a run uses.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,7 @@ from .schedule import NoiseSchedule
 
 STEPS_FORMAT = "diffusekit.steps"
 STEPS_VERSION = 1
+TUNED_STEPS_FILE = "tuned_steps.json"     # RUN/tuned_steps.json: what sampling a run uses by default
 GOLDEN_EVALUATIONS = 12   # sampler runs per time and sweep: the bracket shrinks to 0.618^11 ~ 0.5 % of its width
 
 
@@ -228,7 +230,7 @@ def save_steps(path: str | Path, timesteps, meta: dict) -> Path:
               "nfe": sampler.nfe(timesteps=ts), "timesteps": ts.tolist(),
               "schedule": {"fingerprint": schedule_fingerprint(schedule), "kind": schedule.config.kind,
                            "num_train_timesteps": schedule.num_train_timesteps}, **meta}
-    from .checkpoint import write_text_atomic
+    from .store import write_text_atomic
     # write then rename: a crash never leaves a half-written steps file behind
     return write_text_atomic(path, json.dumps(record, indent=1) + "\n")
 
@@ -276,3 +278,59 @@ def load_steps(path: str | Path, sampler: str | None = None,
 
 def _numbers(values) -> bool:
     return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+@dataclass
+class StepPlan:
+    """The steps a run samples with: a plain count, or tuned model-call times (and why, for the user)."""
+    num_steps: int
+    timesteps: torch.Tensor | None = None
+    note: str | None = None            # one line on which steps file is used, or why the run's is not
+
+
+def plan_steps(run_dir: str | Path, schedule: NoiseSchedule, sampler: str, steps: int | None = None,
+               timesteps_file: str | Path | None = None, guidance_scale: float = 1.0,
+               default_steps: int = 20) -> StepPlan:
+    """The steps for sampling a run: a steps file given (checked against sampler and schedule), else
+    RUN/tuned_steps.json when it was tuned for this sampler at this guidance scale and `steps` is not
+    given, else `steps` (default_steps when None)."""
+    path = Path(timesteps_file) if timesteps_file else Path(run_dir) / TUNED_STEPS_FILE
+    plain = StepPlan(steps or default_steps)
+    if timesteps_file is None and (steps is not None or not path.exists()):
+        return plain
+    if timesteps_file is None:
+        record = json.loads(path.read_text())
+        if record.get("sampler") != sampler:
+            return plain
+        tuned_at = float(record.get("guidance_scale", 1.0))
+        if tuned_at != guidance_scale:
+            return replace(plain, note=f"not using {path}: tuned at guidance {record.get('guidance_scale', 1.0)}, "
+                                       f"sampling at {guidance_scale} (diffusekit tune-steps {run_dir} --guidance "
+                                       f"{guidance_scale} tunes for it)")
+    ts, record = load_steps(path, sampler=sampler, schedule=schedule)
+    tuned_at = float(record.get("guidance_scale", 1.0))
+    other = "" if tuned_at == guidance_scale else f", tuned at guidance {tuned_at}, not {guidance_scale}"
+    return StepPlan(len(ts), ts, f"using {len(ts)} tuned model-call times from {path} ({record['nfe']} "
+                                 f"evaluations{other})")
+
+
+def tune_pipeline_steps(pipe, sampler: str, nfe: int, out: str | Path | None = None, *, n: int = 16,
+                        reference_steps: int = 100, iterations: int = 3, guidance_scale: float = 1.0,
+                        generator: torch.Generator | None = None, progress: bool = False) -> tuple[torch.Tensor, Path]:
+    """Tune nfe model-call times for sampling a Pipeline with `sampler` at `guidance_scale`, and save them.
+
+    The discrepancy is measured on n noise images (balanced classes k mod K for a class-conditional
+    model), with the guided denoiser the pipeline samples with (the guided ODE differs from the plain
+    one). Writes `out` (default RUN/tuned_steps.json, which plan_steps then picks up for that sampler
+    and guidance scale). Returns (timesteps, the file written).
+    """
+    cond = pipe.conditioning(torch.arange(n) % pipe.num_classes if pipe.num_classes else None, n)
+    x_T = torch.randn((n, *pipe.latent_shape), generator=generator).to(pipe.device)
+    with torch.no_grad():
+        ts = tune_timesteps(pipe.denoiser(guidance_scale), pipe.schedule, sampler, nfe, x_T,
+                            prediction_type=pipe.prediction_type, reference_steps=reference_steps,
+                            iterations=iterations, cond=cond, progress=progress)
+    path = Path(out) if out is not None else Path(pipe.source) / TUNED_STEPS_FILE
+    save_steps(path, ts, {"sampler": sampler, "schedule": pipe.schedule, "prediction_type": pipe.prediction_type,
+                          "guidance_scale": guidance_scale, "run": str(pipe.source)})
+    return ts, path

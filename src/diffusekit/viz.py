@@ -75,7 +75,7 @@ def figure(width: float, height: float):
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """fig to path (format from the suffix) through a temporary file and os.replace, so a kill or a full
     disk mid-write leaves the previous picture, never a truncated one."""
-    from diffusekit.checkpoint import replace_atomically
+    from diffusekit.store import replace_atomically
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"

@@ -1,6 +1,6 @@
 """The batches of training: step -> (images, labels, captions), the same in memory or streamed.
 
-Which images make up the global batch of a step is the training loop's `DataOrder` (a fresh permutation
+Which images make up the global batch of a step is `DataOrder` (a fresh permutation
 per epoch from derive_seed(seed, "data", epoch)); each image's random crop and flip are drawn from
 its own seed, derive_seed(seed, "augment", step, position in the global batch). A batch is thus a
 pure function of (seed, step): a resumed run sees the images an uninterrupted run would, and so
@@ -17,7 +17,23 @@ from torch.utils.data import DataLoader, Dataset
 from diffusekit.data.dataset import ImageDataset
 from diffusekit.data.images import augment_item
 from diffusekit.data.streaming import StreamingImageFolder
-from diffusekit.loop import DataOrder, derive_seed
+from diffusekit.seeding import derive_seed
+
+
+class DataOrder:
+    """Which images make up each step's global batch: a fresh permutation per epoch from (seed, epoch)."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = num_images, batch_size, seed
+        self.batches_per_epoch = num_images // batch_size      # the last partial batch is dropped
+        self._epoch, self._perm = -1, None
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "data", epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
 
 class Batch(NamedTuple):

@@ -1,4 +1,4 @@
-"""Data sets held in memory: `ImageDataset`, and `load_dataset` for every kind of source.
+"""Data sets held in memory: `ImageDataset`, and `load_folder` (an indexed folder decoded into memory).
 
 Every source ends in the same place: float32 images (N, C, H, W) in [-1, 1], int64 labels (or
 None), class names, captions (or None) and per-image attributes (or None). What was done on the
@@ -12,11 +12,9 @@ from dataclasses import replace
 import torch
 from torch.utils.data import Dataset
 
-from diffusekit.data.arrays import load_digits_arrays, load_idx_arrays, load_npy_arrays
-from diffusekit.data.config import DataConfig, resolve_kind
-from diffusekit.data.folder import FolderIndex, index_folder, resolve_channels, resolve_size
-from diffusekit.data.images import (background_values, center_crop, color_channels, fit_image, output_channels,
-                                    random_hflip, read_image)
+from diffusekit.data.config import DataConfig
+from diffusekit.data.folder import FolderIndex, resolve_channels, resolve_size
+from diffusekit.data.images import background_values, center_crop, fit_image, random_hflip, read_image
 from diffusekit.memory import check_images_fit
 
 
@@ -82,84 +80,7 @@ class ImageDataset(DataInfo, Dataset):
         return random_hflip(x, generator) if self.hflip else x
 
 
-_SMALLER = "use a smaller image size (--image-size) or fewer images (limit)"
-
-
-def load_dataset(cfg: DataConfig) -> ImageDataset:
-    """Load the images that `cfg` describes into memory as an ImageDataset."""
-    kind = resolve_kind(cfg.source, cfg.kind)
-    if kind == "folder":
-        return load_folder(index_folder(cfg), cfg)
-    if kind == "hf":
-        from diffusekit.data.hf import load_hf
-        return load_hf(cfg)
-    _refuse_metadata_options(cfg, kind)
-    captions = attributes = None
-    if kind == "shapes":
-        from diffusekit.data.shapes import DEFAULT_COUNT, generate_shapes
-        x, captions, attributes = generate_shapes(cfg.limit or DEFAULT_COUNT, cfg.seed, cfg.split)
-        labels, class_names = None, []
-        notes = [f"shapes: {len(x)} generated images (seed={cfg.seed}, split={cfg.split!r}) with captions"]
-    else:
-        loader = {"digits": load_digits_arrays, "idx": load_idx_arrays, "npy": load_npy_arrays}[kind]
-        # each reader returns values in [0, 1] as (N, c, h, w) with c in 1..4, labels, class names
-        x, labels, class_names, notes = loader(cfg)
-        if cfg.limit and len(x) > cfg.limit:
-            notes.append(f"kept the first {cfg.limit} of {len(x)} images (limit={cfg.limit})")
-            x, labels = x[:cfg.limit], labels[:cfg.limit] if labels is not None else None
-    if not cfg.class_labels:
-        labels, class_names = None, []
-    if cfg.caption_template:  # shapes: its captions as `text` and its attributes as the other columns
-        from diffusekit.data.captions import template_over_columns
-        captions = template_over_columns(cfg.caption_template, {"text": captions, **attributes},
-                                         [f"shapes image {i}" for i in range(len(captions))])
-    x, uncropped, channels, more = _standardise(x, cfg)
-    return ImageDataset(x * 2 - 1, labels, class_names, hflip=cfg.hflip, source=cfg.source,
-                        notes=notes + more, captions=captions, attributes=attributes,
-                        uncropped=uncropped * 2 - 1 if uncropped is not None else None, crop=cfg.crop,
-                        config=replace(cfg, channels=channels))
-
-
-def _refuse_metadata_options(cfg: DataConfig, kind: str) -> None:
-    """An error, before anything is read, for caption options on a source without metadata columns."""
-    asked = [f"{name}={getattr(cfg, name)!r}" for name, default in
-             (("caption_column", "text"), ("image_column", "file_name"), ("caption_template", ""))
-             if getattr(cfg, name) != default and not (kind == "shapes" and name == "caption_template")]
-    if asked:
-        raise ValueError(f"{asked[0]} reads metadata columns, but {cfg.source} ({kind}) has none; it applies to "
-                         "image folders with metadata.jsonl/metadata.csv and datasets folders (caption_template "
-                         "also to shapes).")
-
-
-def _standardise(x: torch.Tensor, cfg: DataConfig):
-    """Bring (N, c, h, w) in [0, 1] to the configured channels and size; say what changed.
-
-    Returns the images, the uncropped images (crop='random' on non-square ones) or None, the
-    channels and the notes.
-    """
-    notes = []
-    c, (h, w) = x.shape[1], x.shape[-2:]
-    channels = cfg.channels or output_channels([c], cfg.alpha_background)
-    if c in (2, 4):
-        notes.append(f"composited the alpha channel onto {cfg.alpha_background}")
-    if cfg.channels == 0:
-        notes.append(f"channels: {channels} ({'RGB' if channels == 3 else 'grayscale'}), as the images are")
-    elif color_channels(c) != channels:
-        notes.append(f"converted {color_channels(c)} channel(s) to {channels}")
-    size, uncropped = cfg.image_size, None
-    if size and (h, w) != (size, size):
-        notes.append(f"resized {h}x{w} to {size}x{size} (shorter side, bicubic; {cfg.crop} crop)")
-    elif not size and h != w:
-        raise ValueError(f"{cfg.source} holds {h}x{w} images, which are not square; set "
-                         f"image_size (for example {min(h, w)}) to resize and crop them.")
-    # the result, its [-1, 1] copy and one chunk's float intermediates: refused before allocating
-    check_images_fit(len(x), channels, size or h, 3, f"holding {cfg.source} in memory", _SMALLER)
-    # in chunks to bound the memory of the float intermediates
-    x = torch.cat([fit_image(chunk.float(), channels, size, cfg.crop, background_values(cfg.alpha_background))
-                   for chunk in x.split(4096)])
-    if size and x.shape[-2:] != (size, size):  # crop='random' keeps the longer side for later
-        uncropped, x = x, center_crop(x, size)
-    return x.contiguous(), uncropped, channels, notes
+SMALLER_HINT = "use a smaller image size (--image-size) or fewer images (limit)"
 
 
 def load_folder(index: FolderIndex, cfg: DataConfig, read=read_image) -> ImageDataset:
@@ -171,7 +92,7 @@ def load_folder(index: FolderIndex, cfg: DataConfig, read=read_image) -> ImageDa
     size, more = resolve_size(index, cfg)
     background = background_values(cfg.alpha_background)
     check_images_fit(len(index), channels, size, 1, f"holding {cfg.source} in memory",
-                     _SMALLER + ", or stream the folder from disk (open_dataset(cfg, streaming=True))")
+                     SMALLER_HINT + ", or stream the folder from disk (open_dataset(cfg, streaming=True))")
     images = torch.empty(len(index), channels, size, size)
     uncropped, keep, skipped = {}, [], []  # uncropped: only the images crop='random' has left wide
     for i, path in enumerate(index.files):

@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from diffusekit.data.config import DataConfig, resolve_kind
-from diffusekit.data.dataset import DataInfo, ImageDataset, load_dataset, load_folder
+from diffusekit.data.dataset import DataInfo, ImageDataset, load_folder
+from diffusekit.data.sources import load_dataset
 from diffusekit.data.folder import FolderIndex, index_folder, resolve_channels, resolve_size
 from diffusekit.data.images import augment_item, background_values, center_crop, fit_image, read_image
 

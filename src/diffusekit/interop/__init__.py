@@ -3,7 +3,7 @@
 
 Nothing here imports diffusers at import time; loading a diffusers folder needs it installed.
 """
-from .diffusers import (DiffusersFolder, DiffusersUNet, is_diffusers_folder, load_diffusers_pipeline,
+from .diffusers import (DiffusersFolder, DiffusersUNet, diffusers_pipeline_parts, is_diffusers_folder,
                         read_diffusers_folder)
 from .export import ExportResult, export_diffusers
 from .lora import export_diffusers_lora
@@ -12,8 +12,16 @@ from .schedulers import (SCHEDULER_CLASSES, sampler_from_diffusers_config, sampl
 from .text_to_image import DiffusersTextEncoder, DiffusersTextUNet
 from .unet2d import unet2d_config, unet2d_incompatibility, unet2d_state_dict
 
+
+def load_diffusers_pipeline(path, device="auto", precision: str = "fp32", *, null_class_label: int | None = None):
+    """A local diffusers pipeline folder as a diffusekit Pipeline (see diffusers_pipeline_parts)."""
+    from ..pipeline import Pipeline
+    return Pipeline.from_diffusers(path, device=device, precision=precision, null_class_label=null_class_label)
+
+
 __all__ = ["DiffusersFolder", "DiffusersTextEncoder", "DiffusersTextUNet", "DiffusersUNet", "ExportResult",
-           "SCHEDULER_CLASSES", "export_diffusers", "export_diffusers_lora", "is_diffusers_folder", "load_diffusers_pipeline",
+           "SCHEDULER_CLASSES", "diffusers_pipeline_parts", "export_diffusers", "export_diffusers_lora",
+           "is_diffusers_folder", "load_diffusers_pipeline",
            "read_diffusers_folder", "sampler_from_diffusers_config", "sampler_to_diffusers_config",
            "schedule_from_diffusers_config", "schedule_to_diffusers_config", "unet2d_config",
            "unet2d_incompatibility", "unet2d_state_dict"]

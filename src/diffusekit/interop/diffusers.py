@@ -23,14 +23,13 @@ from torch import nn
 
 from ..config import ConfigError
 from ..schedule import PREDICTION_TYPES
-from .export import ExportResult, export_diffusers  # the export half of this interface
 from .schedulers import SPECS, check_config_keys, sampler_from_diffusers_config, schedule_from_diffusers_config
-from .weights import load_component
+from .weights import load_component, load_safetensors_into
 from .text_to_image import (NOT_RUN, DiffusersTextEncoder, DiffusersTextUNet, check_text_to_image_components,
                             check_text_to_image_unet, is_text_to_image)
 
 __all__ = ["DiffusersFolder", "DiffusersUNet", "ExportResult", "export_diffusers", "is_diffusers_folder",
-           "load_diffusers_pipeline", "read_diffusers_folder"]
+           "diffusers_pipeline_parts", "read_diffusers_folder"]
 
 # the component classes of the layouts we drive
 SUPPORTED_UNETS = ("UNet2DModel",)
@@ -241,9 +240,10 @@ def _check_vp_scheduler(folder: DiffusersFolder) -> None:
                           f"samplers take {list(PREDICTION_TYPES)}.")
 
 
-def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
-                            null_class_label: int | None = None):
-    """A local DDPMPipeline / DDIMPipeline or StableDiffusionPipeline folder as a diffusekit Pipeline.
+def diffusers_pipeline_parts(path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
+                             null_class_label: int | None = None) -> dict:
+    """The Pipeline arguments of a local DDPMPipeline / DDIMPipeline or StableDiffusionPipeline folder
+    (Pipeline.from_diffusers builds the Pipeline; this module imports no pipeline, so no circle).
 
     Needs `pip install diffusers` (and transformers for a text encoder). The schedule and prediction
     type come from scheduler/scheduler_config.json, and its sampler settings (spacing, steps_offset,
@@ -255,13 +255,11 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
     a UNet2DModel counterpart (diffusekit_unet/ instead of unet/) loads too.
     """
     from ..device import resolve_device
-    from ..pipeline import Pipeline
     path = Path(path)
     if (path / "diffusekit_unet").is_dir() and not (path / "unet").exists():
-        from .export import load_exported_diffusekit_unet
-        pipe = load_exported_diffusekit_unet(path, device=device, precision=precision)
-        pipe.scheduler_config = read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
-        return pipe
+        parts = _exported_unet_parts(path, resolve_device(device), precision)
+        parts["scheduler_config"] = read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config")
+        return parts
     folder = read_diffusers_folder(path)
     _check_vp_scheduler(folder)
     diffusers = _import_diffusers()
@@ -277,10 +275,10 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "auto
     model = DiffusersUNet(unet, null_class_label=null_class_label).to(device).eval()
     size = unet.config.sample_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return Pipeline(model, schedule, image_shape=(unet.config.in_channels, height, width),
-                    prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"),
-                    num_classes=model.num_classes, config=folder, device=device, precision=precision,
-                    source=str(path), scheduler_config=folder.scheduler_config)
+    return dict(model=model, schedule=schedule, image_shape=(unet.config.in_channels, height, width),
+                prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"),
+                num_classes=model.num_classes, config=folder, device=device, precision=precision,
+                source=str(path), scheduler_config=folder.scheduler_config)
 
 
 def _check_scheduler_class(folder: DiffusersFolder, diffusers) -> None:
@@ -306,7 +304,6 @@ def _import_diffusers():
 def _load_text_to_image(folder: DiffusersFolder, schedule, device: torch.device, precision: str):
     """A checked StableDiffusionPipeline folder as a Pipeline: UNet + text encoder the model, VAE the autoencoder."""
     from ..nn.autoencoder import DiffusersAutoencoder
-    from ..pipeline import Pipeline
     diffusers, path = _import_diffusers(), Path(folder.path)
     vae_config = read_json(path / "vae" / "config.json", "the VAE config")
     text = DiffusersTextEncoder.from_folders(path / "text_encoder", path / "tokenizer",
@@ -322,6 +319,27 @@ def _load_text_to_image(folder: DiffusersFolder, schedule, device: torch.device,
     latent_shape = (int(unet.config.in_channels), int(height), int(width))
     f = autoencoder.downsample_factor         # pixels per latent cell: 2^(len(block_out_channels) - 1)
     image_shape = (autoencoder.in_channels, height * f, width * f)
-    return Pipeline(model, schedule, image_shape=image_shape, latent_shape=latent_shape, autoencoder=autoencoder,
-                    prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"), config=folder,
-                    device=device, precision=precision, source=str(path), scheduler_config=folder.scheduler_config)
+    return dict(model=model, schedule=schedule, image_shape=image_shape, latent_shape=latent_shape,
+                autoencoder=autoencoder, prediction_type=folder.scheduler_config.get("prediction_type", "epsilon"),
+                config=folder, device=device, precision=precision, source=str(path),
+                scheduler_config=folder.scheduler_config)
+
+
+def _exported_unet_parts(path: Path, device: torch.device, precision: str) -> dict:
+    """Pipeline arguments of a folder that export_diffusers wrote with diffusekit_unet/ (no UNet2DModel layout)."""
+    from ..nn.unet import UNet, UNetConfig
+    path = Path(path)
+    for f in ("diffusekit_unet/config.json", "diffusekit_unet/model.safetensors", "scheduler/scheduler_config.json"):
+        if not (path / f).is_file():
+            raise ConfigError(f"{path} has diffusekit_unet/ but {f} is missing; export the run again.")
+    meta = read_json(path / "diffusekit_unet" / "config.json", "the diffusekit UNet config")
+    cfg = UNetConfig.from_dict(meta["unet"])
+    model = UNet(cfg)
+    load_safetensors_into(model, path / "diffusekit_unet" / "model.safetensors",
+                          str(path / "diffusekit_unet" / "config.json"))
+    schedule = schedule_from_diffusers_config(read_json(path / "scheduler" / "scheduler_config.json", "scheduler"))
+    return dict(model=model.to(device), schedule=schedule,
+                image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
+                prediction_type=meta.get("prediction_type", "epsilon"), num_classes=cfg.num_classes,
+                class_names=meta.get("class_names") or (), config=meta, device=device, precision=precision,
+                source=str(path))

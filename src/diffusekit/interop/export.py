@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..samplers import SAMPLERS, get_sampler
-from .schedulers import sampler_to_diffusers_config, schedule_from_diffusers_config
+from .schedulers import sampler_to_diffusers_config
 from .unet2d import unet2d_config, unet2d_incompatibility, unet2d_state_dict
 
 
@@ -74,6 +74,7 @@ def export_diffusers(source, out_dir: str | Path, *, sampler: str = "ddpm", time
     from .diffusers import DiffusersUNet
     pipe = source if isinstance(source, Pipeline) else Pipeline.load(source, device="cpu")
     out = Path(out_dir)
+    _refuse_run_folder(out, getattr(pipe, "source", None))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose a new folder, or pass overwrite=True "
                           "(--overwrite) to write into it.")
@@ -107,6 +108,21 @@ def export_diffusers(source, out_dir: str | Path, *, sampler: str = "ddpm", time
     return ExportResult(str(out), reason is None, pipeline_class, scheduler_class, reason, files)
 
 
+def _refuse_run_folder(out: Path, run) -> None:
+    """Never write into a run (issue 23): export would replace its model card and add model_index.json, after
+    which the run loads as a diffusers folder. Refused even with overwrite: the run, a folder inside or around
+    it, or any other diffusekit run folder."""
+    from ..store.manifest import is_run_folder
+    target = out.resolve()
+    run_dir = Path(run).resolve() if run and Path(run).is_dir() else None
+    if run_dir is not None and (target == run_dir or run_dir in target.parents or target in run_dir.parents):
+        where = "is" if target == run_dir else "lies inside" if run_dir in target.parents else "contains"
+        raise ConfigError(f"{out} {where} the run folder {run} being exported; export to a new folder outside it "
+                          f"(e.g. {run_dir.name}-diffusers).")
+    if out.is_dir() and is_run_folder(out):
+        raise ConfigError(f"{out} is a diffusekit run folder; export to a new folder (overwrite never replaces a run).")
+
+
 def _write_diffusekit_unet(folder: Path, model, pipe) -> None:
     """Our UNet's config and weights as they are, for diffusekit (load_diffusers_pipeline reads them)."""
     _write_json(folder / "config.json", {"unet": json.loads(model.config.to_json()),
@@ -114,29 +130,6 @@ def _write_diffusekit_unet(folder: Path, model, pipe) -> None:
                                          "class_names": list(pipe.class_names)})
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-
-def load_exported_diffusekit_unet(path: str | Path, device="auto", precision: str = "fp32"):
-    """A folder that export_diffusers wrote with diffusekit_unet/ (a layout without a UNet2DModel counterpart)."""
-    from ..device import resolve_device
-    from ..nn.unet import UNet, UNetConfig
-    from ..pipeline import Pipeline
-    from .diffusers import read_json
-    from .weights import load_safetensors_into
-    path = Path(path)
-    for f in ("diffusekit_unet/config.json", "diffusekit_unet/model.safetensors", "scheduler/scheduler_config.json"):
-        if not (path / f).is_file():
-            raise ConfigError(f"{path} has diffusekit_unet/ but {f} is missing; export the run again.")
-    meta = read_json(path / "diffusekit_unet" / "config.json", "the diffusekit UNet config")
-    cfg = UNetConfig.from_dict(meta["unet"])
-    device = resolve_device(device)
-    model = UNet(cfg)
-    load_safetensors_into(model, path / "diffusekit_unet" / "model.safetensors", str(path / "diffusekit_unet" / "config.json"))
-    schedule = schedule_from_diffusers_config(read_json(path / "scheduler" / "scheduler_config.json", "scheduler"))
-    return Pipeline(model.to(device), schedule, image_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-                    prediction_type=meta.get("prediction_type", "epsilon"), num_classes=cfg.num_classes,
-                    class_names=meta.get("class_names") or (), config=meta, device=device, precision=precision,
-                    source=str(path))
 
 
 def _readme(pipe, pipeline_class: str, scheduler_class: str, sampler: str, reason: str | None) -> str:

@@ -165,7 +165,7 @@ class InceptionE(nn.Module):
 class FIDInceptionV3(nn.Module):
     """FID Inception-v3: (B, 3, 299, 299) in [-1, 1] -> (B, 2048) pool3 features.
 
-    The caller resizes and normalises (see metrics.InceptionFeatures); the network itself is
+    The caller resizes and normalises (see InceptionFeatures); the network itself is
     fully convolutional up to the global average pool. `logits` gives the 1008-way output.
     """
 
@@ -222,3 +222,35 @@ def load_fid_inception(weights_path: str | Path) -> FIDInceptionV3:
     network = FIDInceptionV3()
     network.load_state_dict(state_dict, strict=True)
     return network.eval().requires_grad_(False)
+
+
+class InceptionFeatures:
+    """The standard FID features: 2048-d pool3 of the TF FID Inception-v3.
+
+    Pass weights_path (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, which you download;
+    we never do), or an already built `network` (e.g. randomly initialised, for tests).
+    Images are resized to 299x299 bilinearly and grayscale is repeated to 3 channels. The
+    network expects inputs in [-1, 1], which is already our image range, so no rescaling.
+    """
+
+    name = "inception-fid-pool3"
+
+    def __init__(self, weights_path: str | Path | None = None, *, network=None,
+                 device: str | torch.device = "cpu"):
+        if (weights_path is None) == (network is None):
+            raise ValueError("InceptionFeatures needs exactly one of weights_path (the path of "
+                             "pt_inception-2015-12-05-6726825d.pth) or network.")
+        network = load_fid_inception(weights_path) if network is None else network
+        self.device = torch.device(device)
+        self.network = network.eval().requires_grad_(False).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"InceptionFeatures needs images (B, 1 or 3, H, W); got "
+                             f"{tuple(images.shape)}.")
+        x = images.to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.network(x).cpu()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from diffusekit.loop import derive_seed
+from diffusekit.seeding import derive_seed
 
 
 def zero_module(m: nn.Module) -> nn.Module:

@@ -1,50 +1,24 @@
-"""What every training loop shares: seeds, data order, learning rate, EMA, processes, progress, divergence.
+"""The step loop every trainer runs: per-step seeds, learning rate, divergence stop, progress.
 
-The diffusion trainer (train.py) and the classifier trainer (classifier_train.py) are each a step
-function run by `run_loop`: the loop seeds each step from (seed, step, rank), sets the learning
-rate, calls the step, stops on a non-finite loss or gradient, keeps a progress bar with smoothed
-values and hands the step's numbers to the caller's hook (logging, grids, checkpoints).
+Each trainer (diffusion, autoencoder, classifier) supplies a step function that `run_loop` runs:
+the loop seeds each step from (seed, step, rank), sets the learning rate, calls the step, stops on
+a non-finite loss or gradient, keeps a progress bar with smoothed values and hands the step's
+numbers to the skeleton's hooks (logging, grids, evaluation, checkpoints; training.skeleton).
 
 Reproducibility: every random draw of step s comes from a seed derived from (seed, s, rank), never
 from a generator carried across steps, so resuming needs only weights, EMA and optimizer state.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .checkpoint import write_text_atomic
-from .config import ConfigError
-from .device import rank_world, resolve_device
-
-
-def derive_seed(seed: int, *keys) -> int:
-    """A 63-bit seed from the run seed and a tuple of keys, e.g. ("step", 120, rank)."""
-    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-class DataOrder:
-    """Which images make up each step's global batch: a fresh permutation per epoch from (seed, epoch)."""
-
-    def __init__(self, num_images: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = num_images, batch_size, seed
-        self.batches_per_epoch = num_images // batch_size      # the last partial batch is dropped
-        self._epoch, self._perm = -1, None
-
-    def batch(self, step: int) -> torch.Tensor:
-        epoch, i = divmod(step, self.batches_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "data", epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+from diffusekit.config import ConfigError
+from diffusekit.seeding import derive_seed
+from diffusekit.training.processes import Dist
 
 
 def lr_at(cfg, step: int) -> float:
@@ -59,92 +33,8 @@ def lr_at(cfg, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class EMA:
-    """Exponential moving average of a model's parameters, held in a frozen copy of the model."""
-
-    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
-
-    def current_decay(self) -> float:
-        n = self.num_updates
-        # warm-up: decay_n = min(decay, (1 + n) / (10 + n))   (as in TF's ExponentialMovingAverage)
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = self.current_decay()
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            # ema = d * ema + (1 - d) * p
-            ema_p.lerp_(p.detach(), 1 - d)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
-        self.num_updates += 1
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON record per logging step; on resume, records past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, start_step: int):
-        self.path = path
-        kept = []
-        if start_step > 0 and path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-        write_text_atomic(path, "".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-
 # ---------------------------------------------------------------------------------------------
-# processes
-
-
-@dataclass
-class Dist:
-    """This process's place under torchrun (rank 0 of 1 without it)."""
-    rank: int = 0
-    world_size: int = 1
-    created: bool = False         # whether we initialised the process group (and must destroy it)
-
-    def barrier(self):
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over all ranks (the local value without torchrun)."""
-        value = value.detach().clone().float()
-        if self.world_size > 1:
-            torch.distributed.all_reduce(value)
-            value /= self.world_size
-        return value.item()
-
-    def close(self):
-        if self.created:
-            torch.distributed.destroy_process_group()
-
-
-def setup_processes(device: str = "auto") -> tuple[Dist, torch.device]:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group (nccl on CUDA, else gloo)."""
-    rank, world, local_rank = rank_world()
-    device = resolve_device(device)
-    if world <= 1:
-        return Dist(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist = torch.distributed
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), created), device
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop skeleton
+# the step loop
 
 
 class TrainingDiverged(ConfigError):

@@ -1,4 +1,4 @@
-"""The network a run trains: a UNet, or a UNet with its text encoder; and latents from an autoencoder.
+"""The network a run trains: a UNet, or a UNet with its text encoder.
 
 A text-conditioned run's model is `TextToImageModel`: forward(x, t, prompts=[...]) encodes the
 prompts (a learned encoder trains with the UNet and is saved with it; a pretrained one is frozen
@@ -8,14 +8,12 @@ passes the tensors as conditioning keywords, so classifier-free guidance can bat
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .nn.unet import UNet
+from diffusekit.nn.unet import UNet
 
 
 class TextToImageModel(nn.Module):
@@ -60,43 +58,5 @@ def build_model(cfg) -> nn.Module:
     unet = UNet(cfg.model)
     if getattr(cfg, "text", None) is None:
         return unet
-    from .nn.text import build_text_encoder
+    from diffusekit.nn.text import build_text_encoder
     return TextToImageModel(unet, build_text_encoder(cfg.text), trainable_text=cfg.text.kind == "learned")
-
-
-# --- latents ---------------------------------------------------------------------------------------
-
-
-def data_fingerprint(images: torch.Tensor) -> str:
-    """A short hash of a tensor's bytes, to key caches."""
-    return hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def encode_all(autoencoder, images: torch.Tensor, device: torch.device, batch_size: int = 256,
-               progress: bool = False) -> torch.Tensor:
-    """Scaled latents (N, c, h, w) of images (N, C, H, W) in [-1, 1] (the posterior mode), on the CPU."""
-    from tqdm.auto import tqdm
-    out = []
-    chunks = images.split(batch_size)
-    for x in tqdm(chunks, desc="encoding latents", disable=not progress or len(chunks) < 2, leave=False):
-        out.append(autoencoder.encode(x.to(device)).float().cpu())
-    return torch.cat(out)
-
-
-def cached_latents(autoencoder, ae_fingerprint: str, images: torch.Tensor, cache_dir: Path,
-                   device: torch.device, progress: bool = False) -> torch.Tensor:
-    """encode_all, cached in cache_dir/latents-KEY.safetensors; the key changes with the data or the autoencoder."""
-    from safetensors.torch import load_file
-
-    from .checkpoint import write_weights_atomic
-    key = hashlib.sha256(f"{data_fingerprint(images)}-{ae_fingerprint}".encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"latents-{key}.safetensors"
-    if path.exists():
-        return load_file(str(path))["latents"]
-    latents = encode_all(autoencoder, images, device, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in path.parent.glob("latents-*.safetensors"):
-        old.unlink()                         # a cache of other data or another autoencoder is stale
-    write_weights_atomic(path, {"latents": latents}, {"data": data_fingerprint(images), "autoencoder": ae_fingerprint})
-    return latents

@@ -1,61 +1,19 @@
-"""Where a run's numbers go: metrics.jsonl always, TensorBoard on request, FD/KID every N steps.
+"""What a diffusion run draws and scores while it trains: sample grids and FD/KID of its EMA model.
 
-`Tracker.log(step, record)` appends to metrics.jsonl (the run's own record, read by viz.plot_loss
-and the model card) and mirrors scalars to TensorBoard (`report_to="tensorboard"`, optional extra
-`pip install diffusekit[tensorboard]`); `Tracker.image(step, path)` adds a sample grid. `RunEvaluator`
-scores the EMA model against the training data's statistics with raw-pixel features (Frechet
-distance and KID, diffusekit.metrics) during training.
+`SampleGrid` samples a fixed set of noise images (and classes or captions) with the EMA model
+through a `Pipeline` (pipeline.py: the one sampling path, so grids look as `sample` draws them);
+`RunEvaluator` scores the EMA model against the training data's statistics with raw-pixel
+features (Frechet distance and KID, diffusekit.metrics).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import math
-
-import numpy as np
 import torch
 
-from .config import ConfigError
-from .loop import MetricsLog, derive_seed
-from .viz import save_grid
-
-REPORT_TO = ("none", "tensorboard")
-
-
-class Tracker:
-    """metrics.jsonl (resumed: records past the checkpoint dropped) plus an optional TensorBoard writer."""
-
-    def __init__(self, run_dir: Path, start_step: int, report_to: str = "none"):
-        if report_to not in REPORT_TO:
-            raise ConfigError(f"report_to={report_to!r}; choose one of {list(REPORT_TO)}.")
-        self.metrics = MetricsLog(Path(run_dir) / "metrics.jsonl", start_step)
-        self.writer = None
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ConfigError("report_to='tensorboard' needs the tensorboard package: "
-                                  "pip install -e \".[tensorboard]\" (or drop --report-to).") from e
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
-
-    def log(self, step: int, record: dict) -> None:
-        self.metrics.write({"step": step, **record})
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and np.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
-
-    def image(self, step: int, path: Path) -> None:
-        if self.writer is not None:
-            from PIL import Image
-            pixels = np.asarray(Image.open(path).convert("RGB"))
-            self.writer.add_image("samples", pixels, step, dataformats="HWC")
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+from diffusekit.seeding import derive_seed
+from diffusekit.viz import save_grid
 
 
 def reference_images(dataset, limit: int = 5000) -> torch.Tensor:
@@ -70,7 +28,7 @@ class RunEvaluator:
 
     def __init__(self, images: torch.Tensor, n: int = 256, num_steps: int = 20, sampler: str = "dpmpp_2m",
                  seed: int = 0):
-        from .metrics import RawPixelFeatures, extract_features, feature_stats
+        from diffusekit.metrics import RawPixelFeatures, extract_features, feature_stats
         self.extractor = RawPixelFeatures()
         self.ref_features = extract_features(images[:5000], self.extractor)
         self.ref_mu, self.ref_sigma = feature_stats(self.ref_features)
@@ -78,7 +36,7 @@ class RunEvaluator:
 
     @torch.no_grad()
     def __call__(self, pipe) -> dict:
-        from .metrics import extract_features, feature_stats, frechet_distance, kid
+        from diffusekit.metrics import extract_features, feature_stats, frechet_distance, kid
         labels = torch.arange(self.n) % pipe.num_classes if pipe.num_classes else None
         x = pipe.sample(self.n, self.sampler, self.num_steps, generator=torch.Generator().manual_seed(self.seed),
                         class_labels=labels)
@@ -115,7 +73,7 @@ class SampleGrid:
 
 def grid_pipeline(cfg, schedule, model, device, autoencoder=None, precision: str = "fp32"):
     """A Pipeline around the model being trained (its EMA copy), for grids and evaluation."""
-    from .pipeline import Pipeline
+    from diffusekit.pipeline import Pipeline
     m, c = cfg.model, cfg.latent
     shape = (m.in_channels, m.image_size, m.image_size)
     pixels = (c.channels, c.image_size, c.image_size) if c is not None else shape

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError
-from .device import randn
-from .schedule import NoiseSchedule
+from diffusekit.config import ConfigError
+from diffusekit.device import randn
+from diffusekit.schedule import NoiseSchedule
 
 
 def draw_t_noise(schedule: NoiseSchedule, shape, generator: torch.Generator | None, device, dtype=torch.float32):

@@ -11,15 +11,17 @@ streamed); a latent run encodes them with its frozen autoencoder, once for in-me
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
-from .data.batches import BatchSource
-from .loop import Dist, derive_seed
-from .losses import draw_t_noise
-from .models import cached_latents
-from .nn.layers import row_dropout_seeds
+from diffusekit.data.batches import BatchSource
+from diffusekit.nn.layers import row_dropout_seeds
+from diffusekit.seeding import derive_seed
+from diffusekit.store import write_weights_atomic
+from diffusekit.training.losses import draw_t_noise
+from diffusekit.training.processes import Dist
 
 
 class StepInputs:
@@ -95,3 +97,40 @@ def micro_batches(n: int, k: int) -> list[slice]:
 def slice_cond(cond: dict, sl: slice) -> dict:
     """The conditioning of a micro-batch: tensors and prompt lists sliced alike."""
     return {k: v[sl] for k, v in cond.items()}
+
+
+# --- latents: the training images encoded once, cached beside the run ------------------------------
+
+
+def data_fingerprint(images: torch.Tensor) -> str:
+    """A short hash of a tensor's bytes, to key caches."""
+    return hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_all(autoencoder, images: torch.Tensor, device: torch.device, batch_size: int = 256,
+               progress: bool = False) -> torch.Tensor:
+    """Scaled latents (N, c, h, w) of images (N, C, H, W) in [-1, 1] (the posterior mode), on the CPU."""
+    from tqdm.auto import tqdm
+    out = []
+    chunks = images.split(batch_size)
+    for x in tqdm(chunks, desc="encoding latents", disable=not progress or len(chunks) < 2, leave=False):
+        out.append(autoencoder.encode(x.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def cached_latents(autoencoder, ae_fingerprint: str, images: torch.Tensor, cache_dir: Path,
+                   device: torch.device, progress: bool = False) -> torch.Tensor:
+    """encode_all, cached in cache_dir/latents-KEY.safetensors; the key changes with the data or the autoencoder."""
+    from safetensors.torch import load_file
+
+    key = hashlib.sha256(f"{data_fingerprint(images)}-{ae_fingerprint}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"latents-{key}.safetensors"
+    if path.exists():
+        return load_file(str(path))["latents"]
+    latents = encode_all(autoencoder, images, device, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob("latents-*.safetensors"):
+        old.unlink()                         # a cache of other data or another autoencoder is stale
+    write_weights_atomic(path, {"latents": latents}, {"data": data_fingerprint(images), "autoencoder": ae_fingerprint})
+    return latents

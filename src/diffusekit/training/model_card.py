@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
+from diffusekit.store import write_text_atomic
 
 
 def _last_metrics(run_dir: Path) -> dict:

@@ -1,0 +1,176 @@
+"""The options several commands share, one word per concept, and the one-line error every command gives.
+
+A command takes only the options it uses: `seed`, `dry_run`, `device` and `precision` are separate
+decorators. An option that sets a run-config field names that field once, where it is declared
+(`ConfigOption(field="train.lr")`), so the command hands the library dotted keys without a
+translation table.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import typing
+
+import click
+
+from ..samplers import SAMPLERS
+from ..samplers.base import SAMPLER_SPACINGS
+
+
+def literal_choices(cls, name: str) -> click.Choice:
+    """The allowed values of a config field declared as a Literal, as a click choice."""
+    return click.Choice([str(v) for v in typing.get_args(typing.get_type_hints(cls)[name])])
+
+
+class UserError(click.ClickException):
+    """A mistake in the input: one line on stderr, exit code 2, no traceback."""
+    exit_code = 2
+
+
+def friendly_errors(fn):
+    """Turn the library's input errors into one clean message (no traceback)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..store import CheckpointError, os_error_line
+        from ..config import ConfigError
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+            raise UserError(" ".join(str(e).split("\n")[:1]) if len(str(e)) > 2000 else str(e)) from e
+        except OSError as e:
+            raise UserError(os_error_line(e)) from e
+    return wrapper
+
+
+def dump(settings: dict) -> None:
+    """--dry-run: the resolved settings as JSON on stdout."""
+    click.echo(json.dumps(settings, indent=2, default=str))
+
+
+def note(text: str) -> None:
+    """A line about what the command does (stderr, so stdout keeps only results and --dry-run JSON)."""
+    click.echo(text, err=True)
+
+
+# --- the four options most commands share, each on its own -----------------------------------------
+def seed(fn):
+    """--seed: for commands that draw random numbers."""
+    return click.option("--seed", type=int, default=None,
+                        help="Seed for every random choice; the same seed gives the same result [default: 0; "
+                             "train --resume: the run's].")(fn)
+
+
+def dry_run(fn):
+    """--dry-run: for commands with settings to resolve."""
+    return click.option("--dry-run", is_flag=True, help="Print the resolved settings as JSON and exit.")(fn)
+
+
+def device(fn):
+    """--device: for commands that run a network."""
+    from ..device import DEVICES
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help="auto = CUDA, then Apple MPS, then CPU.")(fn)
+
+
+def precision(fn):
+    """--precision: for commands that run a network in a chosen precision."""
+    from ..device import PRECISIONS
+    return click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                        help="Network precision: auto (bf16 where the device runs it natively: recent x86 CPUs "
+                             "with AVX512-BF16/AMX and bf16 GPUs; else fp32), fp32, bf16 (autocast) or fp16 "
+                             "(GPU). Default: auto (train --resume: the run's setting).")(fn)
+
+
+def network_options(fn):
+    """--seed, --dry-run, --device and --precision: a command that runs a network with random numbers."""
+    return seed(dry_run(device(precision(fn))))
+
+
+# --- options that set a run-config field --------------------------------------------------------------
+class ConfigOption(click.Option):
+    """An option that sets one dotted run-config field ("train.lr"); None (not given) leaves it alone."""
+
+    def __init__(self, *args, field: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.field = field
+
+
+def config_option(*decls, field: str, **kwargs):
+    return click.option(*decls, cls=ConfigOption, field=field, **kwargs)
+
+
+def config_overrides(values: dict) -> dict:
+    """The given ConfigOptions of the running command as {dotted field: value}.
+
+    A value that is itself a dict of dotted fields (--text) is merged as it stands."""
+    given = {}
+    for param in click.get_current_context().command.params:
+        value = values.get(param.name)
+        if isinstance(param, ConfigOption) and value is not None:
+            given.update(value if isinstance(value, dict) else {param.field: value})
+    return given
+
+
+# --- sampling ------------------------------------------------------------------------------------------
+def sampler_choice(fn):
+    return click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp_2m", show_default=True,
+                        help="Sampler from the registry.")(fn)
+
+
+def sampler_options(fn):
+    """--sampler, --steps and the sampler's knobs (the registry's names, diffusers' spacings)."""
+    fn = click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
+                      help="DDPM only: fixed_small = posterior variance beta_tilde (the default here), "
+                           "fixed_large = beta_t (the source's sigma_t^2 = beta_t).")(fn)
+    fn = click.option("--karras", is_flag=True, help="Karras sigmas (where the sampler allows).")(fn)
+    fn = click.option("--eta", type=click.FloatRange(0, 1), default=None,
+                      help="Sampler noise where the sampler has it (ddim: 0 deterministic, 1 DDPM-like; "
+                           "dpmpp_3m_sde).")(fn)
+    fn = click.option("--spacing", type=click.Choice(list(SAMPLER_SPACINGS)), default="trailing", show_default=True,
+                      help="Timestep spacing: diffusers' leading/trailing/linspace, or logsnr (uniform in log-SNR).")(fn)
+    fn = click.option("--steps", type=click.IntRange(1, 10_000), default=None, help="Sampler steps [default: 20].")(fn)
+    return sampler_choice(fn)
+
+
+def sampler_kwargs(spacing, eta, karras, variance_type=None) -> dict:
+    """The sampler options as Pipeline keyword arguments (only those given)."""
+    kw = {"timestep_spacing": spacing}
+    if eta is not None:
+        kw["eta"] = eta
+    if karras:
+        kw["use_karras_sigmas"] = True
+    if variance_type is not None:
+        kw["variance_type"] = variance_type
+    return kw
+
+
+def timesteps_option(fn):
+    return click.option("--timesteps", "timesteps_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="A steps file from `diffusekit tune-steps` (replaces --steps and --spacing; default: "
+                             "RUN/tuned_steps.json when it was tuned for this sampler and guidance scale and --steps "
+                             "is not given).")(fn)
+
+
+def run_argument(fn):
+    return click.argument("run", type=click.Path(exists=True, file_okay=False))(fn)
+
+
+def generator(seed_value):
+    """The command's torch.Generator: --seed, or 0."""
+    from ..device import generator as make
+    return make(0 if seed_value is None else seed_value)
+
+
+def load_pipeline(path, device_name="auto", precision_name=None):
+    """A run folder or a diffusers pipeline folder as a Pipeline."""
+    from ..pipeline import Pipeline
+    return Pipeline.open(path, device=device_name, precision=precision_name or "auto")
+
+
+def steps_plan(run, pipe, sampler: str, steps, timesteps_file, guidance: float):
+    """(steps, tuned timesteps or None) for a sampling command, from the library's choice; its note on stderr."""
+    from ..tune import plan_steps
+    plan = plan_steps(run, pipe.schedule, sampler, steps, timesteps_file, guidance_scale=guidance)
+    if plan.note:
+        note(plan.note)
+    return plan.num_steps, plan.timesteps
