@@ -7,9 +7,11 @@ translation table.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import typing
+import warnings
 
 import click
 
@@ -111,10 +113,35 @@ def config_overrides(values: dict) -> dict:
     return given
 
 
+def check_background(ctx, param, value):
+    """--background checked when parsed (black, white or R,G,B)."""
+    if value is not None:
+        from ..data.images import parse_background
+        try:
+            parse_background(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+def background_option(help_default: str):
+    """--background: what transparent pixels become when images are read (black, white or R,G,B)."""
+    return click.option("--background", default=None, callback=check_background, metavar="black|white|R,G,B",
+                        help="What transparent pixels become when images are read: black, white or R,G,B "
+                             f"(0-255 each, e.g. 255,255,255) [default: {help_default}].")
+
+
 # --- sampling ------------------------------------------------------------------------------------------
 def sampler_choice(fn):
     return click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp_2m", show_default=True,
                         help="Sampler from the registry.")(fn)
+
+
+def folder_sampler_choice(fn):
+    return click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default=None,
+                        help="Sampler from the registry [default: a diffusers folder's own scheduler, with its "
+                             "settings; dpmpp_2m for a run]. Another sampler keeps what carries over from the "
+                             "folder's scheduler and says what does not.")(fn)
 
 
 def sampler_options(fn):
@@ -126,15 +153,33 @@ def sampler_options(fn):
     fn = click.option("--eta", type=click.FloatRange(0, 1), default=None,
                       help="Sampler noise where the sampler has it (ddim: 0 deterministic, 1 DDPM-like; "
                            "dpmpp_3m_sde).")(fn)
-    fn = click.option("--spacing", type=click.Choice(list(SAMPLER_SPACINGS)), default="trailing", show_default=True,
-                      help="Timestep spacing: diffusers' leading/trailing/linspace, or logsnr (uniform in log-SNR).")(fn)
+    fn = click.option("--spacing", type=click.Choice(list(SAMPLER_SPACINGS)), default=None,
+                      help="Timestep spacing: diffusers' leading/trailing/linspace, or logsnr (uniform in log-SNR) "
+                           "[default: a diffusers folder's own; trailing for a run].")(fn)
     fn = click.option("--steps", type=click.IntRange(1, 10_000), default=None, help="Sampler steps [default: 20].")(fn)
-    return sampler_choice(fn)
+    return folder_sampler_choice(fn)
+
+
+def resolve_sampler(pipe, sampler):
+    """The sampler's name for pipe (None: the diffusers folder's own scheduler, or dpmpp_2m for a run); the
+    one line on settings of the folder's scheduler that do not carry over goes to stderr."""
+    name, _, text = pipe.default_sampler_options(sampler)
+    if text:
+        note(text)
+    return name
+
+
+@contextlib.contextmanager
+def quiet_notes():
+    """Around a library call whose sampler note resolve_sampler has already printed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def sampler_kwargs(spacing, eta, karras, variance_type=None) -> dict:
     """The sampler options as Pipeline keyword arguments (only those given)."""
-    kw = {"timestep_spacing": spacing}
+    kw = {} if spacing is None else {"timestep_spacing": spacing}
     if eta is not None:
         kw["eta"] = eta
     if karras:

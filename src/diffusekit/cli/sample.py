@@ -89,7 +89,7 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
     """
     kw = opt.sampler_kwargs(spacing, eta, karras, variance_type)
     if dry_run:
-        opt.dump(dict(run=run, sampler=sampler, steps=steps or 20, n=n, class_label=class_label, guidance=guidance,
+        opt.dump(dict(run=run, sampler=sampler or "default", steps=steps or 20, n=n, class_label=class_label, guidance=guidance,
                       guides=list(guides), guide_weighting=guide_weighting, classifier=classifier_path,
                       prompt=prompt, negative_prompt=negative_prompt, prompts_file=prompts_file,
                       seed=seed or 0, out=out, device=device, precision=precision or "auto", **kw))
@@ -99,20 +99,24 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
     nrow = nrow or (pipe.num_classes if class_label == "each" else None)
     guide_kw = {**cond.guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
                                        classifier_scale, target), "negative_prompt": negative_prompt}
-    steps, tuned = opt.steps_plan(run, pipe, sampler, steps, timesteps_file, guidance)
+    name = opt.resolve_sampler(pipe, sampler)
+    steps, tuned = opt.steps_plan(run, pipe, name, steps, timesteps_file, guidance)
     kw.update({"timesteps": tuned} if tuned is not None else {})
     prompt, n, nrow, rows = _prompts(prompts_file, prompt, n, nrow)
     _fast_paths(pipe, compile_, cuda_graphs, steps, n, batch_size, guidance)
     start = time.perf_counter()
-    images = pipe.sample(n, sampler=sampler, num_steps=steps, generator=opt.generator(seed), class_labels=label,
-                         batch_size=batch_size, progress=True, prompt=prompt, **guide_kw, **kw)
+    with opt.quiet_notes():
+        images = pipe.sample(n, sampler=sampler, num_steps=steps, generator=opt.generator(seed), class_labels=label,
+                             batch_size=batch_size, progress=True, prompt=prompt, **guide_kw, **kw)
     seconds = time.perf_counter() - start
     _write_grid(images, out, nrow, rows)
-    nfe = pipe.sampler_for(sampler, **{k: v for k, v in kw.items() if k != "timesteps"}).nfe(steps, tuned)
+    plain = {k: v for k, v in kw.items() if k not in ("timesteps", "timestep_spacing")}
+    nfe = pipe.resolve_sampler(sampler, kw.get("timestep_spacing"), **plain).nfe(steps, tuned)
     calls = f"{nfe} model evaluations" + (", each conditional + unconditional" if guidance != 1.0 else "")
-    click.echo(f"wrote {out}: {n} images, {sampler} with {steps} steps ({calls}), {seconds:.1f} s")
+    click.echo(f"wrote {out}: {n} images, {name} with {steps} steps ({calls}), {seconds:.1f} s")
     if trajectory:
-        _trajectory(pipe, trajectory, n, sampler, steps, seed, label, prompt, {**guide_kw, **kw})
+        with opt.quiet_notes():
+            _trajectory(pipe, trajectory, n, sampler, steps, seed, label, prompt, {**guide_kw, **kw})
 
 
 @main.command()
@@ -145,13 +149,15 @@ def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_ty
     from ..data import save_image
     pipe = opt.load_pipeline(run, device, precision)
     label, target = cond.labels(pipe, class_label, classifier_path)
-    y = pipe.edit(pipe.load_image(image), strength, sampler, steps, opt.generator(seed), label, prompt=prompt,
-                  negative_prompt=negative_prompt,
-                  **cond.guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
-                                         classifier_scale, target),
-                  **opt.sampler_kwargs(spacing, eta, karras, variance_type))
+    name = opt.resolve_sampler(pipe, sampler)
+    with opt.quiet_notes():
+        y = pipe.edit(pipe.load_image(image), strength, sampler, steps, opt.generator(seed), label, prompt=prompt,
+                      negative_prompt=negative_prompt,
+                      **cond.guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
+                                             classifier_scale, target),
+                      **opt.sampler_kwargs(spacing, eta, karras, variance_type))
     save_image(y, out)
-    click.echo(f"wrote {out} (strength {strength}, {sampler}, {steps} steps)")
+    click.echo(f"wrote {out} (strength {strength}, {name}, {steps} steps)")
 
 
 @main.command()
@@ -184,12 +190,15 @@ def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, variance_typ
     pipe = opt.load_pipeline(run, device, precision)
     x, m = pipe.load_image(image), pipe.load_mask(mask)
     label, target = cond.labels(pipe, class_label, classifier_path)
-    y = pipe.inpaint(x, m, sampler, steps, opt.generator(seed), resample, label,
-                     **cond.guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
-                                            classifier_scale, target),
-                     **opt.sampler_kwargs(spacing, eta, karras, variance_type))
+    sampler = sampler or (None if pipe.scheduler_config is not None else "ddim")   # a run inpaints with ddim
+    name = opt.resolve_sampler(pipe, sampler)
+    with opt.quiet_notes():
+        y = pipe.inpaint(x, m, sampler, steps, opt.generator(seed), resample, label,
+                         **cond.guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
+                                                classifier_scale, target),
+                         **opt.sampler_kwargs(spacing, eta, karras, variance_type))
     save_image(y.clamp(-1, 1), out)
-    click.echo(f"wrote {out} ({int(m.sum())} pixels filled, {sampler}, {steps} steps, resample {resample})")
+    click.echo(f"wrote {out} ({int(m.sum())} pixels filled, {name}, {steps} steps, resample {resample})")
 
 
 @main.command()

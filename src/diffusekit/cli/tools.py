@@ -21,6 +21,7 @@ from .options import friendly_errors
               help="IDX split of the reference data.")
 @click.option("--n", "n", type=click.IntRange(2, 1_000_000), default=5000, show_default=True,
               help="Samples to generate.")
+@opt.background_option("the run's own")
 @opt.sampler_options
 @click.option("--features", default="raw", show_default=True,
               help="'raw' (pixels), 'classifier:PATH' (a train-classifier folder) or 'inception:WEIGHTS' "
@@ -35,7 +36,7 @@ from .options import friendly_errors
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here.")
 @opt.network_options
 @friendly_errors
-def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras, variance_type, features, guidance,
+def eval_run(run, ref_source, ref_split, background, n, sampler, steps, spacing, eta, karras, variance_type, features, guidance,
              classes, batch_size, cache_dir, timesteps_file, out, seed, dry_run, device, precision):
     """Score a run's samples: Frechet distance, KID, precision/recall, NFE and time.
 
@@ -48,10 +49,13 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
     from ..evaluation import evaluate_run
     from ..store.run_config import read_run_config
     pipe = opt.load_pipeline(run, device, precision) if not dry_run else None
+    sampler = opt.resolve_sampler(pipe, sampler) if pipe else (sampler or "dpmpp_2m")
     steps, tuned = opt.steps_plan(run, pipe, sampler, steps, timesteps_file, guidance) if pipe else (steps or 20, None)
     model = None if pipe else read_run_config(run).model        # --dry-run reads the shapes without loading
     c, size = (pipe.image_shape[0], pipe.image_shape[1]) if pipe else (model.in_channels, model.image_size)
-    ref = DataConfig(source=ref_source, split=ref_split, image_size=size, channels=c)
+    trained_on = getattr(getattr(pipe.config, "data", None), "alpha_background", None) if pipe else None
+    ref = DataConfig(source=ref_source, split=ref_split, image_size=size, channels=c,
+                     alpha_background=background or trained_on or "black")
     kw = opt.sampler_kwargs(spacing, eta, karras, variance_type)
     settings = dict(run=run, ref=ref.to_dict(), n=n, sampler=sampler, steps=steps, features=features,
                     guidance=guidance, classes=classes, batch_size=batch_size, cache_dir=cache_dir, seed=seed or 0,
@@ -60,9 +64,11 @@ def eval_run(run, ref_source, ref_split, n, sampler, steps, spacing, eta, karras
         opt.dump(settings)
         return
     kw.update({"timesteps": tuned} if tuned is not None else {})
-    result = evaluate_run(pipe, ref, n, sampler=sampler, num_steps=steps, features=features, cache_dir=cache_dir,
-                          seed=seed or 0, batch_size=batch_size, guidance_scale=guidance,
-                          class_labels="uniform" if classes == "uniform" else None, progress=True, **kw)
+    with opt.quiet_notes():
+        result = evaluate_run(pipe, ref, n, sampler=sampler, num_steps=steps, features=features,
+                              cache_dir=cache_dir,
+                              seed=seed or 0, batch_size=batch_size, guidance_scale=guidance,
+                              class_labels="uniform" if classes == "uniform" else None, progress=True, **kw)
     width = max(len(k) for k in result)
     for key, value in result.items():
         click.echo(f"{key:<{width}}  {value:.6g}" if isinstance(value, float) else f"{key:<{width}}  {value}")

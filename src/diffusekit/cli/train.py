@@ -58,6 +58,18 @@ def _data_options() -> list:
         c("--autoencoder", field="latent.autoencoder", type=click.Path(exists=True, file_okay=False), default=None,
           help="Latent diffusion: a `diffusekit train-autoencoder` folder or a diffusers AutoencoderKL folder."),
         c("--split", field="data.split", default=None, help="Split of the data (IDX: train or t10k)."),
+        c("--background", field="data.alpha_background", default=None, metavar="black|white|R,G,B",
+          callback=opt.check_background, help="What transparent pixels become: black, white or R,G,B (0-255 each, e.g. "
+          "255,255,255) [default: black]."),
+        c("--caption-column", field="data.caption_column", default=None, metavar="NAME",
+          help="Metadata column holding each image's caption [default: text; a 'caption' column is read when "
+          "there is no 'text' column]."),
+        c("--image-column", field="data.image_column", default=None, metavar="NAME",
+          help="Metadata column naming each image file [default: file_name; in a datasets folder, its Image "
+          "column]."),
+        c("--caption-template", field="data.caption_template", default=None, metavar="TEMPLATE",
+          help='Build each caption from metadata columns, e.g. "{text}, {style} style"; a comma-separated part '
+          "whose columns are all null is left out."),
         c("--unconditional", field="data.class_labels", is_flag=True, default=None, callback=_unconditional,
           help="Ignore class labels."),
     ]
@@ -198,6 +210,7 @@ def train(out, config_path, resume, overwrite, preset, dry_run, text, text_encod
 @click.option("--image-size", type=click.IntRange(0, 1024), default=0, show_default=True,
               help="Resize/crop images to this size (0 = native).")
 @click.option("--channels", type=click.Choice(["auto", "1", "3"]), default="auto", show_default=True)
+@opt.background_option("black")
 @click.option("--factor", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="Downsampling factor: 32x32 images give 8x8 (4) or 4x4 (8) latents.")
 @click.option("--latent-channels", type=click.IntRange(1, 64), default=4, show_default=True)
@@ -207,8 +220,8 @@ def train(out, config_path, resume, overwrite, preset, dry_run, text, text_encod
 @click.option("--resume", is_flag=True, help="Continue the autoencoder in --out exactly where it stopped.")
 @opt.network_options
 @friendly_errors
-def train_autoencoder(source, out, image_size, channels, factor, latent_channels, train_steps, batch_size, lr, resume,
-                      seed, dry_run, device, precision):
+def train_autoencoder(source, out, image_size, channels, background, factor, latent_channels, train_steps, batch_size,
+                      lr, resume, seed, dry_run, device, precision):
     """Train the KL autoencoder of latent diffusion; report held-out reconstruction PSNR and write a grid.
 
     Writes OUT/config.json (with the latent scaling factor), OUT/model.safetensors (EMA weights),
@@ -224,7 +237,8 @@ def train_autoencoder(source, out, image_size, channels, factor, latent_channels
     train_over = {k: v for k, v in dict(steps=train_steps, batch_size=batch_size, lr=lr, seed=seed,
                                         precision=precision, device=device).items() if v is not None}
     cfg, dataset, resuming = plan_autoencoder_run(
-        out, {"source": source, "image_size": image_size, "channels": 0 if channels == "auto" else int(channels)},
+        out, {"source": source, "image_size": image_size, "channels": 0 if channels == "auto" else int(channels),
+              **({"alpha_background": background} if background else {})},
         {"latent_channels": latent_channels}, train_over, factor=int(factor), resume=resume)
     if dry_run:
         opt.dump(cfg.to_dict())
