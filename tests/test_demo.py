@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-gr = pytest.importorskip("gradio", reason="the web demo needs gradio: pip install 'diffusekit[demo]'")
+gr = pytest.importorskip("gradio", reason="the web demo needs gradio: pip install -e '.[demo]' from a clone")
 # gradio's own queue calls a pandas option that pandas 3 deprecates; nothing of ours
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 

