@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffusekit.config import ConfigError
-from diffusekit.models import TextToImageModel
+from diffusekit.nn.network import TextToImageModel
 from diffusekit.nn.text import LearnedTextEncoder, build_vocab
 from diffusekit.nn.unet import UNet, UNetConfig
 from diffusekit.pipeline import Pipeline

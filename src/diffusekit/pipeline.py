@@ -1,23 +1,28 @@
 """Pipeline: a trained network with its noise schedule, ready to sample, edit, invert and inpaint.
 
-Guidance is composed here, in one place (`Pipeline.denoiser`): classifier-free guidance, any
-number of gradient guides and classifier guidance stack into one Denoiser that every sampler and
-editor takes; guides with the source's post-step rule run as a per-step callback beside it.
+Guidance is composed in one place, `Pipeline.denoiser` (conditioning.guided): classifier-free guidance,
+any number of gradient guides and classifier guidance stack into one Denoiser that every sampler and
+editor takes; guides with the source's post-step rule run as a per-step callback beside it. The checks
+of labels, prompts and guidance are conditioning.py; an adapter folder's I/O is store/adapter.py.
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from . import conditioning as conditions
 from . import editing
 from .config import ConfigError
 from .device import autocast, check_precision, randn, resolve_device, resolve_precision
-from .guidance import Guide, SourceGuidance, guided_denoiser
+from .guidance import Guide
+from .nn.lora import get_lora_scale, set_lora_scale
 from .samplers import Denoiser, Sampler, get_sampler
 from .schedule import NoiseSchedule
+from .store.adapter import attach_adapter, is_adapter_folder, read_adapter, resolve_base
 
 # The spacing each sampler family does best with at few steps (Lin et al. 2023 recommend "trailing").
 DEFAULT_SPACING = "trailing"
@@ -62,7 +67,6 @@ class Pipeline:
         """Load runs/NAME: EMA weights (or "raw"), schedule and config, checked against each other.
 
         A LoRA adapter folder (adapter.json) loads on its base: see `load_adapter`."""
-        from .adapters import is_adapter_folder
         if is_adapter_folder(run_dir):
             return cls.load_adapter(run_dir, device=device, precision=precision)
         from .store.run import load_run
@@ -94,28 +98,41 @@ class Pipeline:
         opener = cls.from_diffusers if is_diffusers_folder(path) else cls.load
         return opener(path, device=device, precision=precision)
 
-    # --- LoRA adapters (adapters.py, nn/lora.py) ------------------------------------------------
+    # --- LoRA adapters (store/adapter.py: the folder; adapters.py: add, merge; nn/lora.py: the layers) ---
     @classmethod
     def load_adapter(cls, path: str | Path, base: str | Path | None = None, device: str | torch.device = "auto",
                      precision: str = "fp32") -> "Pipeline":
         """A LoRA adapter folder on its base (the run or diffusers folder it records, or `base`), at lora_scale 1.
 
         Refused, naming the fix, when the base is not there (pass base=) or its weights changed (hash)."""
-        from .adapters import load_adapter
-        return load_adapter(path, base=base, device=device, precision=precision)
+        from .interop.diffusers import is_diffusers_folder
+        record, state = read_adapter(path)
+        base_dir = resolve_base(path, record, base)
+        weights = record["base"].get("weights") or "ema"
+        pipe = (cls.from_diffusers(base_dir, device=device, precision=precision) if is_diffusers_folder(base_dir)
+                else cls.load(base_dir, device=device, weights=weights, precision=precision))
+        attach_adapter(pipe, base_dir, path, record, state)
+        return pipe
 
     @property
     def lora_scale(self) -> float | None:
         """The adapter's share: 0 = the base exactly, 1 = the fine-tuned model (None: no adapter)."""
-        from .nn.lora import get_lora_scale
         return get_lora_scale(self.model) if isinstance(self.model, torch.nn.Module) else None
 
     @lora_scale.setter
     def lora_scale(self, scale: float) -> None:
-        from .nn.lora import set_lora_scale
         set_lora_scale(self.model, scale)
         if self.graphed is not None:            # recorded graphs hold the old scale
             self.use_cuda_graphs("on")
+
+    @contextmanager
+    def lora_scaled(self, scale: float):
+        """`with pipe.lora_scaled(s):` the adapter at scale s inside, its scale before restored after."""
+        kept, self.lora_scale = self.lora_scale, scale
+        try:
+            yield self
+        finally:
+            self.lora_scale = kept
 
     # --- the model call and guidance ------------------------------------------------------------
     def sampler_for(self, name: str = "dpmpp_2m", timestep_spacing: str | None = None, **options) -> Sampler:
@@ -188,86 +205,17 @@ class Pipeline:
         """One Denoiser with classifier-free guidance (eps_u + w (eps_c - eps_u)), the eps-space gradient
         guides and classifier guidance toward target_class (default: the class_labels sampled with)
         stacked (guidance.guided_denoiser). For a text model the unconditional branch is negative_prompt."""
-        self.check_guidance(guidance_scale, labels_known=False)      # the labels come with the call
-        if negative_prompt:
-            self._check_negative_prompt(negative_prompt, guidance_scale)
-        null_cond = self.model.encode_text([negative_prompt]) if self.has_text and guidance_scale != 1.0 else None
-        return guided_denoiser(Denoiser(self.network(), self.prediction_type), guidance_scale=guidance_scale,
-                               null_label=-1, null_cond=null_cond, guides=guides, classifier=classifier,
-                               classifier_scale=classifier_scale,
-                               target_class=None if target_class is None else torch.as_tensor(target_class).to(self.device))
-
-    def _check_negative_prompt(self, negative_prompt: str, guidance_scale: float) -> None:
-        """A negative prompt is the unconditional branch of text guidance: refused where it would do nothing."""
-        if not self.has_text:
-            kind = "class-conditional" if self.num_classes else "unconditional"
-            raise ConfigError(f"a negative prompt was given but this model is {kind} (not text-conditioned), so it "
-                              "would be ignored; drop --negative-prompt (negative_prompt=...).")
-        if guidance_scale == 1.0:
-            raise ConfigError("a negative prompt was given at guidance_scale=1, where it has no effect (it is the "
-                              "unconditional branch of classifier-free guidance); pass --guidance above 1 (e.g. 3), "
-                              "or drop --negative-prompt.")
-        self._check_words([negative_prompt], "negative prompt")
-
-    def _check_words(self, prompts: Sequence[str], what: str) -> None:
-        """Refuse words a learned text encoder never saw; warn about prompts cut to the encoder's length."""
-        text = getattr(self.model, "text", None)
-        text = getattr(self.model, "text_encoder", None) if text is None else text
-        unknown = sorted({w for p in prompts for w in getattr(text, "unknown_words", lambda p: [])(p)})
-        if unknown:
-            raise ConfigError(f"the words {unknown} of the {what} never occur in this run's captions, so its learned "
-                              f"text encoder cannot read them; rephrase with words from the training captions.")
-        count, limit = getattr(text, "token_count", None), getattr(text, "max_length", None)
-        if count is None or not limit:
-            return
-        long = [(p, n) for p in dict.fromkeys(prompts) if (n := count(p)) > limit]
-        if long:
-            p, n = long[0]
-            warnings.warn(f"the {what} {p[:40]!r}{'...' if len(p) > 40 else ''} is {n} tokens long and the text "
-                          f"encoder reads {limit}: the last {n - limit} tokens are ignored; shorten it to keep "
-                          "them.", stacklevel=4)
+        return conditions.guided(self, guidance_scale, guides, classifier, classifier_scale, target_class,
+                                 negative_prompt)
 
     def check_guidance(self, guidance_scale: float, class_labels=None, *, labels_known: bool = True) -> None:
         """Refuse classifier-free guidance this model cannot do: scale != 1 needs a class- or text-conditional
         model, and a class-conditional one the class_labels to guide toward (unless labels_known=False)."""
-        if guidance_scale == 1.0:
-            return
-        if not (self.num_classes or self.has_text):
-            raise ConfigError(f"guidance_scale={guidance_scale} needs a class- or text-conditional model; this one "
-                              "has neither. Use guidance_scale=1 (and gradient guides or a classifier instead).")
-        if labels_known and self.num_classes and not self.has_text and class_labels is None:
-            raise ConfigError(f"guidance_scale={guidance_scale:g} (--guidance) mixes the class-conditional and the "
-                              "unconditional prediction, so it needs a class: pass class_labels (--class N, an index "
-                              "or a class name, or --class each for one class per grid column).")
-
-    def _callback(self, guides: Sequence[Guide], cond: dict, callback):
-        source = [g for g in guides if g.weighting == "source"]
-        return SourceGuidance(source, self.schedule).callback(cond, then=callback) if source else callback
+        conditions.check_guidance(self, guidance_scale, class_labels, labels_known=labels_known)
 
     def class_labels(self, labels, n: int) -> torch.Tensor | None:
         """Labels as a (n,) long tensor: None, one int (or class name) for all, or one per image."""
-        if labels is None:
-            return None
-        if not self.num_classes and self.has_text:
-            raise ConfigError("class labels were given but this model is text-conditioned (no classes); describe "
-                              "the image with a prompt (--prompt) instead of --class.")
-        if not self.num_classes:
-            raise ConfigError("class labels were given but this model is unconditional (no classes); "
-                              "drop --class, or train with labelled data.")
-        if isinstance(labels, str):
-            if labels not in self.class_names:
-                raise ConfigError(f"class {labels!r} is not one of this run's classes {self.class_names}.")
-            labels = self.class_names.index(labels)
-        labels = torch.as_tensor(labels, dtype=torch.long)
-        if labels.ndim == 0:
-            labels = labels.expand(n)
-        if labels.shape != (n,):
-            raise ConfigError(f"got {labels.numel()} class labels for {n} images; give one label or one per image.")
-        bad = labels[(labels < -1) | (labels >= self.num_classes)]
-        if len(bad):
-            raise ConfigError(f"class label {int(bad[0])} is out of range; this model has classes "
-                              f"0..{self.num_classes - 1} (-1 = unconditional).")
-        return labels.to(self.device)
+        return conditions.class_labels(self, labels, n)
 
     @property
     def has_text(self) -> bool:
@@ -275,28 +223,12 @@ class Pipeline:
 
     def prompts(self, prompt, n: int) -> list[str] | None:
         """Prompts as a list of n strings: None, one string for all, or one per image."""
-        if prompt is None:
-            return None
-        if not self.has_text:
-            raise ConfigError("a prompt was given but this model is not text-conditioned; drop --prompt, or train "
-                              "with captions (diffusekit train --text learned ...).")
-        prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != n or not all(isinstance(p, str) for p in prompts):
-            raise ConfigError(f"got {len(prompts)} prompts for {n} images; give one prompt or one per image.")
-        self._check_words(prompts, "prompt")
-        return prompts
+        return conditions.prompts(self, prompt, n)
 
     def conditioning(self, class_labels, n: int, prompt=None) -> dict:
         """The model's keyword conditioning for n images: class_labels and/or the encoded prompts (a text
         model without a prompt gets the empty prompt)."""
-        labels = self.class_labels(class_labels, n)
-        cond = {} if labels is None else {"class_labels": labels}
-        prompts = self.prompts(prompt, n)
-        if prompts is None and self.has_text:
-            prompts = [""] * n                       # a text model without a prompt: the empty prompt
-        if prompts is not None:
-            cond.update(self.model.encode_text(prompts))
-        return cond
+        return conditions.conditioning(self, class_labels, n, prompt)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Pixels -> what the model denoises (scaled latents with an autoencoder, else the images)."""
@@ -325,13 +257,10 @@ class Pipeline:
         lora_scale: the adapter's scale for this call only (see the `lora_scale` property).
         """
         if lora_scale is not None:
-            kept, self.lora_scale = self.lora_scale, lora_scale
-            try:
+            with self.lora_scaled(lora_scale):
                 return self.sample(n, sampler, num_steps, generator, class_labels, guidance_scale, guides, classifier,
                                    classifier_scale, target_class, batch_size, progress, callback, timestep_spacing,
                                    noise, prompt, negative_prompt, timesteps, **options)
-            finally:
-                self.lora_scale = kept
         if n < 1:
             raise ConfigError(f"n={n}; ask for at least one image.")
         from .memory import check_sampling          # refuse what cannot fit before drawing any noise
@@ -356,8 +285,7 @@ class Pipeline:
             batch_target = target[start:start + batch_size] if target is not None and target.ndim else target
             den = self.denoiser(guidance_scale, guides, classifier, classifier_scale, batch_target, negative_prompt)
             out = s.sample(den, x, num_steps=None if timesteps is not None else num_steps, generator=generator,
-                           timesteps=timesteps,
-                           callback=self._callback(guides, cond, callback),
+                           timesteps=timesteps, callback=conditions.source_callback(self, guides, cond, callback),
                            progress=progress and n <= batch_size, **cond)
             outs.append(_checked_finite(self.decode(out), "sampling").clamp(-1, 1).cpu())
         return torch.cat(outs)
@@ -389,21 +317,8 @@ class Pipeline:
 
     def load_mask(self, path: str | Path, threshold: float = 0.5) -> torch.Tensor:
         """A mask image as a (1, 1, H, W) tensor of 0/1: white (> threshold) = fill, black = keep."""
-        from .data import read_image_array
-        m = torch.from_numpy(read_image_array(path)).float()
-        m = m.mean(-1) if m.ndim == 3 else m                       # (H, W[, C]) -> (H, W) in [0, 1]
-        if tuple(m.shape) != tuple(self.image_shape[1:]):
-            raise ConfigError(f"the mask {path} is {m.shape[1]}x{m.shape[0]} but the model works at "
-                              f"{self.image_shape[2]}x{self.image_shape[1]}; draw the mask at that size.")
-        return (m > threshold).float()[None, None]
-
-    def _check_image(self, image: torch.Tensor) -> torch.Tensor:
-        if image.ndim == 3:
-            image = image[None]
-        if tuple(image.shape[1:]) != self.image_shape:
-            raise ConfigError(f"image of shape {tuple(image.shape[1:])} does not match the model's "
-                              f"{self.image_shape}; load it with Pipeline.load_image(path).")
-        return image.to(self.device)
+        from .data.images import load_mask
+        return load_mask(path, self.image_shape[1:], threshold)
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float = 0.5, sampler: str | None = None, num_steps: int = 50,
@@ -413,13 +328,13 @@ class Pipeline:
         Guidance keywords (guidance_scale, guides, classifier, classifier_scale, negative_prompt) are as
         for `sample`; a latent model edits the image's latents. The sampler defaults as for `sample`.
         """
-        guidance, options = _split_guidance(guidance_and_options)
+        guidance, options = conditions.split_guidance(guidance_and_options)
         s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
-        image = self._check_image(image)
+        image = conditions.check_image(self, image)
         self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
         cond = self.conditioning(class_labels, len(image), prompt)
         if guidance.get("guides"):
-            _refuse_source(guidance["guides"], "edit")
+            conditions.refuse_source_guides(guidance["guides"], "edit")
         out = editing.sdedit(s, self.denoiser(**guidance), self.encode(image),
                              strength, num_steps, generator, **cond)
         if strength == 0:
@@ -436,7 +351,7 @@ class Pipeline:
     def invert(self, image: torch.Tensor, num_steps: int = 50, refine_steps: int = 0, class_labels=None,
                prompt=None):
         """DDIM inversion: the x_T (latent x_T for a latent model) that deterministic DDIM maps back to the image."""
-        image = self._check_image(image)
+        image = conditions.check_image(self, image)
         return editing.invert(self.ddim(), self.denoiser(), self.encode(image), num_steps, refine_steps=refine_steps,
                               **self.conditioning(class_labels, len(image), prompt))
 
@@ -457,13 +372,13 @@ class Pipeline:
         A latent model fills the latent cells that any masked pixel touches and the known pixels are
         pasted back in pixel space at the end. sampler=None: ddim for a run, else as for `sample`.
         """
-        guidance, options = _split_guidance(guidance_and_options)
+        guidance, options = conditions.split_guidance(guidance_and_options)
         sampler = sampler or (None if self.scheduler_config is not None else "ddim")
         s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
-        image, mask = self._check_image(image), mask.to(self.device)
+        image, mask = conditions.check_image(self, image), mask.to(self.device)
         self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
         if guidance.get("guides"):
-            _refuse_source(guidance["guides"], "inpaint")
+            conditions.refuse_source_guides(guidance["guides"], "inpaint")
         latent_mask = mask
         if self.autoencoder is not None:
             # (.., H, W) -> the latent grid: a cell is filled if any pixel in it is
@@ -475,20 +390,6 @@ class Pipeline:
         if self.autoencoder is not None:
             out = torch.where(mask == 0, image, out.clamp(-1, 1))
         return _checked_finite(out, "inpainting").cpu()
-
-
-_GUIDANCE_KEYS = ("guidance_scale", "guides", "classifier", "classifier_scale", "target_class", "negative_prompt")
-
-
-def _split_guidance(kwargs: dict) -> tuple[dict, dict]:
-    return ({k: v for k, v in kwargs.items() if k in _GUIDANCE_KEYS},
-            {k: v for k, v in kwargs.items() if k not in _GUIDANCE_KEYS})
-
-
-def _refuse_source(guides, what: str) -> None:
-    if any(g.weighting == "source" for g in guides):
-        raise ConfigError(f"{what} takes eps-space guides only; a guide with weighting='source' acts after "
-                          f"each sampling step and is offered by sample. Use weighting='sqrt_abar'.")
 
 
 def _checked_finite(x: torch.Tensor, what: str) -> torch.Tensor:

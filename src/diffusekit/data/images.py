@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffusekit.config import check_choice
+from diffusekit.config import ConfigError, check_choice
 
 # ITU-R 601-2 luma, the weights Pillow uses for convert("L")
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -280,6 +280,17 @@ def load_image(path: str | Path, image_size: int = 0, channels: int = 3,
         raise ValueError(f"{path} is {h}x{w}, not square; pass image_size to resize and crop it.")
     return x * 2 - 1
 
+
+
+def load_mask(path: str | Path, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """A mask image as a (1, 1, H, W) tensor of 0/1: white (> threshold) = fill, black = keep; its
+    (H, W) must be size."""
+    m = torch.from_numpy(read_image_array(path)).float()
+    m = m.mean(-1) if m.ndim == 3 else m                       # (H, W[, C]) -> (H, W) in [0, 1]
+    if tuple(m.shape) != tuple(size):
+        raise ConfigError(f"the mask {path} is {m.shape[1]}x{m.shape[0]} but the model works at "
+                          f"{size[1]}x{size[0]}; draw the mask at that size.")
+    return (m > threshold).float()[None, None]
 
 def save_image(x: torch.Tensor, path: str | Path) -> Path:
     """Write one image (C, H, W) or (1, C, H, W) in [-1, 1] to path (format from the suffix)."""

@@ -65,8 +65,8 @@ def export_diffusers_lora(source, out_dir: str | Path, base: str | Path | None =
     (loaded on its base, or on `base`). Returns the file written.
     """
     import safetensors.torch
-    from ..adapters import load_adapter
-    pipe = load_adapter(source, base=base, device="cpu") if isinstance(source, (str, Path)) else source
+    from ..pipeline import Pipeline
+    pipe = Pipeline.load_adapter(source, base=base, device="cpu") if isinstance(source, (str, Path)) else source
     state, metadata = diffusers_lora_state_dict(pipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

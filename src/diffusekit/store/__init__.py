@@ -9,6 +9,8 @@
                consistent while a trainer writes the next one
   history.py   RUN/checkpoint-STEP/ folders and the folder a resume reads
   configs.py   the run folder's config.json schemas (diffusion, autoencoder, classifier runs)
+  adapter.py   a LoRA adapter folder: adapter.json, its weights, the base's reference and hash check
+               (not re-exported here: import diffusekit.store.adapter)
 
 `from diffusekit import store` gives the public names of all of them (store.save_checkpoint, ...).
 """
