@@ -15,11 +15,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from diffusekit import checkpoint as ckpt
+from diffusekit import store as ckpt
 from diffusekit import metrics as M
 from diffusekit.pipeline import Pipeline
-from diffusekit.run import resolve_run_config
-from diffusekit.train import train
+from diffusekit.training.resolve import resolve_run_config
+from diffusekit.training.diffusion import train
 
 TINY = {"data.source": "digits", "data.image_size": 8, "data.limit": 64, "model.base_channels": 8,
         "model.channel_mult": (1, 2), "model.num_res_blocks": 1, "model.groups": 4, "model.attention_resolutions": (),
@@ -34,7 +34,7 @@ def run_config(**extra):
 # --- the run lock ----------------------------------------------------------------------------------
 
 def test_a_second_writer_is_refused_between_saves(tmp_path, monkeypatch):
-    import diffusekit.train as training
+    import diffusekit.training.diffusion as training
     run_dir, attempts = tmp_path / "r", []
     real_loss = training.diffusion_loss
 
@@ -134,7 +134,7 @@ def test_sample_calls_the_network_at_exactly_the_tuned_times(tiny_run, tmp_path,
 
 def test_training_fd_is_frechet_distance_of_the_ema_models_samples(tmp_path):
     pytest.importorskip("tensorboard")
-    from diffusekit.tracking import RunEvaluator, reference_images
+    from diffusekit.training.samples import RunEvaluator, reference_images
     cfg, data = run_config(**{"train.steps": 4, "train.save_every": 4, "train.eval_every": 4,
                               "train.eval_samples": 16, "train.report_to": "tensorboard"})
     run = tmp_path / "r"

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from diffusekit import metrics as M
-from diffusekit.classifier_train import ClassifierTrainConfig, load_classifier, split_heldout, train_classifier
+from diffusekit.data import split_heldout
+from diffusekit.store.classifier import ClassifierTrainConfig, load_classifier
+from diffusekit.training.classifier import train_classifier
 from diffusekit.data import DataConfig, load_dataset
 from diffusekit.evaluation import evaluate_run, judge_accuracy
 
@@ -88,7 +90,7 @@ def test_judge_accuracy_is_the_share_recognised(judge, digits):
 
 
 def test_heldout_accuracy_at_t0_is_the_clean_accuracy(tmp_path):
-    from diffusekit.classifier_train import default_classifier_config
+    from diffusekit.store.classifier import default_classifier_config
     from diffusekit.schedule import ScheduleConfig
     cfg = default_classifier_config(8, 1, 10, base_channels=8, channel_mult=(1, 2), groups=4)
     result = train_classifier(DataConfig(), tmp_path, cfg, ClassifierTrainConfig(

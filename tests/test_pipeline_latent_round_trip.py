@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from diffusekit.autoencoder_train import autoencoder_run_config, load_autoencoder, train_autoencoder
+from diffusekit.store.autoencoder import load_autoencoder
+from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder
 from diffusekit.data import DataConfig, load_dataset
 from diffusekit.nn.unet import UNet, UNetConfig
 from diffusekit.pipeline import Pipeline

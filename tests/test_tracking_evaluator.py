@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusekit import metrics as M
-from diffusekit.tracking import RunEvaluator
+from diffusekit.training.samples import RunEvaluator
 
 
 class Replay:
