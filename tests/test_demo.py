@@ -239,7 +239,7 @@ def test_schedule_and_trajectory_pictures(pipe):
 
 def test_missing_gradio_names_the_extra(pipe, monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)
-    with pytest.raises(ImportError, match=r"pip install \"diffusekit\[demo\]\""):
+    with pytest.raises(ImportError, match=r"pip install -e \"\.\[demo\]\""):
         demo.build_demo(pipe)
 
 

@@ -253,9 +253,11 @@ class Sampler:
         PNDM's Runge-Kutta stages call the model at t_mid (noise level abar_mid), and its first stage
         moves x to abar_half. Spaced plans place both as diffusers' PNDM does: t_mid = t_next + h and
         abar_half at t - h, h = T // n // 2 (integer timesteps; the same point unless T // n is odd).
-        Explicit times and "logsnr": both at (t + t_next) / 2.
+        Explicit whole-number times follow the same rule with n = len(ts), so a spacing's own timesteps
+        given explicitly give that spacing's plan; fractional times and "logsnr": both at (t + t_next) / 2.
         """
-        if timesteps is None and self.timestep_spacing in TIMESTEP_SPACINGS:
+        whole = timesteps is not None and bool(torch.all(ts == ts.round()))
+        if whole or (timesteps is None and self.timestep_spacing in TIMESTEP_SPACINGS):
             half = self.schedule.num_train_timesteps // len(ts) // 2
             t_mid, t_half = ts[1:] + half, ts[:-1] - half
         else:
