@@ -5,7 +5,8 @@ from dataclasses import replace
 import pytest
 
 from diffusekit.store.run_config import LatentConfig
-from diffusekit.training.model_card import hub_repo_id, write_model_card
+from diffusekit.store.hub import hub_repo_id
+from diffusekit.training.model_card import write_model_card
 from diffusekit.training.resolve import resolve_run_config
 
 hub = pytest.importorskip("huggingface_hub", reason="huggingface_hub reads the card (installed with diffusers)")

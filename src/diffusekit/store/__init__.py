@@ -9,6 +9,7 @@
                consistent while a trainer writes the next one
   history.py   RUN/checkpoint-STEP/ folders and the folder a resume reads
   configs.py   the run folder's config.json schemas (diffusion, autoencoder, classifier runs)
+  hub.py       resolve_folder: a Hub repo id in the local HF cache as its snapshot folder; hub_repo_id
 
 `from diffusekit import store` gives the public names of all of them (store.save_checkpoint, ...).
 """

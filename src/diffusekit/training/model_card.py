@@ -11,30 +11,14 @@ load snippet names the folder relative to where it sits.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from diffusekit.store import write_text_atomic
+from diffusekit.store.hub import hub_repo_id
 
 # the licence of the built-in data (NOTICE); a run on other data gets "other": its data's licence is the user's to state
 DATA_LICENSES = {"digits": "cc-by-4.0", "shapes": "apache-2.0"}
-# a Hub cache folder (HF_HUB_CACHE/models--owner--name/snapshots/REV/...) names its repo id
-_CACHED_REPO = re.compile(r"(?:^|[\\/])(models|datasets)--([^\\/]+?)--([^\\/]+)(?:[\\/]|$)")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def hub_repo_id(source: str, kind: str = "models") -> str | None:
-    """The Hub repo id a model or data source names: `owner/name` as given (not an existing folder), or the
-    id inside a Hub cache path (`.../models--owner--name/snapshots/...`); None for a plain local path."""
-    if not source:
-        return None
-    cached = _CACHED_REPO.search(source)
-    if cached and cached.group(1) == kind:
-        return f"{cached.group(2)}/{cached.group(3)}"
-    if _REPO_ID.match(source) and not Path(source).exists():
-        return source
-    return None
 
 
 def card_metadata(cfg, base_model: list[str] | None = None, datasets: list[str] | None = None) -> dict:
