@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import typing
 import warnings
 
@@ -50,8 +51,9 @@ def dump(settings: dict) -> None:
 
 
 def note(text: str) -> None:
-    """A line about what the command does (stderr, so stdout keeps only results and --dry-run JSON)."""
-    click.echo(text, err=True)
+    """A line about what the command does: the `diffusekit.cli` logger at INFO, which the group prints on
+    stderr (stdout keeps only results and --dry-run JSON) and -q silences."""
+    logging.getLogger("diffusekit.cli").info(text)
 
 
 # --- the four options most commands share, each on its own -----------------------------------------
