@@ -64,3 +64,24 @@ def test_cached_repo_id_resolves_at_parse_time_and_the_cache_is_not_written(hf_c
     assert '"run": "' + str(hf_cache / "models--me--tiny-digits" / "snapshots" / REV) + '"' in r.output
     r = runner.invoke(main, ["tune-steps", "me/tiny-digits", "--dry-run"])
     assert r.exit_code == 2 and "--out" in r.output
+
+
+def test_cli_samples_a_cached_diffusers_folder_by_repo_id(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers", reason="a diffusers folder needs diffusers")
+    runner = CliRunner()
+    run, exported = tmp_path / "uncond", tmp_path / "exported"
+    r = runner.invoke(main, ["train", "--out", str(run), "--data", "digits", "--unconditional", "--batch-size", "16",
+                             "--sample-every", "0", "--train-steps", "2", "--preset", "tiny8", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["export", str(run), str(exported)])
+    assert r.exit_code == 0 and "diffusers loads" in r.output, r.output
+    cache = tmp_path / "hf-cache"
+    shutil.copytree(exported, cache / "models--me--tiny-ddpm" / "snapshots" / REV)
+    (cache / "models--me--tiny-ddpm" / "refs").mkdir()
+    (cache / "models--me--tiny-ddpm" / "refs" / "main").write_text(REV)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))
+    common = ["--n", "2", "--steps", "2", "--seed", "1", "--device", "cpu"]
+    by_path = runner.invoke(main, ["sample", str(exported), *common, "--out", str(tmp_path / "a.png")])
+    by_id = runner.invoke(main, ["sample", "me/tiny-ddpm", *common, "--out", str(tmp_path / "b.png")])
+    assert by_path.exit_code == 0 and by_id.exit_code == 0, by_id.output
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
