@@ -49,6 +49,8 @@ def test_model_card_and_tracking(tmp_path):
     train(cfg, tmp_path / "r", dataset=data, progress=False)
     card = (tmp_path / "r" / "README.md").read_text()
     assert "dk.Pipeline.load" in card and "samples/step_000004.png" in card and "digits" in card
+    assert card.startswith("---\nlibrary_name: diffusekit") or card.startswith('---\nlicense: "cc-by-4.0"')
+    assert str(tmp_path) not in card
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "fd" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["fd"] > 0 for r in evals)

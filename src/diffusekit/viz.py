@@ -57,6 +57,19 @@ def _save_pixels(pixels: np.ndarray, path: str | Path) -> Path:
     return write_pixels(pixels, path)
 
 
+def to_pil(images: torch.Tensor) -> list:
+    """Images (N, C, H, W) or (C, H, W) in [-1, 1], C = 1 or 3, as a list of PIL images ("L" or "RGB"), as
+    diffusers pipelines return them: pixel = round((x + 1) / 2 * 255), clamped."""
+    from PIL import Image
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"to_pil expects (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}; "
+                         "a latent model's pipe.sample(...) already decodes to pixels.")
+    pixels = to_pixels(images)  # (N, H, W, C) uint8
+    return [Image.fromarray(p[:, :, 0] if p.shape[-1] == 1 else p) for p in pixels]
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, padding: int = 2,
               upscale: int | None = None) -> Path:
     """Write make_grid(images) to an image file (format from the suffix); returns the path."""

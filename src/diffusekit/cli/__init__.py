@@ -4,7 +4,7 @@ Each command parses its options, calls one library function and prints what it d
 the configs' Literal types and the sampler registry; every error a user can cause prints as one line
 with the fix (options.friendly_errors).
 
-  app.py           the command group (`diffusekit --threads N ...`)
+  app.py           the command group (`diffusekit [-v|-q] [--threads N] ...`), the stderr log handler
   options.py       shared options (--seed, --dry-run, --device, --precision, sampler knobs), errors
   conditioning.py  --class, --prompt, --guidance, --guide, --classifier
   train.py         train, train-autoencoder, train-classifier

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import typing
 import warnings
 
@@ -50,8 +51,9 @@ def dump(settings: dict) -> None:
 
 
 def note(text: str) -> None:
-    """A line about what the command does (stderr, so stdout keeps only results and --dry-run JSON)."""
-    click.echo(text, err=True)
+    """A line about what the command does: the `diffusekit.cli` logger at INFO, which the group prints on
+    stderr (stdout keeps only results and --dry-run JSON) and -q silences."""
+    logging.getLogger("diffusekit.cli").info(text)
 
 
 # --- the four options most commands share, each on its own -----------------------------------------
@@ -196,8 +198,22 @@ def timesteps_option(fn):
                              "is not given).")(fn)
 
 
+def folder_or_repo_id(ctx, param, value):
+    """A run or diffusers folder, or a Hub repo id (owner/name) in the local HF cache, as a local folder path."""
+    if value is None:
+        return None
+    from ..store.hub import resolve_folder
+    try:
+        folder = resolve_folder(value)
+    except FileNotFoundError as e:
+        raise click.BadParameter(str(e)) from None
+    if not folder.is_dir():
+        raise click.BadParameter(f"{value} is a file; give a run folder or a diffusers folder.")
+    return str(folder)
+
+
 def run_argument(fn):
-    return click.argument("run", type=click.Path(exists=True, file_okay=False))(fn)
+    return click.argument("run", metavar="RUN", callback=folder_or_repo_id)(fn)
 
 
 def generator(seed_value):
@@ -207,9 +223,10 @@ def generator(seed_value):
 
 
 def load_pipeline(path, device_name="auto", precision_name=None):
-    """A run folder or a diffusers pipeline folder as a Pipeline."""
+    """A run folder, a diffusers pipeline folder or a Hub repo id in the local HF cache as a Pipeline."""
     from ..pipeline import Pipeline
-    return Pipeline.open(path, device=device_name, precision=precision_name or "auto")
+    from ..store.hub import resolve_folder
+    return Pipeline.open(resolve_folder(path), device=device_name, precision=precision_name or "auto")
 
 
 def steps_plan(run, pipe, sampler: str, steps, timesteps_file, guidance: float):

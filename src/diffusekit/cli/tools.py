@@ -106,6 +106,10 @@ def tune_steps(run, nfe, sampler, n, reference_steps, iterations, guidance, out,
       diffusekit sample runs/digits --sampler dpmpp_2m        # uses runs/digits/tuned_steps.json
     """
     from ..tune import TUNED_STEPS_FILE, tune_pipeline_steps
+    from ..store.hub import hub_repo_id
+    if out is None and hub_repo_id(run):
+        raise opt.UserError(f"{run} is a Hub repo in the local HF cache; give --out for the steps file "
+                            "(the cache is not written into).")
     out = out or str(Path(run) / TUNED_STEPS_FILE)
     if dry_run:
         opt.dump(dict(run=run, nfe=nfe, sampler=sampler, n=n, reference_steps=reference_steps, iterations=iterations,

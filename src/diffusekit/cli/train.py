@@ -132,6 +132,27 @@ def _loop_options() -> list:
     ]
 
 
+def _optimiser_options() -> list:
+    """Warm-up, schedule, weight decay, clipping and EMA: TrainConfig's fields, defaults read from it."""
+    from ..store.run_config import TrainConfig
+    c, default = config_option, (lambda name: TrainConfig.__dataclass_fields__[name].default)
+    return [
+        c("--warmup-steps", field="train.warmup_steps", type=click.IntRange(0), default=None,
+          help=f"Linear learning-rate warm-up steps [default: {default('warmup_steps')}]."),
+        c("--lr-schedule", field="train.lr_schedule", type=opt.literal_choices(TrainConfig, "lr_schedule"),
+          default=None, help=f"After the warm-up [default: {default('lr_schedule')}]."),
+        c("--weight-decay", field="train.weight_decay", type=click.FloatRange(0), default=None,
+          help=f"AdamW weight decay [default: {default('weight_decay')}]."),
+        c("--grad-clip", field="train.grad_clip", type=click.FloatRange(0), default=None,
+          help=f"Largest global gradient norm; 0 = no clipping [default: {default('grad_clip')}]."),
+        c("--ema-decay", field="train.ema_decay", type=click.FloatRange(0, 1, max_open=True), default=None,
+          help=f"Decay of the EMA weights that model.safetensors holds [default: {default('ema_decay')}]."),
+        c("--ema-warmup/--no-ema-warmup", field="train.ema_warmup", default=None,
+          help="Decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so early EMA weights follow the model "
+               "[default: on]."),
+    ]
+
+
 def _run_options() -> list:
     c = config_option
     return [
@@ -147,7 +168,8 @@ def _run_options() -> list:
 
 def train_options(fn):
     """The run-config options of `train`, each naming the field it sets (in --help's order)."""
-    for o in reversed([*_data_options(), *_model_options(), *_loop_options(), *_run_options()]):
+    for o in reversed([*_data_options(), *_model_options(), *_loop_options(), *_optimiser_options(),
+                             *_run_options()]):
         fn = o(fn)
     return fn
 

@@ -11,6 +11,7 @@
   configs.py   the run folder's config.json schemas (diffusion, autoencoder, classifier runs)
   adapter.py   a LoRA adapter folder: adapter.json, its weights, the base's reference and hash check
                (not re-exported here: import diffusekit.store.adapter)
+  hub.py       resolve_folder: a Hub repo id in the local HF cache as its snapshot folder; hub_repo_id
 
 `from diffusekit import store` gives the public names of all of them (store.save_checkpoint, ...).
 """
