@@ -85,3 +85,14 @@ def test_cli_samples_a_cached_diffusers_folder_by_repo_id(tmp_path, monkeypatch)
     by_id = runner.invoke(main, ["sample", "me/tiny-ddpm", *common, "--out", str(tmp_path / "b.png")])
     assert by_path.exit_code == 0 and by_id.exit_code == 0, by_id.output
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_pipeline_load_and_open_take_a_cached_repo_id(hf_cache, tiny_run):
+    """Pipeline.load / Pipeline.open resolve owner/name through the local HF cache, as the CLI does."""
+    import torch
+    import diffusekit as dk
+    repo_id, folder = "me/tiny-digits", tiny_run
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    by_path = dk.Pipeline.load(folder, device="cpu").sample(2, num_steps=3, generator=g())
+    assert torch.equal(dk.Pipeline.load(repo_id, device="cpu").sample(2, num_steps=3, generator=g()), by_path)
+    assert torch.equal(dk.Pipeline.open(repo_id, device="cpu").sample(2, num_steps=3, generator=g()), by_path)

@@ -23,6 +23,7 @@ from .nn.lora import get_lora_scale, set_lora_scale
 from .samplers import Denoiser, Sampler, get_sampler
 from .schedule import NoiseSchedule
 from .store.adapter import attach_adapter, is_adapter_folder, read_adapter, resolve_base
+from .store.hub import resolve_folder
 
 # The spacing each sampler family does best with at few steps (Lin et al. 2023 recommend "trailing").
 DEFAULT_SPACING = "trailing"
@@ -64,9 +65,9 @@ class Pipeline:
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
              precision: str = "fp32") -> "Pipeline":
-        """Load runs/NAME: EMA weights (or "raw"), schedule and config, checked against each other.
-
-        A LoRA adapter folder (adapter.json) loads on its base: see `load_adapter`."""
+        """Load runs/NAME (or a Hub repo id in the local HF cache): EMA weights (or "raw"), schedule and config,
+        checked against each other; a LoRA adapter folder (adapter.json) loads on its base (`load_adapter`)."""
+        run_dir = resolve_folder(run_dir)
         if is_adapter_folder(run_dir):
             return cls.load_adapter(run_dir, device=device, precision=precision)
         from .store.run import load_run
@@ -86,15 +87,16 @@ class Pipeline:
     @classmethod
     def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
                        null_class_label: int | None = None) -> "Pipeline":
-        """A local diffusers pipeline folder (unet/ + scheduler/), driven by diffusekit's samplers and editors."""
+        """A diffusers pipeline folder (or Hub repo id in the HF cache) driven by diffusekit's samplers and editors."""
         from .interop.diffusers import diffusers_pipeline_parts
-        return cls(**diffusers_pipeline_parts(path, device=device, precision=precision,
+        return cls(**diffusers_pipeline_parts(resolve_folder(path), device=device, precision=precision,
                                               null_class_label=null_class_label))
 
     @classmethod
     def open(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32") -> "Pipeline":
         """A run folder (`load`) or a local diffusers pipeline folder (`from_diffusers`), whichever path is."""
         from .interop.diffusers import is_diffusers_folder
+        path = resolve_folder(path)
         opener = cls.from_diffusers if is_diffusers_folder(path) else cls.load
         return opener(path, device=device, precision=precision)
 
@@ -251,10 +253,8 @@ class Pipeline:
 
         All starting noise is drawn first (on the generator's device), so image k starts from the same
         noise whatever the batch size; stochastic samplers draw their step noise per batch from the same
-        generator. guides / classifier: see `denoiser`; callback(StepInfo) runs after every step.
-        sampler=None is this pipeline's default (dpmpp_2m; a diffusers folder's own scheduler), and the
-        options not given default as `default_sampler_options` says.
-        lora_scale: the adapter's scale for this call only (see the `lora_scale` property).
+        generator. guides / classifier: see `denoiser`; callback(StepInfo) runs after every step. sampler=None:
+        dpmpp_2m, or a diffusers folder's own scheduler (`default_sampler_options`); lora_scale: for this call.
         """
         if lora_scale is not None:
             with self.lora_scaled(lora_scale):
