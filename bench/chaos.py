@@ -20,7 +20,7 @@ one comparison. The counts (issue 13):
   two trainers          a second `train` (fresh, --resume, --overwrite) on a run being trained (the first
                         paused with SIGSTOP meanwhile, so the second always meets it mid-run): refused in
                         one line naming the first's pid; the first finishes undisturbed
-  bad inputs            the table of tests/test_cli_errors.py through the CLI (click's CliRunner): exit 2,
+  bad inputs            the table of tests/cli/test_cli_errors.py through the CLI (click's CliRunner): exit 2,
                         a short message naming the file or option, no traceback, nothing written (goal: all)
 
 Usage:  OMP_NUM_THREADS=1 .venv/bin/python bench/chaos.py [--kill-trials 3] [--reader-trials 1]
@@ -312,7 +312,7 @@ def trainers_trial(trial: int, args, cfg: Path, work: Path, ref) -> dict:
 
 
 def bad_inputs(work: Path) -> dict:
-    """The table of tests/test_cli_errors.py: each bad input must be answered by one short message."""
+    """The table of tests/cli/test_cli_errors.py: each bad input must be answered by one short message."""
     spec = importlib.util.spec_from_file_location("cli_error_table", ROOT / "tests" / "test_cli_errors.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)

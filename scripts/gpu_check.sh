@@ -26,6 +26,6 @@ $DK inpaint "$OUT/run" --device "$DEV" --image "$OUT/digit.png" --mask "$OUT/mas
     --resample 2 --class 0 --out "$OUT/inpainted.png"
 $DK eval "$OUT/run" --device "$DEV" --n 500 --steps 20 --out "$OUT/eval.json"
 $DK sample "$OUT/run" --device "$DEV" --cuda-graphs off --steps 20 --n 64 --class each --seed 1 --out "$OUT/eager.png"
-.venv/bin/python -m pytest -q tests/test_app_layer.py tests/test_cuda_graphs.py -k cuda -rs
+.venv/bin/python -m pytest -q tests/test_app_layer.py tests/base/test_cuda_graphs.py -k cuda -rs
 [ "$DEV" = cuda ] && .venv/bin/python bench/cuda_graphs.py --json "$OUT/cuda_graphs.json"
 echo "GPU check done: pictures and eval.json in $OUT"

@@ -9,6 +9,8 @@ precision) or the working folder and does not put them back fails itself, naming
 instead of making an unrelated later test fail. Restore with monkeypatch or try/finally.
 """
 import os
+import sys
+from pathlib import Path
 
 # before numpy and torch load their thread pools: inherited by subprocesses (torchrun, the killed trainer)
 os.environ["OMP_NUM_THREADS"] = "1"
@@ -16,6 +18,13 @@ os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The tests mirror the source in folders (tests/samplers, tests/training, ...) without __init__.py files, and
+# some share helpers across folders (test_multinode's launcher, test_interop_t2i's tiny SD folder): every
+# test folder is importable by module name, as the flat folder was.
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name.isidentifier()):
+    if _folder.name != "fixtures" and str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 torch.set_num_threads(1)
 

@@ -328,7 +328,7 @@ class SourceGuidance:
     gradient G and x0_pred = x_t / sqrt(abar_t) (g = G / sqrt(abar_t)) the two rules agree when
         s' w(t) = s * abar_t / (sqrt(1 - abar_t) * k_t)            (see eps_scale_for_source)
     k_t shrinks with the step size, so at equal nominal scale the eps form is weaker by a factor
-    that depends on the number of steps; tests/test_guidance.py checks the identity.
+    that depends on the number of steps; tests/math/test_guidance.py checks the identity.
     """
 
     def __init__(self, guides: Sequence[Guide], schedule: NoiseSchedule):

@@ -184,7 +184,7 @@ def test_ddim_clip_sample_keeps_the_network_eps_as_diffusers_does(diffusers):
 
 
 # the options the issue found "accepted and ignored" are honoured now: what each converts to (the numbers are
-# checked against diffusers in tests/test_diffusers_fidelity.py)
+# checked against diffusers in tests/interop/test_diffusers_fidelity.py)
 HONOURED = [
     ("DDIMScheduler", dict(thresholding=True), dict(thresholding=True, use_clipped_model_output=False)),
     ("DDIMScheduler", dict(set_alpha_to_one=False), dict(set_alpha_to_one=False)),

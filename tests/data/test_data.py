@@ -12,8 +12,9 @@ from PIL import Image
 from diffusekit.config import ConfigError
 from diffusekit.data import (DataConfig, ImageDataset, from_pixels, load_dataset, load_image,
                              read_idx, save_image, to_pixels)
+from repo_paths import SHARED
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = SHARED / "data" / "mnist"
 
 
 def test_digits():

@@ -10,6 +10,7 @@ from PIL import Image
 from diffusekit.config import ConfigError
 from diffusekit.data import DataConfig, load_dataset, open_dataset
 from diffusekit.data.captions import format_caption
+from repo_paths import SHARED
 
 ROWS = [  # in file order a, b, c
     {"file_name": "a.png", "text": "thumbs up", "name": "thumbs up", "style": "noto", "skin_tone": "dark"},
@@ -170,7 +171,7 @@ def test_datasets_folders_take_the_same_options(tmp_path):
         load_dataset(DataConfig(source=str(tmp_path / "hf"), image_column="photo"))
 
 
-EMOJI = Path(__file__).resolve().parents[1].parent / "shared/data/emoji"
+EMOJI = SHARED / "data" / "emoji"
 
 
 @pytest.mark.skipif(not (EMOJI / "metadata.jsonl").is_file(),

@@ -212,7 +212,7 @@ def test_components_diffusekit_cannot_drive_are_refused(folders, tmp_path, where
 
 def test_leading_spacing_with_an_offset_converts(folders, tmp_path):
     """A folder's own scheduler with steps_offset=1 and "leading" spacing (Stable Diffusion's) converts with its
-    offset (it was refused before steps_offset existed; tests/test_diffusers_fidelity.py checks the numbers),
+    offset (it was refused before steps_offset existed; tests/interop/test_diffusers_fidelity.py checks the numbers),
     and any diffusekit sampler and spacing still drives it."""
     leading = _copy(folders, tmp_path)
     _edit_json(leading / "scheduler" / "scheduler_config.json", timestep_spacing="leading")

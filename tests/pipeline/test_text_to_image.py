@@ -1,5 +1,5 @@
 """Text-to-image end to end on the built-in captioned shapes: train, load, sample with prompts and guidance,
-edit, and the errors a user can cause (the latent half is in tests/test_latent.py)."""
+edit, and the errors a user can cause (the latent half is in tests/pipeline/test_pipeline_latent.py)."""
 import json
 
 import pytest

@@ -8,6 +8,7 @@ from diffusekit.config import ConfigError
 from diffusekit.nn.classifier import ClassifierConfig, NoiseAwareClassifier
 from diffusekit.nn.embeddings import timestep_embedding
 from diffusekit.nn.unet import PRESETS, UNet, UNetConfig
+from repo_paths import FIXTURES
 
 
 def _perturb(model: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> None:
@@ -204,13 +205,12 @@ def test_config_json_round_trip(tmp_path):
 def test_unchanged_config_keeps_v1_parameters_and_outputs():
     """A text-free UNet loads weights saved by the first release and gives its outputs exactly.
 
-    tests/data/unet_v1_golden.safetensors was written by the UNet of commit a14d05b (before text
+    tests/fixtures/unet_v1_golden.safetensors was written by the UNet of commit a14d05b (before text
     conditioning): two small class-conditional configs (AdaGN and additive time embedding), their
     perturbed weights, an input batch and the outputs that code computed for it.
     """
-    from pathlib import Path
     from safetensors.torch import load_file
-    golden = load_file(Path(__file__).parent / "data" / "unet_v1_golden.safetensors")
+    golden = load_file(FIXTURES / "unet_v1_golden.safetensors")
     for tag, scale_shift in (("adagn", True), ("add", False)):
         cfg = UNetConfig(image_size=8, in_channels=1, base_channels=4, channel_mult=(1, 2), num_res_blocks=1,
                          attention_resolutions=(4,), num_heads=2, groups=2, num_classes=3,

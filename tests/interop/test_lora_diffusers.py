@@ -1,6 +1,6 @@
 """LoRA on a diffusers Stable-Diffusion-layout base: diffusekit's adapter against diffusers' load_lora_weights.
 
-The tiny randomly initialised StableDiffusionPipeline folder of tests/test_interop_t2i.py is the base;
+The tiny randomly initialised StableDiffusionPipeline folder of tests/interop/test_interop_t2i.py is the base;
 nothing is downloaded. The adapter's weights are random (peft starts lora_B at zero, which would
 make every comparison below a comparison of the base with itself) and alpha != rank, so the
 exported file's scale handling is exercised. Tolerance: 1e-5 on images in [0, 1] (float32, CPU),

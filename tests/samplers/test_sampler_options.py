@@ -1,7 +1,7 @@
 """The diffusers-named sampler options: x0_pred bounds, steps_offset, set_alpha_to_one, init_noise_sigma.
 
 Known answers written out here, independently of the code; diffusers itself is compared in
-tests/test_diffusers_fidelity.py.
+tests/interop/test_diffusers_fidelity.py.
 """
 import math
 

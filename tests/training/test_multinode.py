@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from diffusekit import store as ckpt
 from diffusekit.store.run_config import RunConfig
 from diffusekit.training import train
-from test_train import tiny_run
+from test_training_diffusion import tiny_run
 
 LAUNCH_TIMEOUT_S = 240       # generous: a loaded 2-core machine takes ~20 s to import torch in each process
 
