@@ -30,6 +30,14 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+def module_device(model) -> torch.device:
+    """Where a module's first parameter (or buffer) lies; cpu for a plain callable or a module without tensors."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """The torch.device for "auto" (cuda > mps > cpu), a name, "cuda:1", or a torch.device."""
     if isinstance(device, torch.device):

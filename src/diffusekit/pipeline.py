@@ -17,7 +17,7 @@ import torch
 from . import conditioning as conditions
 from . import editing
 from .config import ConfigError
-from .device import autocast, check_precision, randn, resolve_device, resolve_precision
+from .device import autocast, check_precision, module_device, randn, resolve_device, resolve_precision
 from .guidance import Guide
 from .nn.lora import get_lora_scale, set_lora_scale
 from .samplers import Denoiser, Sampler, get_sampler
@@ -43,9 +43,9 @@ class Pipeline:
 
     def __init__(self, model: torch.nn.Module | Callable, schedule: NoiseSchedule, *, image_shape,
                  prediction_type: str = "epsilon", num_classes: int = 0, class_names: Sequence[str] = (),
-                 config=None, device: str | torch.device = "cpu", precision: str = "fp32", source: str = "",
+                 config=None, device: str | torch.device | None = None, precision: str = "fp32", source: str = "",
                  latent_shape=None, autoencoder=None, scheduler_config: dict | None = None):
-        self.device = resolve_device(device)
+        self.device = resolve_device(module_device(model) if device is None else device)   # None: the model's
         self.precision = resolve_precision(check_precision(precision, self.device), self.device)
         self.model = model.eval() if isinstance(model, torch.nn.Module) else model
         self.schedule, self.config, self.source = schedule, config, source

@@ -59,7 +59,10 @@ _ANY_PATH_FIXES = {
 
 
 def os_error_line(e: OSError) -> str:
-    """One line for an OSError that an input caused (a path of the CLI): the path, the reason and the fix."""
+    """One line for an OSError that an input caused (a path of the CLI): the path, the reason and the fix.
+    An OSError raised with a message written for the user (no errno, no path) is that message as it is."""
+    if e.errno is None and e.filename is None and str(e):
+        return str(e)
     reason = e.strerror or str(e) or type(e).__name__
     fix = _ANY_PATH_FIXES.get(e.errno) or _FIXES.get(e.errno) or "check the path, its permissions and the free disk space"
     return f"{e.filename or 'a file'}: {reason}; {fix.replace(' (--out)', '')}."
