@@ -207,3 +207,33 @@ def test_cli_finetune_sample_merge_and_the_merged_run_equals_the_adapter(base, d
     r = runner.invoke(main, ["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "dry"), "--dry-run",
                              "--lora-targets", "to_q,conv", "--instance-prompt", "a sks digit"])
     assert r.exit_code == 0 and json.loads(r.output)["adapter"]["targets"] == ["to_q", "conv"]
+
+
+@pytest.mark.slow
+def test_lora_dreambooth_on_a_tiny_stable_diffusion_folder_trains_unet_and_text_and_exports(tmp_path):
+    """The SD layout (UNet2DConditionModel, CLIP, AutoencoderKL; random, tiny): both adapters train (the frozen
+    CLIP encodes with autograd once a LoRA is on it), the class images are latents' decodings, the export
+    is diffusers' file."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from test_interop_t2i import _clip_tokenizer, _save
+    from diffusekit.interop.lora import export_diffusers_lora
+    sd = _save((diffusers, transformers), tmp_path / "sd", _clip_tokenizer(transformers, tmp_path / "tok"))
+    size = dk.Pipeline.from_diffusers(sd, device="cpu").image_shape[1]
+    (tmp_path / "data").mkdir()
+    for i in range(2):
+        a = np.zeros((size, size, 3), np.uint8)
+        a[:, 4 * i:4 * i + 6] = 200
+        Image.fromarray(a).save(tmp_path / "data" / f"{i}.png")
+    options = {**FAST, "train.lr": 1e-3, "train.steps": 2, "train.batch_size": 2, "instance_prompt": "a sks dog",
+               "class_prompt": "a dog", "num_class_images": 2, "adapter.targets": ("attention", "text")}
+    finetune(finetune_config(sd, tmp_path / "data", options), tmp_path / "ft", progress=False)
+    raw, _ = ckpt.read_weights(tmp_path / "ft" / ckpt.RAW_FILE)
+    for part in ("unet.", "text_encoder."):
+        assert max(float(v.abs().max()) for k, v in raw.items() if k.startswith(part) and ".lora_B." in k) > 1e-4
+    assert ckpt.read_weights(tmp_path / "ft" / "class_images" / "images.safetensors")[0]["images"].shape == \
+        (2, 3, size, size)
+    path = export_diffusers_lora(tmp_path / "ft", tmp_path / "exp")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd, safety_checker=None)
+    pipe.load_lora_weights(tmp_path / "exp")             # diffusers reads what the fine-tune wrote
+    assert path.is_file()
