@@ -50,6 +50,8 @@ def _finetune_options(fn):
           help="Write a sample grid (instance prompt, other prompts, the base) every N steps [default: 100]."),
         c("--save-every", field="train.save_every", type=click.IntRange(1), default=None,
           help="Checkpoint every N steps [default: 100]."),
+        c("--report-to", field="train.report_to", type=click.Choice(["none", "tensorboard"]), default=None,
+          help="Also log to TensorBoard (RUN/tensorboard; pip install -e \".[tensorboard]\")."),
         c("--seed", field="train.seed", type=int, default=None, help="Seed for every random choice [default: 0]."),
         c("--device", field="train.device", type=click.Choice(DEVICES), default="auto", callback=_device,
           help="auto = CUDA, then Apple MPS, then CPU."),
