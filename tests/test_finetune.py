@@ -122,6 +122,10 @@ def test_resume_after_a_stop_equals_the_straight_run_bit_for_bit(base, data, tmp
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ckpt.CheckpointError, match="already holds a checkpoint at step 4"):
         _run(base, data, tmp_path / "resumed")
+    with pytest.raises(ConfigError, match=r"--resume keeps the fine-tune's settings, but adapter.rank: the run has 4, "
+                                          r"the command line says 8"):
+        plan_finetune(base, data, tmp_path / "resumed", {"adapter.rank": 8}, resume=True)
+    assert plan_finetune(base, data, tmp_path / "resumed", {"train.steps": 4}, resume=True).finished
 
 
 def test_prior_preservation_loss_is_instance_loss_plus_weight_times_class_loss():

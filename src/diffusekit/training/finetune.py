@@ -237,6 +237,11 @@ def plan_finetune(base: str | Path, data: str | Path, out_dir: str | Path, optio
     base_kind(base)
     saved = read_finetune_config(run_dir) if resume and (run_dir / FINETUNE_FILE).exists() else None
     cfg = finetune_config(base, data, options, saved)
+    changed = {k: v for k, v in saved.diff(cfg).items() if k not in FINETUNE_RESUMABLE} if saved else {}
+    if changed:
+        lines = "; ".join(f"{k}: the run has {a!r}, the command line says {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"--resume keeps the fine-tune's settings, but {lines}. Drop those options, or start a new "
+                          "run with another --out.")
     check_apart(run_dir, cfg.data)
     if dry_run:
         return FinetunePlan(run_dir, cfg, resume)
