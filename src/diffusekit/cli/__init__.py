@@ -10,8 +10,9 @@ with the fix (options.friendly_errors).
   train.py         train, train-autoencoder, train-classifier
   sample.py        sample, edit, inpaint, invert
   tools.py         eval, tune-steps, export, make-shapes, plot-schedule, plot-process, demo
+  finetune.py      finetune, merge
 """
-from . import sample, tools, train  # noqa: F401  (each module attaches its commands to main)
+from . import finetune, sample, tools, train  # noqa: F401  (each module attaches its commands to main)
 from .app import main
 
 __all__ = ["main"]

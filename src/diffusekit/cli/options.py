@@ -222,11 +222,33 @@ def generator(seed_value):
     return make(0 if seed_value is None else seed_value)
 
 
-def load_pipeline(path, device_name="auto", precision_name=None):
-    """A run folder, a diffusers pipeline folder or a Hub repo id in the local HF cache as a Pipeline."""
+def adapter_options(fn):
+    """--lora-scale and --base: for commands that load a run which may be a LoRA fine-tune."""
+    fn = click.option("--base", "base", type=click.Path(exists=True, file_okay=False), default=None,
+                      help="A LoRA run's base model, when it has moved from the path the run records.")(fn)
+    return click.option("--lora-scale", type=click.FloatRange(0, 1e3), default=None,
+                        help="A LoRA run's adapter share: 0 = the base exactly, 1 = the fine-tuned model "
+                             "[default: 1]; refused for a run without an adapter.")(fn)
+
+
+def load_pipeline(path, device_name="auto", precision_name=None, base=None, lora_scale=None):
+    """A run folder, a LoRA run (on its base, or on `base`), a diffusers pipeline folder or a Hub repo id in the
+    local HF cache as a Pipeline; lora_scale sets the adapter's share (refused without an adapter)."""
+    from ..adapters import is_adapter_folder
     from ..pipeline import Pipeline
     from ..store.hub import resolve_folder
-    return Pipeline.open(resolve_folder(path), device=device_name, precision=precision_name or "auto")
+    path = resolve_folder(path)
+    precision_name = precision_name or "auto"
+    if base is not None:
+        if not is_adapter_folder(path):
+            raise UserError(f"--base {base} points a LoRA run at its base, and {path} is not a LoRA run (it has no "
+                            "adapter.json); drop --base.")
+        pipe = Pipeline.load_adapter(path, base=base, device=device_name, precision=precision_name)
+    else:
+        pipe = Pipeline.open(path, device=device_name, precision=precision_name)
+    if lora_scale is not None:
+        pipe.lora_scale = lora_scale
+    return pipe
 
 
 def steps_plan(run, pipe, sampler: str, steps, timesteps_file, guidance: float):

@@ -73,11 +73,12 @@ def _fast_paths(pipe, compile_: str, cuda_graphs: str, steps: int, n: int, batch
 @click.option("--cuda-graphs", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Replay the network from CUDA graphs (one per batch shape; removes kernel-launch overhead at "
                    "small batches): auto = on a CUDA device. Same results; gradient guides run eagerly.")
+@opt.adapter_options
 @opt.network_options
 @friendly_errors
 def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, guides, guide_weighting, guide_window,
            classifier_path, classifier_scale, n, class_label, prompt, negative_prompt, prompts_file, timesteps_file,
-           out, nrow, trajectory, batch_size, compile_, cuda_graphs, seed, dry_run, device, precision):
+           out, nrow, trajectory, batch_size, compile_, cuda_graphs, lora_scale, base, seed, dry_run, device, precision):
     """Sample images from a trained run (or a diffusers pipeline folder) and save a grid.
 
     \b
@@ -86,15 +87,17 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
       diffusekit sample runs/digits --class 3 --guidance 2 --trajectory strip.png
       diffusekit sample runs/digits --guide brightness=0.9 --out bright.png
       diffusekit sample runs/shapes --prompt "a large red circle on the left" --guidance 4 --n 16
+      diffusekit sample runs/ft --prompt "a sks emoji" --lora-scale 0.5     (a LoRA fine-tune)
     """
     kw = opt.sampler_kwargs(spacing, eta, karras, variance_type)
     if dry_run:
         opt.dump(dict(run=run, sampler=sampler or "default", steps=steps or 20, n=n, class_label=class_label, guidance=guidance,
                       guides=list(guides), guide_weighting=guide_weighting, classifier=classifier_path,
                       prompt=prompt, negative_prompt=negative_prompt, prompts_file=prompts_file,
-                      seed=seed or 0, out=out, device=device, precision=precision or "auto", **kw))
+                      seed=seed or 0, out=out, device=device, precision=precision or "auto", lora_scale=lora_scale,
+                      base=base, **kw))
         return
-    pipe = opt.load_pipeline(run, device, precision)
+    pipe = opt.load_pipeline(run, device, precision, base, lora_scale)
     label, target = cond.labels(pipe, class_label, classifier_path, each_of=n)
     nrow = nrow or (pipe.num_classes if class_label == "each" else None)
     guide_kw = {**cond.guidance_kwargs(pipe, guidance, guides, guide_weighting, guide_window, classifier_path,
@@ -129,11 +132,12 @@ def sample(run, sampler, steps, spacing, eta, karras, variance_type, guidance, g
 @cond.class_option("Edit toward this class.")
 @cond.prompt_options
 @click.option("--out", type=click.Path(dir_okay=False), default="edited.png", help="Image to write.")
+@opt.adapter_options
 @opt.network_options
 @friendly_errors
 def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_type, guidance, guides,
          guide_weighting, guide_window, classifier_path, classifier_scale, class_label, prompt, negative_prompt, out,
-         seed, dry_run, device, precision):
+         lora_scale, base, seed, dry_run, device, precision):
     """SDEdit: noise an image to t = strength * T and denoise it with any sampler.
 
     \b
@@ -147,7 +151,7 @@ def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_ty
                       guidance=guidance, guides=list(guides), seed=seed or 0, out=out, device=device))
         return
     from ..data import save_image
-    pipe = opt.load_pipeline(run, device, precision)
+    pipe = opt.load_pipeline(run, device, precision, base, lora_scale)
     label, target = cond.labels(pipe, class_label, classifier_path)
     name = opt.resolve_sampler(pipe, sampler)
     with opt.quiet_notes():
@@ -170,11 +174,12 @@ def edit(run, image, strength, sampler, steps, spacing, eta, karras, variance_ty
 @click.option("--resample", type=click.IntRange(1, 50), default=1, help="RePaint resampling jumps per step.")
 @cond.class_option("Fill toward this class.")
 @click.option("--out", type=click.Path(dir_okay=False), default="inpainted.png", help="Image to write.")
+@opt.adapter_options
 @opt.network_options
 @friendly_errors
 def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, variance_type, guidance, guides, guide_weighting,
-            guide_window, classifier_path, classifier_scale, resample, class_label, out, seed, dry_run, device,
-            precision):
+            guide_window, classifier_path, classifier_scale, resample, class_label, out, lora_scale, base, seed, dry_run,
+            device, precision):
     """Fill the masked region of an image; the pixels outside the mask are kept exactly.
 
     \b
@@ -187,7 +192,7 @@ def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, variance_typ
                       class_label=class_label, seed=seed or 0, out=out, device=device))
         return
     from ..data import save_image
-    pipe = opt.load_pipeline(run, device, precision)
+    pipe = opt.load_pipeline(run, device, precision, base, lora_scale)
     x, m = pipe.load_image(image), pipe.load_mask(mask)
     label, target = cond.labels(pipe, class_label, classifier_path)
     sampler = sampler or (None if pipe.scheduler_config is not None else "ddim")   # a run inpaints with ddim

@@ -124,21 +124,30 @@ def tune_steps(run, nfe, sampler, n, reference_steps, iterations, guidance, out,
 @main.command()
 @opt.run_argument
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["diffusers"]), default="diffusers", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "diffusers-lora"]), default="diffusers",
+              show_default=True, help="diffusers: a pipeline folder; diffusers-lora: a LoRA run's adapter as "
+                                      "pytorch_lora_weights.safetensors for diffusers' load_lora_weights.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (never a run folder).")
 @opt.dry_run
 @friendly_errors
 def export(run, out, fmt, overwrite, dry_run):
-    """Export a run as a diffusers pipeline folder (scheduler config + UNet weights in safetensors).
+    """Export a run as a diffusers pipeline folder (scheduler config + UNet weights in safetensors), or a LoRA
+    run on a Stable-Diffusion-layout diffusers base as the file diffusers' load_lora_weights reads.
 
     OUT is a new folder outside the run (exporting into a run folder is refused).
 
     \b
     Example:
       diffusekit export runs/digits exported --format diffusers
+      diffusekit export runs/sd-lora lora-out --format diffusers-lora
     """
     if dry_run:
         opt.dump(dict(run=run, out=out, format=fmt))
+        return
+    if fmt == "diffusers-lora":
+        from ..interop.lora import export_diffusers_lora
+        path = export_diffusers_lora(run, out)
+        click.echo(f"wrote {path}: StableDiffusionPipeline.from_pretrained(BASE).load_lora_weights({out!r}) reads it.")
         return
     from ..interop.export import export_diffusers
     result = export_diffusers(run, out, overwrite=overwrite)

@@ -161,17 +161,19 @@ class DiffusersTextEncoder(nn.Module):
         """Tokens of a prompt (start and end tokens included) before it is cut to max_length."""
         return len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
 
-    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The UNet's text keyword for a list of prompts, on the text encoder's device."""
+        """The UNet's text keyword for a list of prompts, on the text encoder's device (without autograd unless
+        some of its parameters train: a LoRA adapter on it, while fine-tuning)."""
         if isinstance(prompts, str):
             raise TypeError(f"prompts must be a list of strings, got the string {prompts!r}; wrap it: [{prompts!r}].")
         device = next(self.model.parameters()).device
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
         mask = tok["attention_mask"].to(device) if self.use_attention_mask else None
-        # output[0] is CLIPTextModel's last_hidden_state (after the final layer norm): (B, L, D)
-        hidden = self.model(tok["input_ids"].to(device), attention_mask=mask)[0]
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        with torch.set_grad_enabled(trains):
+            # output[0] is CLIPTextModel's last_hidden_state (after the final layer norm): (B, L, D)
+            hidden = self.model(tok["input_ids"].to(device), attention_mask=mask)[0]
         return {"encoder_hidden_states": hidden}
 
 

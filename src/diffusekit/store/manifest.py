@@ -30,7 +30,7 @@ MANIFEST_FILE = ".diffusekit-manifest.json"
 RUN_ENTRIES = ("config.json", "model.safetensors", "model_raw.safetensors", "trainer_state.pt", ".lock",
                "ckpt.tmp", "ckpt.ready", "checkpoint-*", "metrics.jsonl", "metrics.json", "loss.png", "samples",
                "README.md", "tensorboard", "autoencoder", "tuned_steps.json", "classifier.safetensors",
-               "reconstructions.png", "*.tmp", MANIFEST_FILE)
+               "reconstructions.png", "adapter.json", "finetune.json", "class_images", "*.tmp", MANIFEST_FILE)
 
 
 def run_entries_present(run_dir: str | Path) -> list[str]:

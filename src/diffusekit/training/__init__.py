@@ -7,6 +7,9 @@
   diffusion.py       the diffusion trainer (train): losses.py, inputs.py, samples.py, model_card.py
   autoencoder.py     the autoencoder trainer (train_autoencoder): reconstruction.py
   classifier.py      the classifier trainer (train_classifier)
+  finetune.py        the fine-tuning trainer (finetune, plan_finetune): LoRA or full, from a run or a
+                     diffusers folder, with the diffusion trainer's step (diffusion.denoising_step);
+                     finetune_data.py: instance images, DreamBooth class images
   resolve.py         options -> RunConfig (opens the data, asks the autoencoder for its latent shape)
   plan.py            what `diffusekit train` does before training: resume / overwrite checks
 The run folders' config schemas and loaders live in diffusekit.store.

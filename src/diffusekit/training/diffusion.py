@@ -103,34 +103,7 @@ class DiffusionTrainer(skeleton.Trainer):
         run.batches_per_epoch = self.inputs.batches_per_epoch
 
     def step_fn(self, run: skeleton.Run):
-        tc, inputs, device = self.cfg.train, self.inputs, run.device
-        ddp = run.dist.world_size > 1
-        net = torch.nn.parallel.DistributedDataParallel(
-            run.model, device_ids=[device] if device.type == "cuda" else None) if ddp else run.model
-        call = _training_call(net, tc, device, run.start, run.dist)
-
-        def step_fn(step: int, g: torch.Generator) -> dict:
-            # one optimisation step on this rank's slice of the global batch, in grad_accum micro-batches
-            x0, t, noise, cond = inputs(step)
-            run.opt.zero_grad(set_to_none=True)
-            total = torch.zeros((), device=device)
-            for k, sl in enumerate(micro_batches(len(x0), tc.grad_accum)):
-                last = k == tc.grad_accum - 1
-                with (net.no_sync() if ddp and not last else nullcontext()), autocast(device, tc.precision), \
-                        inputs.dropout_masks(step, sl):
-                    loss = diffusion_loss(call, self.schedule, x0[sl], self.cfg.model.prediction_type, None,
-                                          tc.loss_weighting, tc.min_snr_gamma, t=t[sl], noise=noise[sl],
-                                          **slice_cond(cond, sl))
-                    loss = loss / tc.grad_accum       # the mean over the rank's slice
-                check_loss(loss.item())
-                run.scaler.scale(loss).backward()
-                total += loss.detach()
-            loss_value = run.dist.mean(total)
-            check_loss(loss_value)
-            grad_norm = clip_and_step(run.model, run.opt, run.scaler, tc.grad_clip)
-            run.ema.update(run.model)
-            return {"loss": loss_value, "grad_norm": grad_norm}
-        return step_fn
+        return denoising_step(run, self.cfg.train, self.schedule, self.cfg.model.prediction_type, self.inputs)
 
     def periodic(self, run: skeleton.Run):
         """Rank 0's sample grids (samples/step_*.png) and FD/KID evaluations of the EMA model."""
@@ -153,6 +126,43 @@ class DiffusionTrainer(skeleton.Trainer):
 
     def after_save(self, run: skeleton.Run, step: int) -> None:
         write_model_card(run.run_dir, self.cfg, step)
+
+
+def denoising_step(run: skeleton.Run, tc, schedule: NoiseSchedule, prediction_type: str, inputs):
+    """step(step, generator) -> {"loss", "grad_norm"}: the denoising loss on inputs(step), an AdamW step, EMA.
+
+    The one training step of every diffusion trainer (this one and training.finetune). inputs(step) returns
+    this rank's (x0, t, noise, cond) or (x0, t, noise, cond, sample_weights), and has
+    dropout_masks(step, slice); tc: a TrainConfig (grad_accum, precision, loss weighting, grad_clip, compile).
+    """
+    device, ddp = run.device, run.dist.world_size > 1
+    net = torch.nn.parallel.DistributedDataParallel(
+        run.model, device_ids=[device] if device.type == "cuda" else None) if ddp else run.model
+    call = _training_call(net, tc, device, run.start, run.dist)
+
+    def step_fn(step: int, g: torch.Generator) -> dict:
+        # one optimisation step on this rank's slice of the global batch, in grad_accum micro-batches
+        x0, t, noise, cond, *rest = inputs(step)
+        weights = rest[0] if rest else None
+        run.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for k, sl in enumerate(micro_batches(len(x0), tc.grad_accum)):
+            last = k == tc.grad_accum - 1
+            with (net.no_sync() if ddp and not last else nullcontext()), autocast(device, tc.precision), \
+                    inputs.dropout_masks(step, sl):
+                loss = diffusion_loss(call, schedule, x0[sl], prediction_type, None, tc.loss_weighting,
+                                      tc.min_snr_gamma, t=t[sl], noise=noise[sl],
+                                      sample_weights=None if weights is None else weights[sl], **slice_cond(cond, sl))
+                loss = loss / tc.grad_accum       # the mean over the rank's slice
+            check_loss(loss.item())
+            run.scaler.scale(loss).backward()
+            total += loss.detach()
+        loss_value = run.dist.mean(total)
+        check_loss(loss_value)
+        grad_norm = clip_and_step(run.model, run.opt, run.scaler, tc.grad_clip)
+        run.ema.update(run.model)
+        return {"loss": loss_value, "grad_norm": grad_norm}
+    return step_fn
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Dist, device: torch.device,

@@ -22,8 +22,9 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         d = self.current_decay()
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            # ema = d * ema + (1 - d) * p
-            ema_p.lerp_(p.detach(), 1 - d)
+            if p.requires_grad:             # a frozen parameter (a LoRA's base) equals its copy already
+                # ema = d * ema + (1 - d) * p
+                ema_p.lerp_(p.detach(), 1 - d)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
         self.num_updates += 1

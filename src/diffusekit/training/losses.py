@@ -41,11 +41,13 @@ def loss_weights(schedule: NoiseSchedule, t: torch.Tensor, prediction_type: str,
 
 def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, prediction_type: str,
                    generator: torch.Generator | None, weighting: str = "none", min_snr_gamma: float = 5.0,
-                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None, **cond) -> torch.Tensor:
+                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                   sample_weights: torch.Tensor | None = None, **cond) -> torch.Tensor:
     """The denoising loss: one random timestep per image, MSE to the target, optional min-SNR weights.
 
     x0: (B, C, H, W). Draws t ~ U{0..T-1} and eps ~ N(0, I) from `generator` (on its device, then
     moved to x0's), unless t (B,) and noise are given (the trainer draws them for the global batch).
+    sample_weights (B,): extra per-image factors (DreamBooth's prior-preservation weight on class images).
     Returns a scalar float32: mean_i w_i * mean_pixels (model(x_t, t) - target)^2   (DDPM eq. 14).
     """
     t, noise = draw_t_noise(schedule, x0.shape, generator, x0.device, x0.dtype) if t is None else (t, noise)
@@ -54,6 +56,8 @@ def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, prediction_
     prediction = model(x_t, t, **cond).float()
     per_sample = F.mse_loss(prediction, target.float(), reduction="none").flatten(1).mean(1)   # (B,)
     w = loss_weights(schedule, t, prediction_type, weighting, min_snr_gamma).to(per_sample)
+    if sample_weights is not None:
+        w = w * sample_weights.to(per_sample)
     return (w * per_sample).mean()
 
 

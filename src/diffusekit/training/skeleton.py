@@ -1,8 +1,10 @@
 """The one training skeleton: open the run, build, run the steps with hooks, save through the journal.
 
-Every trainer (diffusion.py, autoencoder.py, classifier.py) runs `fit(trainer, ...)`. The trainer
-supplies what is its own (a `Trainer`): its network, its step function (the loss and the optimiser
-step), what its saves add (an evaluation, pictures, a model card) and its weights' metadata. The
+Every trainer (diffusion.py, autoencoder.py, classifier.py, finetune.py) runs `fit(trainer, ...)`. The
+trainer supplies what is its own (a `Trainer`): its network, its step function (the loss and the optimiser
+step), what its saves add (an evaluation, pictures, a model card) and its weights' metadata, and where it
+differs from training a whole network, what the optimiser steps and what a save holds (`parameters`,
+`weights`, `load_weights`, `config_json`: a LoRA fine-tune steps and saves only its adapter). The
 skeleton does the rest, once:
   open     the run folder under its RunLock (rank 0): finish an interrupted save (store.journal),
            refuse a checkpoint unless resuming, refuse a resume whose settings changed
@@ -60,6 +62,22 @@ class Trainer:
     def metadata(self) -> dict[str, str]:
         """What the weights record about their meaning (checked when they are loaded)."""
         return {}
+
+    def parameters(self, model: torch.nn.Module):
+        """What the optimiser steps (a LoRA fine-tune: the adapter's parameters only)."""
+        return model.parameters()
+
+    def weights(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a save writes of the model (and of its EMA): by default its whole state dict."""
+        return model.state_dict()
+
+    def load_weights(self, model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+        """Restore what `weights` wrote (on resume)."""
+        store.load_state_dict_checked(model, state, where)
+
+    def config_json(self) -> str:
+        """config.json's text (a full fine-tune writes its base's run config there, so Pipeline.load reads it)."""
+        return self.cfg.to_json()
 
     def periodic(self, run: "Run") -> list[tuple[int, Callable[[int], None]]]:
         """(every, fn(step)) hooks that run every N steps and at the last (rank 0), e.g. sample grids."""
@@ -159,12 +177,12 @@ def build(trainer: Trainer, run_dir: Path, dist: Dist, device: torch.device, fol
     torch.manual_seed(derive_seed(tc.seed, "init"))
     model = trainer.make_model(device)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(trainer.parameters(model), lr=tc.lr, weight_decay=tc.weight_decay)
     run = Run(run_dir, dist, device, model, ema, opt, grad_scaler(device, tc.precision), 0, 0.0, state)
     if state is not None:
-        store.load_state_dict_checked(model, store.read_weights(folder / store.RAW_FILE)[0], str(folder))
+        trainer.load_weights(model, store.read_weights(folder / store.RAW_FILE)[0], str(folder))
         ema_weights, run.ema_metadata = store.read_weights(folder / store.EMA_FILE)
-        store.load_state_dict_checked(ema.model, ema_weights, str(folder))
+        trainer.load_weights(ema.model, ema_weights, str(folder))
         opt.load_state_dict(state["optimizer"])
         ema.num_updates, run.start, run.elapsed_before = state["ema_num_updates"], state["step"], state["elapsed"]
         run.saved_step = run.start
@@ -180,7 +198,7 @@ def fit(trainer: Trainer, run: Run, progress: bool = True) -> Run:
     tc = trainer.cfg.train
     if run.rank0:
         if run.state is None or trainer.config_on_resume:
-            store.write_text_atomic(run.run_dir / store.CONFIG_FILE, trainer.cfg.to_json() + "\n")
+            store.write_text_atomic(run.run_dir / store.CONFIG_FILE, trainer.config_json() + "\n")
         run.tracker = Tracker(run.run_dir, run.start, getattr(tc, "report_to", "none"))
     hooks = Hooks(trainer, run)
     run.model.train()
@@ -236,8 +254,8 @@ def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
         trainer_state = {"optimizer": run.opt.state_dict(), "ema_num_updates": run.ema.num_updates,
                          "elapsed": run.elapsed(), "seed": tc.seed, "world_size": run.dist.world_size,
                          "data_order": {"epoch": step // per_epoch, "batches_per_epoch": per_epoch}}
-        store.save_checkpoint(run.run_dir, step, ema=run.ema.model.state_dict(), raw=run.model.state_dict(),
-                              trainer_state=trainer_state, config_json=trainer.cfg.to_json() + "\n",
+        store.save_checkpoint(run.run_dir, step, ema=trainer.weights(run.ema.model), raw=trainer.weights(run.model),
+                              trainer_state=trainer_state, config_json=trainer.config_json() + "\n",
                               metadata=trainer.metadata())
         if getattr(tc, "checkpoints_total_limit", None) is not None:
             # checkpoint-STEP/ (hard links to the files just saved), the newest checkpoints_total_limit kept
