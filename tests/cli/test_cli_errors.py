@@ -470,7 +470,7 @@ def test_an_option_a_command_does_not_use_is_not_offered(command, option):
 
 def test_every_command_has_a_worked_example_and_seed_where_it_draws_random_numbers():
     random = {"train", "train-autoencoder", "train-classifier", "sample", "edit", "inpaint", "eval", "tune-steps",
-              "make-shapes", "plot-schedule", "plot-process"}
+              "make-shapes", "plot-schedule", "plot-process", "finetune"}
     for name, command in main.commands.items():
         r = invoke(name, "--help")
         assert r.exit_code == 0 and "Example" in r.output and f"diffusekit {name}" in r.output, name
