@@ -164,3 +164,12 @@ def source_callback(pipe, guides: Sequence[Guide], cond: dict, callback):
     """The per-step callback: the guides with the source's post-step rule, then callback (as is when none)."""
     source = [g for g in guides if g.weighting == "source"]
     return SourceGuidance(source, pipe.schedule).callback(cond, then=callback) if source else callback
+
+
+def checked_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """Refuse to hand out non-finite images (a NaN guidance scale, corrupt weights)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError(f"{what} produced NaN or infinite values; check the guidance scales and that the "
+                          f"weights are intact (a re-run with --precision fp32 rules out overflow).")
+    return x
+

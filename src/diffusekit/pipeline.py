@@ -66,8 +66,12 @@ class Pipeline:
     def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
              precision: str = "fp32") -> "Pipeline":
         """Load runs/NAME (or a Hub repo id in the local HF cache): EMA weights (or "raw"), schedule and config,
-        checked against each other; a LoRA adapter folder (adapter.json) loads on its base (`load_adapter`)."""
+        checked against each other; a LoRA adapter folder (adapter.json) loads on its base (`load_adapter`), a
+        diffusers folder or a diffusekit export through `from_diffusers`."""
+        from .interop.diffusers import is_diffusers_folder
         run_dir = resolve_folder(run_dir)
+        if is_diffusers_folder(run_dir):        # a diffusers folder or an export: its own weights, no EMA choice
+            return cls.from_diffusers(run_dir, device=device, precision=precision)
         if is_adapter_folder(run_dir):
             return cls.load_adapter(run_dir, device=device, precision=precision)
         from .store.run import load_run
@@ -95,10 +99,7 @@ class Pipeline:
     @classmethod
     def open(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32") -> "Pipeline":
         """A run folder (`load`) or a local diffusers pipeline folder (`from_diffusers`), whichever path is."""
-        from .interop.diffusers import is_diffusers_folder
-        path = resolve_folder(path)
-        opener = cls.from_diffusers if is_diffusers_folder(path) else cls.load
-        return opener(path, device=device, precision=precision)
+        return cls.load(path, device=device, precision=precision)
 
     # --- LoRA adapters (store/adapter.py: the folder; adapters.py: add, merge; nn/lora.py: the layers) ---
     @classmethod
@@ -107,12 +108,9 @@ class Pipeline:
         """A LoRA adapter folder on its base (the run or diffusers folder it records, or `base`), at lora_scale 1.
 
         Refused, naming the fix, when the base is not there (pass base=) or its weights changed (hash)."""
-        from .interop.diffusers import is_diffusers_folder
         record, state = read_adapter(path)
         base_dir = resolve_base(path, record, base)
-        weights = record["base"].get("weights") or "ema"
-        pipe = (cls.from_diffusers(base_dir, device=device, precision=precision) if is_diffusers_folder(base_dir)
-                else cls.load(base_dir, device=device, weights=weights, precision=precision))
+        pipe = cls.load(base_dir, device=device, weights=record["base"].get("weights") or "ema", precision=precision)
         attach_adapter(pipe, base_dir, path, record, state)
         return pipe
 
@@ -287,7 +285,7 @@ class Pipeline:
             out = s.sample(den, x, num_steps=None if timesteps is not None else num_steps, generator=generator,
                            timesteps=timesteps, callback=conditions.source_callback(self, guides, cond, callback),
                            progress=progress and n <= batch_size, **cond)
-            outs.append(_checked_finite(self.decode(out), "sampling").clamp(-1, 1).cpu())
+            outs.append(conditions.checked_finite(self.decode(out), "sampling").clamp(-1, 1).cpu())
         return torch.cat(outs)
 
     @torch.no_grad()
@@ -339,7 +337,7 @@ class Pipeline:
                              strength, num_steps, generator, **cond)
         if strength == 0:
             return image.cpu()
-        return _checked_finite(self.decode(out), "SDEdit").clamp(-1, 1).cpu()
+        return conditions.checked_finite(self.decode(out), "SDEdit").clamp(-1, 1).cpu()
 
     def ddim(self) -> Sampler:
         """The deterministic DDIM sampler that inversion and reconstruction share; from a diffusers folder
@@ -361,7 +359,7 @@ class Pipeline:
         self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)
         out = editing.reconstruct(self.ddim(), self.denoiser(**guidance), x_T.to(self.device), num_steps,
                                   **self.conditioning(class_labels, len(x_T), prompt))
-        return _checked_finite(self.decode(out), "reconstruction").cpu()
+        return conditions.checked_finite(self.decode(out), "reconstruction").cpu()
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str | None = None, num_steps: int = 50,
@@ -389,12 +387,5 @@ class Pipeline:
         out = self.decode(out)
         if self.autoencoder is not None:
             out = torch.where(mask == 0, image, out.clamp(-1, 1))
-        return _checked_finite(out, "inpainting").cpu()
+        return conditions.checked_finite(out, "inpainting").cpu()
 
-
-def _checked_finite(x: torch.Tensor, what: str) -> torch.Tensor:
-    """Refuse to hand out non-finite images (a NaN guidance scale, corrupt weights)."""
-    if not bool(torch.isfinite(x).all()):
-        raise ConfigError(f"{what} produced NaN or infinite values; check the guidance scales and that the "
-                          f"weights are intact (a re-run with --precision fp32 rules out overflow).")
-    return x
