@@ -173,3 +173,22 @@ def checked_finite(x: torch.Tensor, what: str) -> torch.Tensor:
                           f"weights are intact (a re-run with --precision fp32 rules out overflow).")
     return x
 
+
+OUTPUTS = ("pt", "pil")
+
+
+def check_output(output: str, channels: int) -> None:
+    """Refuse an output kind `sample` cannot return, before any sampling."""
+    if output == "pil" and channels not in (1, 3):
+        raise ConfigError(f"output=\"pil\" needs 1 or 3 channels, the model makes {channels}; use output=\"pt\".")
+    if output not in OUTPUTS:
+        raise ConfigError(f"output={output!r}; use output=\"pt\" (a tensor (N, C, H, W) in [-1, 1], the default) "
+                          "or output=\"pil\" (a list of PIL images).")
+
+
+def as_output(images: torch.Tensor, output: str):
+    """Images (N, C, H, W) in [-1, 1] as the caller asked: the tensor, or a list of PIL images."""
+    if output == "pil":
+        from .viz import to_pil
+        return to_pil(images)
+    return images

@@ -245,20 +245,22 @@ class Pipeline:
                guides: Sequence[Guide] = (), classifier: Callable | None = None, classifier_scale: float = 0.0,
                target_class=None, batch_size: int = 256, progress: bool = False, callback=None,
                timestep_spacing: str | None = None, noise: torch.Tensor | None = None, prompt=None,
-               negative_prompt: str = "", timesteps=None, lora_scale: float | None = None,
-               **options) -> torch.Tensor:
+               negative_prompt: str = "", timesteps=None, lora_scale: float | None = None, output: str = "pt",
+               **options) -> torch.Tensor | list:
         """n images (n, C, H, W) in [-1, 1], on the CPU.
 
         All starting noise is drawn first (on the generator's device), so image k starts from the same
         noise whatever the batch size; stochastic samplers draw their step noise per batch from the same
         generator. guides / classifier: see `denoiser`; callback(StepInfo) runs after every step. sampler=None:
         dpmpp_2m, or a diffusers folder's own scheduler (`default_sampler_options`); lora_scale: for this call.
+        output="pil": a list of PIL images instead (viz.to_pil), as diffusers pipelines return them.
         """
+        conditions.check_output(output, self.image_shape[0])
         if lora_scale is not None:
             with self.lora_scaled(lora_scale):
                 return self.sample(n, sampler, num_steps, generator, class_labels, guidance_scale, guides, classifier,
                                    classifier_scale, target_class, batch_size, progress, callback, timestep_spacing,
-                                   noise, prompt, negative_prompt, timesteps, **options)
+                                   noise, prompt, negative_prompt, timesteps, output=output, **options)
         if n < 1:
             raise ConfigError(f"n={n}; ask for at least one image.")
         from .memory import check_sampling          # refuse what cannot fit before drawing any noise
@@ -286,7 +288,7 @@ class Pipeline:
                            timesteps=timesteps, callback=conditions.source_callback(self, guides, cond, callback),
                            progress=progress and n <= batch_size, **cond)
             outs.append(conditions.checked_finite(self.decode(out), "sampling").clamp(-1, 1).cpu())
-        return torch.cat(outs)
+        return conditions.as_output(torch.cat(outs), output)
 
     @torch.no_grad()
     def trajectory(self, n: int = 4, sampler: str | None = None, num_steps: int = 20, generator=None,

@@ -1,4 +1,4 @@
-"""The one-liners a diffusers user expects from the package root: dk.save_grid, dk.to_pil."""
+"""The one-liners a diffusers user expects from the package root: dk.save_grid, dk.to_pil, sample(output="pil")."""
 import numpy as np
 import pytest
 import torch
@@ -31,3 +31,26 @@ def test_save_grid_from_the_root(tmp_path):
     assert np.array_equal(np.asarray(Image.open(path)), dk.make_grid(images, nrow=2, padding=0, upscale=1))
     assert np.asarray(Image.open(path))[4:, :4].tolist() == np.asarray(dk.to_pil(images[2])[0]).tolist()
     assert {"save_grid", "to_pil", "Pipeline"} <= set(dk.__all__)
+
+
+def _pipe(channels: int) -> dk.Pipeline:
+    def model(x, t):                         # a fixed eps-predictor: every sampler step is deterministic
+        return 0.3 * x
+    return dk.Pipeline(model, dk.NoiseSchedule.create("cosine"), image_shape=(channels, 4, 4), device="cpu")
+
+
+def test_sample_output_pil_is_the_tensor_as_pil_images():
+    pipe = _pipe(3)
+    kwargs = dict(sampler="ddim", num_steps=3)
+    tensor = pipe.sample(3, generator=torch.Generator().manual_seed(1), **kwargs)
+    pil = pipe.sample(3, generator=torch.Generator().manual_seed(1), output="pil", **kwargs)
+    assert isinstance(pil, list) and len(pil) == 3 and all(isinstance(p, Image.Image) for p in pil)
+    expected = np.rint((tensor.numpy() + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.array_equal(np.stack([np.asarray(p) for p in pil]), expected)
+
+
+def test_sample_output_refuses_what_it_cannot_return():
+    with pytest.raises(dk.ConfigError, match="output='np'.*\"pt\".*\"pil\""):
+        _pipe(3).sample(1, output="np")
+    with pytest.raises(dk.ConfigError, match="needs 1 or 3 channels, the model makes 2"):
+        _pipe(2).sample(1, output="pil")
