@@ -155,8 +155,7 @@ def export(run, out, fmt, overwrite, dry_run):
         click.echo(f"wrote {out}: a {result.pipeline_class} with a {result.scheduler_class} that diffusers loads "
                    f"(DDPMPipeline.from_pretrained({out!r})).")
     else:
-        click.echo(f"wrote {out}: the scheduler config and the weights in safetensors; diffusers cannot load this "
-                   f"UNet as a UNet2DModel ({result.reason}). See {out}/README.md.")
+        click.echo(f"wrote {out}: {result.note}")
 
 
 @main.command("make-shapes")

@@ -34,6 +34,15 @@ class ExportResult:
     reason: str | None = None           # why the UNet has no UNet2DModel counterpart
     files: list[str] = field(default_factory=list)
 
+    @property
+    def note(self) -> str | None:
+        """One line for the user when diffusers cannot load the folder: why, and what reads it (None when it can)."""
+        if self.diffusers_loadable:
+            return None
+        return (f"diffusers cannot load this UNet ({self.reason.split(':')[0]}; no diffusers equivalent): wrote its "
+                f"weights to diffusekit_unet/ with a standard {self.scheduler_class} config; "
+                f"diffusekit.Pipeline.load({self.out_dir!r}) reads it (see README.md there).")
+
 
 def _diffusers_version() -> dict:
     # the loader reads the version only to warn about very old or newer files; omit it when unknown
@@ -73,6 +82,7 @@ def export_diffusers(source, out_dir: str | Path, *, sampler: str = "ddpm", time
     from ..pipeline import Pipeline
     from .diffusers import DiffusersUNet
     pipe = source if isinstance(source, Pipeline) else Pipeline.load(source, device="cpu")
+    _refuse_unexportable(pipe)
     out = Path(out_dir)
     _refuse_run_folder(out, getattr(pipe, "source", None))
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -108,6 +118,16 @@ def export_diffusers(source, out_dir: str | Path, *, sampler: str = "ddpm", time
     return ExportResult(str(out), reason is None, pipeline_class, scheduler_class, reason, files)
 
 
+def _refuse_unexportable(pipe) -> None:
+    """What export cannot write so that it reads back as the same model: refused before writing anything."""
+    if pipe.has_text:
+        raise ConfigError("text-to-image runs are not exported yet (their text encoder has no diffusers folder "
+                          "counterpart here); load the run itself with Pipeline.load(RUN).")
+    if pipe.autoencoder is not None:
+        raise ConfigError("latent runs (with an autoencoder) are not exported yet: the folder would hold the UNet "
+                          "without the autoencoder it denoises for; load the run itself with Pipeline.load(RUN).")
+
+
 def _refuse_run_folder(out: Path, run) -> None:
     """Never write into a run (issue 23): export would replace its model card and add model_index.json, after
     which the run loads as a diffusers folder. Refused even with overwrite: the run, a folder inside or around
@@ -137,8 +157,11 @@ def _readme(pipe, pipeline_class: str, scheduler_class: str, sampler: str, reaso
     head = (f"# Exported from diffusekit\n\nA {'class-conditional ' if pipe.num_classes else ''}diffusion model on "
             f"{c}x{h}x{w} images (prediction_type={pipe.prediction_type!r}), schedule and sampler in "
             f"`scheduler/scheduler_config.json` ({scheduler_class}, diffusekit sampler `{sampler}`).\n\n")
-    ours = ("## In diffusekit\n\n```python\nfrom diffusekit import Pipeline\npipe = Pipeline.from_diffusers(\"THIS_FOLDER\")\n"
-            "images = pipe.sample(16, sampler=\"dpmpp_2m\", num_steps=20)   # (N, C, H, W) in [-1, 1]\n```\n")
+    labels = ", class_labels=[0] * 16" if pipe.num_classes else ""
+    ours = ("## In diffusekit\n\n```python\nfrom diffusekit import Pipeline\npipe = Pipeline.load(\"THIS_FOLDER\")"
+            "   # or Pipeline.from_diffusers\n"
+            f"images = pipe.sample(16, sampler=\"dpmpp_2m\", num_steps=20{labels})   # (N, C, H, W) in [-1, 1]\n"
+            f"pil_images = pipe.sample(16, output=\"pil\"{labels})   # a list of PIL images\n```\n")
     if reason is None:
         theirs = (f"## In diffusers\n\n`unet/` is a `UNet2DModel`, weight for weight the diffusekit UNet.\n\n```python\n"
                   f"from diffusers import {pipeline_class}\npipe = {pipeline_class}.from_pretrained(\"THIS_FOLDER\")\n"
@@ -148,5 +171,7 @@ def _readme(pipe, pipeline_class: str, scheduler_class: str, sampler: str, reaso
               f"{reason}.\nIts weights are in `diffusekit_unet/model.safetensors` under diffusekit's names, with "
               "the UNet config in `diffusekit_unet/config.json` (`unet`), so there is no `model_index.json`. "
               "The scheduler config is standard and loads with\n`diffusers."
-              f"{scheduler_class}.from_pretrained(\"THIS_FOLDER\", subfolder=\"scheduler\")`.\n\n")
+              f"{scheduler_class}.from_pretrained(\"THIS_FOLDER\", subfolder=\"scheduler\")`.\n"
+              "To load the model, install diffusekit (`pip install .` from its clone) and use the snippet below: "
+              "it reads `diffusekit_unet/` and the scheduler config, and samples what the run sampled.\n\n")
     return head + theirs + ours
