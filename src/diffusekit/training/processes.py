@@ -1,11 +1,17 @@
-"""This process's place in a torchrun launch, and the device it trains on."""
+"""This process's place in a torchrun / accelerate launch, the device it trains on, and the launcher's precision."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
+from diffusekit.config import ConfigError
 from diffusekit.device import rank_world, resolve_device
+
+# `accelerate launch --mixed_precision X` sets ACCELERATE_MIXED_PRECISION=X in every process it starts
+ACCELERATE_PRECISIONS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
@@ -46,3 +52,22 @@ def setup_processes(device: str = "auto") -> tuple[Dist, torch.device]:
     if created:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), created), device
+
+
+def launcher_precision(precision: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The run's precision under `accelerate launch`: ACCELERATE_MIXED_PRECISION (no / bf16 / fp16, from its
+    --mixed_precision) where the config leaves precision at "auto"; bf16 / fp16 against another chosen precision
+    is refused in one line. "no" (also accelerate's default when --mixed_precision is not given) keeps a chosen
+    precision. Without the variable the config's precision is kept."""
+    mixed = environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if not mixed:
+        return precision
+    if mixed not in ACCELERATE_PRECISIONS:
+        raise ConfigError(f"ACCELERATE_MIXED_PRECISION={mixed} (accelerate launch --mixed_precision) is not one "
+                          f"diffusekit trains in; use {' / '.join(ACCELERATE_PRECISIONS)}.")
+    wanted = ACCELERATE_PRECISIONS[mixed]
+    if precision == "auto" or precision == wanted or mixed == "no":   # "no" is also accelerate's default:
+        return wanted if precision == "auto" else precision          # it never overrides a chosen precision
+    raise ConfigError(f"accelerate launch --mixed_precision {mixed} (ACCELERATE_MIXED_PRECISION) asks for "
+                      f"{wanted} but the config sets train.precision={precision!r}; make them agree, or set "
+                      "train.precision to \"auto\" to follow the launcher.")
