@@ -8,7 +8,8 @@ from diffusekit.metrics import (ClassifierFeatures, FeatureExtractor,
                                 RawPixelFeatures, ReferenceStats, dataset_key, evaluate,
                                 extract_features, feature_stats, frechet_distance, kid,
                                 precision_recall, reference_stats)
-from diffusekit.nn.inception import FID_WEIGHTS_FILE, FIDInceptionV3, InceptionFeatures, load_fid_inception
+from diffusekit.nn.inception import (FID_WEIGHTS_FILE, FIDInceptionV3, InceptionFeatures, load_fid_inception,
+                                     quantize_8bit)
 
 
 def random_spd(rng, d, scale=1.0):
@@ -276,7 +277,7 @@ def test_inception_state_dict_keys_and_strict_load(random_inception, tmp_path):
     x = torch.rand(1, 3, 299, 299) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(x), random_inception(x))
-    assert InceptionFeatures(path).name == "inception-fid-pool3"
+    assert InceptionFeatures(path).name == "inception-fid-pool3-u8"
 
 
 def test_missing_inception_weights_message(tmp_path):
@@ -285,3 +286,36 @@ def test_missing_inception_weights_message(tmp_path):
     assert "never downloads" in str(info.value) and "nope.pth" in str(info.value)
     with pytest.raises(ValueError, match="exactly one"):
         InceptionFeatures()
+
+
+def test_quantize_8bit_against_a_hand_computation():
+    # round((x + 1) * 127.5) / 255 by hand: -1 -> 0; 1 -> 255; 0 -> 127.5 -> 128 (half to even, as np.rint and
+    # data.to_pixels); 0.5 -> 191.25 -> 191; -0.999 -> 0.1275 -> 0; out of range clamps first
+    x = torch.tensor([-1.0, 1.0, 0.0, 0.5, -0.999, 1.7, -3.0, 0.1])
+    expected = torch.tensor([0, 255, 128, 191, 0, 255, 0, 140]) / 255     # 0.1: 140.25 -> 140
+    assert torch.equal(quantize_8bit(x), expected)
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the network: returns a digest of what it was given, and keeps it."""
+    def forward(self, x):
+        self.seen = x.clone()
+        return x.mean(dim=(2, 3))
+
+
+def test_inception_input_is_the_8bit_images_resized_as_pytorch_fid_does():
+    """pytorch-fid reads a PNG as uint8 / 255 in [0, 1], resizes bilinearly (align_corners=False) to 299
+    and scales by 2x - 1; the extractor does the same to images in [-1, 1]."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
+    recorder = _Recorder()
+    InceptionFeatures(network=recorder)(images)
+    pixels = torch.from_numpy(np.rint((images.numpy() + 1) * 127.5)).float() / 255      # a PNG's pixels, via numpy
+    expected = 2 * torch.nn.functional.interpolate(pixels.repeat(1, 3, 1, 1), size=(299, 299), mode="bilinear",
+                                                   align_corners=False) - 1
+    assert recorder.seen.shape == (2, 3, 299, 299)
+    torch.testing.assert_close(recorder.seen, expected, rtol=0, atol=1e-6)
+    # a change smaller than half an 8-bit level does not reach the network
+    nudged = quantize_8bit(images) * 2 - 1 + 0.3 / 255
+    feats = InceptionFeatures(network=_Recorder())
+    assert torch.equal(feats(nudged), feats(images))

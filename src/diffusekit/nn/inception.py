@@ -224,16 +224,25 @@ def load_fid_inception(weights_path: str | Path) -> FIDInceptionV3:
     return network.eval().requires_grad_(False)
 
 
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as the 8-bit pixels a PNG of them holds, scaled to [0, 1]: round((x + 1) * 127.5) / 255
+    (x clamped; the rounding of data.to_pixels, so these are exactly the pixels `sample --out` writes)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
 class InceptionFeatures:
     """The standard FID features: 2048-d pool3 of the TF FID Inception-v3.
 
     Pass weights_path (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, which you download;
     we never do), or an already built `network` (e.g. randomly initialised, for tests).
-    Images are resized to 299x299 bilinearly and grayscale is repeated to 3 channels. The
-    network expects inputs in [-1, 1], which is already our image range, so no rescaling.
+    As pytorch-fid does with image files, so that an FID here compares with one computed there on the
+    same images written as PNGs: the images are quantised to 8 bits and scaled to [0, 1]
+    (`quantize_8bit`), grayscale is repeated to 3 channels, the batch is resized to 299x299 bilinearly
+    (align_corners=False) and scaled to the network's [-1, 1] (2x - 1). torch-fidelity resizes with
+    TF1's bilinear rule and scales by (x - 128) / 128 instead, so its FID differs slightly.
     """
 
-    name = "inception-fid-pool3"
+    name = "inception-fid-pool3-u8"     # the reference-stats cache key: caches from before quantisation differ
 
     def __init__(self, weights_path: str | Path | None = None, *, network=None,
                  device: str | torch.device = "cpu"):
@@ -249,8 +258,8 @@ class InceptionFeatures:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"InceptionFeatures needs images (B, 1 or 3, H, W); got "
                              f"{tuple(images.shape)}.")
-        x = images.to(self.device, torch.float32)
+        x = quantize_8bit(images.to(self.device, torch.float32))
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.network(x).cpu()
+        return self.network(2 * x - 1).cpu()
