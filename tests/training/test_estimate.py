@@ -103,3 +103,9 @@ def test_an_old_32x32_run_keeps_its_layout(colour32):
     old, _ = resolve_run_config({"data.source": str(colour32)}, preset="cifar32")
     again, _ = resolve_run_config({"train.device": "cpu", "train.steps": 10}, base=old)
     assert again.model == old.model
+
+
+def test_a_noisy_probe_never_sends_a_slow_model_to_the_full_batch():
+    # the batch-2 step timed slower than the batch-8 one (a busy machine): no slope, yet 64 images cost 8x more
+    assert estimate._batch_within((2, 1.0), (8, 0.9), 64, 1.0) < 64
+    assert estimate._batch_within((2, 0.01), (8, 0.02), 64, 1.0) == 64

@@ -106,9 +106,11 @@ def _timed(step_fn, step: int, device: torch.device) -> float:
 def _batch_within(t_small: tuple[int, float], t_large: tuple[int, float], full: int, budget_s: float) -> int:
     """The largest batch up to `full` whose steps fit budget_s, by a line through two timed steps (batch, s)."""
     (b1, t1), (b2, t2) = t_small, t_large
-    slope = max((t2 - t1) / (b2 - b1), 0.0) if b2 > b1 else t2 / b2
+    slope = (t2 - t1) / (b2 - b1) if b2 > b1 else 0.0
+    if slope <= 0.0:                 # a noisy machine timed the larger batch no slower: assume proportional
+        slope = t2 / b2
     fixed = max(t2 - slope * b2, 0.0)
-    if slope == 0.0 or fixed + slope * full <= budget_s:
+    if fixed + slope * full <= budget_s:
         return full
     return max(1, min(full, int((budget_s - fixed) / slope)))
 
