@@ -15,6 +15,8 @@ from pathlib import Path
 # before numpy and torch load their thread pools: inherited by subprocesses (torchrun, the killed trainer)
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
+# `diffusekit train` times a few steps before training (training/estimate.py): off unless a test asks for it
+os.environ["DIFFUSEKIT_ESTIMATE"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

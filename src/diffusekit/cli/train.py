@@ -90,7 +90,9 @@ def _model_options() -> list:
           type=opt.literal_choices(UNetConfig, "text_conditioning"), default=None,
           help="How text enters the UNet [default with --text: both]."),
         click.option("--preset", default=None, help="UNet preset (tiny8, small16, mnist28, mnist28-lean, cifar32, "
-                     "64); default by image size."),
+                     "cifar32-lean, 64); default by image size, and for 32x32 by device: cifar32-lean (6.5M "
+                     "parameters) on a CPU, cifar32 (DDPM's CIFAR-10 layout, 38M) on a GPU; --preset cifar32 "
+                     "asks for the big one anywhere."),
         c("--prediction-type", field="model.prediction_type", type=opt.literal_choices(UNetConfig, "prediction_type"),
           default=None, help="What the network predicts."),
         c("--schedule", field="schedule.kind", type=opt.literal_choices(ScheduleConfig, "kind"), default=None,
@@ -194,9 +196,12 @@ def _precisions():
 @click.option("--overwrite", is_flag=True, help="Delete what diffusekit wrote in --out (its run, nothing else) and "
                                                "start afresh.")
 @train_options
+@click.option("--estimate/--no-estimate", default=True, help="Time a few training steps here first and print the "
+              "time per step and for the run (also with --dry-run; DIFFUSEKIT_ESTIMATE=0 skips it too) "
+              "[default: on].")
 @opt.dry_run
 @friendly_errors
-def train(out, config_path, resume, overwrite, preset, dry_run, text, text_encoder_path, **options):
+def train(out, config_path, resume, overwrite, preset, estimate, dry_run, text, text_encoder_path, **options):
     """Train a diffusion model and write a run folder.
 
     \b
@@ -210,6 +215,8 @@ def train(out, config_path, resume, overwrite, preset, dry_run, text, text_encod
     overrides = {**opt.config_overrides(options), **(text_encoder(text, text_encoder_path) or {})}
     plan = plan_run(out, overrides, config_path=config_path, resume=resume, overwrite=overwrite, preset=preset,
                     dry_run=dry_run)
+    if estimate and not plan.finished:
+        _print_estimate(plan, preset)
     if dry_run:
         opt.dump(plan.config.to_dict())
         return
@@ -223,6 +230,24 @@ def train(out, config_path, resume, overwrite, preset, dry_run, text, text_encod
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     click.echo(f"trained {result.step} steps in {result.seconds:.0f} s (final loss {loss}); "
                f"run folder: {result.run_dir}")
+
+
+def _print_estimate(plan, preset) -> None:
+    """One line before training: the measured time per step and for the run here (on stderr, as the notes)."""
+    from ..training.estimate import bigger_preset, estimate_enabled, estimate_run_time, format_duration
+    from ..training.plan import saved_step
+    if not estimate_enabled():
+        return
+    cfg = plan.config
+    captions = getattr(plan.dataset, "captions", None)
+    e = estimate_run_time(cfg, start=saved_step(plan.run_dir, plan.resume_from) or 0, captions=captions)
+    scaled = f", timed at batch {e.measured_batch} and scaled" if e.measured_batch != e.batch_size else ""
+    line = (f"about {e.seconds_per_step:.2g} s/step here ({e.device}, batch {e.batch_size}{scaled}: "
+            f"{e.images_per_s:.3g} img/s): {e.steps:,} steps ~ {format_duration(e.total_seconds)}")
+    big = None if preset or plan.resume_from else bigger_preset(cfg.model, e.device)
+    if big:
+        line += f"; the {big} layout (--preset {big}) is the default on a GPU"
+    opt.note(line)
 
 
 @main.command("train-autoencoder")

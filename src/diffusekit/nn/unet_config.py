@@ -29,6 +29,10 @@ PRESETS: dict[str, dict] = {
     # DDPM's CIFAR-10 model (35.7M parameters)
     "cifar32": dict(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                     attention_resolutions=(16,), num_heads=4, dropout=0.1, groups=32),
+    # DDPM's depth at a CPU's scale: half the width, one residual block per level, attention at 8 px only;
+    # the default for 32x32 images on a CPU (store.run_config.CPU_PRESET_FOR_SIZE; docs/BENCHMARKS.md)
+    "cifar32-lean": dict(image_size=32, in_channels=3, base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                         attention_resolutions=(8,), num_heads=4, groups=32),
     "64": dict(image_size=64, in_channels=3, base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
                attention_resolutions=(16, 8), head_dim=64, groups=32),
 }

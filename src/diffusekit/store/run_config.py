@@ -32,6 +32,9 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.save_every", "trai
 # 28x28: the lean network (as many parameters as mnist28, half its FLOPs) trained to lower FD per CPU-minute
 # on MNIST and Fashion-MNIST (docs/BENCHMARKS.md, "Fashion-MNIST: the default 28x28 network"); --preset mnist28
 PRESET_FOR_SIZE = {8: "tiny8", 16: "small16", 28: "mnist28-lean", 32: "cifar32", 64: "64"}
+# on a CPU, where DDPM's 38M-parameter CIFAR layout trains at a few images a second, 32x32 gets the
+# 6.5M-parameter cifar32-lean (docs/BENCHMARKS.md, "32x32 colour on a CPU"); --preset cifar32 on any device
+CPU_PRESET_FOR_SIZE = {32: "cifar32-lean"}
 
 
 @dataclass
@@ -180,11 +183,20 @@ def check_data_fits(cfg: RunConfig, data) -> None:
                           f"set batch_size to at most {len(data)}.")
 
 
+def default_preset(image_size: int, device_type: str = "cpu") -> str | None:
+    """The preset a new run of this image (or latent) size gets on a device of this type ("cpu", "cuda",
+    "mps"), or None where the layout is derived (nn.layout.derive_unet_config)."""
+    if device_type == "cpu" and image_size in CPU_PRESET_FOR_SIZE:
+        return CPU_PRESET_FOR_SIZE[image_size]
+    return PRESET_FOR_SIZE.get(image_size)
+
+
 def model_config(image_size: int, channels: int, num_classes: int, preset: str | None = None,
-                 **overrides) -> UNetConfig:
-    """The UNet for images (or latents) of this size: a named preset, the preset of the size, or a
-    layout derived for any size from 8 to 256 (nn.layout.derive_unet_config)."""
-    name = preset or PRESET_FOR_SIZE.get(image_size)
+                 device_type: str = "cuda", **overrides) -> UNetConfig:
+    """The UNet for images (or latents) of this size: a named preset, the preset of the size on this
+    device type (`default_preset`), or a layout derived for any size from 8 to 256
+    (nn.layout.derive_unet_config)."""
+    name = preset or default_preset(image_size, device_type)
     base = {"image_size": image_size, "in_channels": channels, "num_classes": num_classes, **overrides}
     if name is None:
         return derive_unet_config(**base)

@@ -12,6 +12,7 @@
                      finetune_data.py: instance images, DreamBooth class images
   resolve.py         options -> RunConfig (opens the data, asks the autoencoder for its latent shape)
   plan.py            what `diffusekit train` does before training: resume / overwrite checks
+  estimate.py        the time per step and for the run, measured here before it trains
 The run folders' config schemas and loaders live in diffusekit.store.
 """
 from diffusekit.training.autoencoder import AutoencoderTrainResult, train_autoencoder

@@ -10,12 +10,13 @@ from dataclasses import replace
 from typing import Any
 
 from diffusekit.config import Config, ConfigError
+from diffusekit.device import resolve_device
 from diffusekit.data import DataConfig, ImageDataset, open_dataset
 from diffusekit.nn.layout import derive_unet_config
 from diffusekit.nn.text import TextEncoderConfig, build_text_encoder, build_vocab
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.store.autoencoder import load_autoencoder
-from diffusekit.store.run_config import PRESET_FOR_SIZE, LatentConfig, RunConfig, model_config
+from diffusekit.store.run_config import PRESET_FOR_SIZE, LatentConfig, RunConfig, TrainConfig, model_config
 
 SECTIONS = ("model", "schedule", "data", "train", "latent", "text")
 
@@ -24,7 +25,8 @@ def resolve_run_config(overrides: dict[str, Any] | None = None, base: RunConfig 
                        preset: str | None = None) -> tuple[RunConfig, ImageDataset | None]:
     """A validated RunConfig from dotted options ({"data.source": "digits", "train.lr": 1e-3, ...}).
 
-    Without `base`, the data is opened and the model follows it (preset by image size, or `preset`);
+    Without `base`, the data is opened and the model follows it (preset by image size and device type,
+    store.run_config.default_preset, or `preset`);
     with `base` (a --config file or a run being resumed) the options are applied on top of it.
     Returns (config, the opened data set or None), so a trainer need not open the data twice.
     """
@@ -84,9 +86,14 @@ def run_config_for(dataset, data_cfg: DataConfig, sections: dict[str, dict], pre
         model_over = {"text_conditioning": "both", "context_dim": _text_dim(text), **model_over}
         num_classes = 0            # the captions condition the model, not class labels
         data_cfg = replace(data_cfg, class_labels=False)
-    model = model_config(size, channels, num_classes, preset, **model_over)
+    model = model_config(size, channels, num_classes, preset, _device_type(sections["train"]), **model_over)
     return RunConfig(model=model, data=data_cfg, latent=latent, text=text,
                      class_names=list(dataset.class_names) if num_classes else [])
+
+
+def _device_type(train: dict) -> str:
+    """The type of the device a new run will train on ("cpu", "cuda", "mps"): its layout may depend on it."""
+    return resolve_device(train.get("device") or TrainConfig().device).type
 
 
 def _on_base(base: RunConfig, sections: dict[str, dict], preset: str | None) -> RunConfig:
