@@ -364,6 +364,10 @@ class Pipeline:
         return conditions.checked_finite(self.decode(out), "reconstruction").cpu()
 
     @torch.no_grad()
+    def inpaint_sampler(self, sampler: str | None = None) -> str | None:
+        """The sampler `inpaint` runs: the one named, else a diffusers folder's own (None), else ddim for a run."""
+        return sampler or (None if self.scheduler_config is not None else "ddim")
+
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, sampler: str | None = None, num_steps: int = 50,
                 generator=None, resample: int = 1, class_labels=None, prompt=None,
                 **guidance_and_options) -> torch.Tensor:
@@ -373,7 +377,7 @@ class Pipeline:
         pasted back in pixel space at the end. sampler=None: ddim for a run, else as for `sample`.
         """
         guidance, options = conditions.split_guidance(guidance_and_options)
-        sampler = sampler or (None if self.scheduler_config is not None else "ddim")
+        sampler = self.inpaint_sampler(sampler)
         s = self._sampler(sampler, options.pop("timestep_spacing", None), options)
         image, mask = conditions.check_image(self, image), mask.to(self.device)
         self.check_guidance(guidance.get("guidance_scale", 1.0), class_labels)

@@ -195,7 +195,7 @@ def inpaint(run, image, mask, sampler, steps, spacing, eta, karras, variance_typ
     pipe = opt.load_pipeline(run, device, precision, base, lora_scale)
     x, m = pipe.load_image(image), pipe.load_mask(mask)
     label, target = cond.labels(pipe, class_label, classifier_path)
-    sampler = sampler or (None if pipe.scheduler_config is not None else "ddim")   # a run inpaints with ddim
+    sampler = pipe.inpaint_sampler(sampler)
     name = opt.resolve_sampler(pipe, sampler)
     with opt.quiet_notes():
         y = pipe.inpaint(x, m, sampler, steps, opt.generator(seed), resample, label,

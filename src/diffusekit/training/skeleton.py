@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,9 @@ from diffusekit.training.tracking import Tracker
 from diffusekit.viz import plot_loss
 
 
-class Trainer:
-    """What a trainer plugs into the skeleton; subclasses set `cfg` and override what they need."""
+class Trainer(ABC):
+    """What a trainer plugs into the skeleton; subclasses set `cfg`, implement the three abstract methods and
+    override the other hooks where they need to."""
 
     desc = "train"                              # the progress bar's label
     window_keys: tuple[str, ...] = ("loss",)    # numbers averaged over a logging window (others: last value)
@@ -47,17 +49,17 @@ class Trainer:
     config_on_resume = True                     # rewrite config.json when a resume opens the run
     cfg: Any                                    # the run config: .train (a TrainConfig), .to_json(), .diff()
 
+    @abstractmethod
     def read_config(self, folder: Path):
         """The run config saved in folder (for the resume check)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_model(self, device: torch.device) -> torch.nn.Module:
         """The network, built after the skeleton seeds (seed, "init")."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step_fn(self, run: "Run") -> Callable[[int, torch.Generator], dict]:
         """step(step, generator) -> {"loss": float, ...}: one optimisation step."""
-        raise NotImplementedError
 
     def metadata(self) -> dict[str, str]:
         """What the weights record about their meaning (checked when they are loaded)."""
