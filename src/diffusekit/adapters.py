@@ -64,7 +64,7 @@ def save_adapter(pipe, out_dir: str | Path, state_dict: dict[str, torch.Tensor] 
     return record["size"]
 
 
-def load_adapter(path: str | Path, base: str | Path | None = None, device="auto", precision: str = "fp32"):
+def load_adapter(path: str | Path, base: str | Path | None = None, device="auto", precision: str = "auto"):
     """The adapter folder at path on its base, as a Pipeline at lora_scale 1: `Pipeline.load_adapter`."""
     from .pipeline import Pipeline
     return Pipeline.load_adapter(path, base=base, device=device, precision=precision)

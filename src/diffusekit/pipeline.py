@@ -43,7 +43,7 @@ class Pipeline:
 
     def __init__(self, model: torch.nn.Module | Callable, schedule: NoiseSchedule, *, image_shape,
                  prediction_type: str = "epsilon", num_classes: int = 0, class_names: Sequence[str] = (),
-                 config=None, device: str | torch.device | None = None, precision: str = "fp32", source: str = "",
+                 config=None, device: str | torch.device | None = None, precision: str = "auto", source: str = "",
                  latent_shape=None, autoencoder=None, scheduler_config: dict | None = None):
         self.device = resolve_device(module_device(model) if device is None else device)   # None: the model's
         self.precision = resolve_precision(check_precision(precision, self.device), self.device)
@@ -64,7 +64,7 @@ class Pipeline:
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "auto", weights: str = "ema",
-             precision: str = "fp32") -> "Pipeline":
+             precision: str = "auto") -> "Pipeline":
         """Load runs/NAME (or a Hub repo id in the local HF cache): EMA weights (or "raw"), schedule and config,
         checked against each other; a LoRA adapter folder (adapter.json) loads on its base (`load_adapter`), a
         diffusers folder or a diffusekit export through `from_diffusers`."""
@@ -89,7 +89,7 @@ class Pipeline:
                    source=str(run_dir), autoencoder=ae)
 
     @classmethod
-    def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
+    def from_diffusers(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "auto", *,
                        null_class_label: int | None = None) -> "Pipeline":
         """A diffusers pipeline folder (or Hub repo id in the HF cache) driven by diffusekit's samplers and editors."""
         from .interop.diffusers import diffusers_pipeline_parts
@@ -97,14 +97,14 @@ class Pipeline:
                                               null_class_label=null_class_label))
 
     @classmethod
-    def open(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "fp32") -> "Pipeline":
+    def open(cls, path: str | Path, device: str | torch.device = "auto", precision: str = "auto") -> "Pipeline":
         """A run folder (`load`) or a local diffusers pipeline folder (`from_diffusers`), whichever path is."""
         return cls.load(path, device=device, precision=precision)
 
     # --- LoRA adapters (store/adapter.py: the folder; adapters.py: add, merge; nn/lora.py: the layers) ---
     @classmethod
     def load_adapter(cls, path: str | Path, base: str | Path | None = None, device: str | torch.device = "auto",
-                     precision: str = "fp32") -> "Pipeline":
+                     precision: str = "auto") -> "Pipeline":
         """A LoRA adapter folder on its base (the run or diffusers folder it records, or `base`), at lora_scale 1.
 
         Refused, naming the fix, when the base is not there (pass base=) or its weights changed (hash)."""

@@ -280,7 +280,7 @@ def test_pipeline_compile_samples_what_eager_samples(monkeypatch):
     monkeypatch.setattr(fastpath, "maybe_compile", lambda model, enabled=True, **kw: real(model, enabled, backend="aot_eager"))
     torch._dynamo.reset()
     pipe = Pipeline(_perturbed_unet(), NoiseSchedule.create("linear", num_train_timesteps=100),
-                    image_shape=(1, 8, 8), device="cpu")
+                    image_shape=(1, 8, 8), device="cpu", precision="fp32")
     eager = pipe.sample(3, "ddim", 4, generator=torch.Generator().manual_seed(0))
     assert not pipe.compile("auto", calls=4, batch_size=3) and pipe.compiled is None
     assert pipe.compile("on") and isinstance(pipe.compiled, fastpath.CompiledModel)

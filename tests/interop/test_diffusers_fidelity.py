@@ -93,7 +93,7 @@ def _close(ours, theirs, tol):
 def test_folder_samples_as_diffusers_does(diffusers, unet, tmp_path, class_name, config):
     scheduler = _scheduler(diffusers, class_name, config)
     diffusers.DDPMPipeline(unet, scheduler).save_pretrained(tmp_path)
-    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     if class_name == "PNDMScheduler" and config == "default":
         # PNDMScheduler() warms up with Runge-Kutta steps (skip_prk_steps=False): diffusekit's pndm, 10 steps = 19 calls
         assert pipe.default_sampler_options()[:2] == ("pndm", {"timestep_spacing": "leading",
@@ -127,7 +127,7 @@ def test_the_issue_case_ddim_defaults(diffusers, unet, tmp_path):
     theirs = pipeline(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=0.0,
                       output_type="pt").images
     noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     ours = pipe.sample(4, sampler="ddim", num_steps=10, noise=noise) / 2 + 0.5
     assert ((theirs > 0.01) & (theirs < 0.99)).float().mean() > 0.9      # not a comparison of clamped pixels
     assert float((ours - theirs).abs().max()) <= CLIPPED_DEFAULT_TOL
@@ -148,7 +148,7 @@ def test_options_diffusers_has_are_honoured(diffusers, unet, tmp_path):
         theirs = _diffusers_loop(unet, diffusers.DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
                                  torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), 6, None)
         noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-        _, final = _ours(dk.Pipeline.from_diffusers(folder, device="cpu"), 6, noise, 1)
+        _, final = _ours(dk.Pipeline.from_diffusers(folder, device="cpu", precision="fp32"), 6, noise, 1)
         _close(final, theirs, CLIPPED_DEFAULT_TOL)
         results[name] = final
     assert float(results["range"].abs().max()) <= 0.1 + 1e-6        # x0 clipped to [-0.1, 0.1] at the last step
@@ -168,12 +168,12 @@ def test_scheduler_configs_diffusekit_cannot_read_are_refused_at_load(diffusers,
     diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler()).save_pretrained(tmp_path)
     _edit_scheduler(tmp_path, **changes)
     with pytest.raises(ConfigError, match=message):
-        dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+        dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
 
 
 def test_learned_variances_are_refused_and_other_samplers_say_what_does_not_carry_over(diffusers, unet, tmp_path):
     diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler(variance_type="learned_range")).save_pretrained(tmp_path)
-    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     with pytest.raises(ConfigError, match="variance_type='learned_range'.*sampler='ddim'"):
         pipe.sample(2, num_steps=2)
     with pytest.raises(ConfigError, match="variance_type='learned_range'"):
@@ -209,7 +209,7 @@ def test_stable_diffusion_layout_with_sd_scheduler_matches(diffusers, tmp_path):
     path.write_text(json.dumps(sd))
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
-    pipe = dk.Pipeline.from_diffusers(folder, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(folder, device="cpu", precision="fp32")
     assert pipe.default_sampler_options()[:2] == ("plms", {"timestep_spacing": "leading", "steps_offset": 1,
                                                            "set_alpha_to_one": False})
     prompts = ["a photo of a red cat", "a blue dog"]
@@ -242,7 +242,7 @@ def _ddim_default_folder(diffusers, unet, tmp_path):
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(batch_size=4, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=0.0,
                       output_type="pt").images
-    return dk.Pipeline.from_diffusers(tmp_path, device="cpu"), theirs
+    return dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32"), theirs
 
 
 def test_edit_from_a_folder_uses_its_scheduler(diffusers, unet, tmp_path):
@@ -283,7 +283,7 @@ def test_invert_from_a_folder_keeps_its_plan_and_stays_ddim(diffusers, unet, tmp
     and diffusers' DDIMInverseScheduler with the same settings lands on the same x_T."""
     sd = {**diffusers.PNDMScheduler(**SD_SCHEDULER).config, "clip_sample": True}
     diffusers.DDPMPipeline(unet, diffusers.PNDMScheduler.from_config(sd)).save_pretrained(tmp_path)
-    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     ddim = pipe.ddim()
     assert (ddim.name, ddim.timestep_spacing, ddim.steps_offset, ddim.options["eta"]) == ("ddim", "leading", 1, 0.0)
     assert ddim.options["set_alpha_to_one"] is False and not ddim.bounds.active

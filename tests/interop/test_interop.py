@@ -275,7 +275,7 @@ def test_imported_ddim_matches_diffusers_ddim_pipeline(diffusers, tmp_path, pred
     scheduler = diffusers.DDIMScheduler(clip_sample=False, prediction_type=prediction_type,
                                         beta_end=GENTLE_BETA_END[prediction_type])
     diffusers.DDIMPipeline(_tiny_unet2d(diffusers), scheduler).save_pretrained(tmp_path)
-    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     assert pipe.image_shape == (3, 8, 8) and pipe.prediction_type == prediction_type and pipe.num_classes == 0
     name, options = pipe.config.sampler()
     assert (name, options) == ("ddim", {"timestep_spacing": "leading", "clip_sample": False})
@@ -289,7 +289,7 @@ def test_imported_ddim_matches_diffusers_ddim_pipeline(diffusers, tmp_path, pred
 def test_every_sampler_and_editor_runs_on_an_imported_pipeline(diffusers, tmp_path):
     """Once loaded, a diffusers UNet is just a model: every registered sampler, SDEdit, inversion and inpainting."""
     diffusers.DDPMPipeline(_tiny_unet2d(diffusers), diffusers.DDPMScheduler()).save_pretrained(tmp_path)
-    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     for name in sorted(dk.SAMPLERS):
         x = pipe.sample(2, sampler=name, num_steps=3, generator=g())
@@ -307,7 +307,7 @@ def test_every_sampler_and_editor_runs_on_an_imported_pipeline(diffusers, tmp_pa
 def test_class_conditional_diffusers_unet(diffusers, tmp_path):
     unet = _tiny_unet2d(diffusers, num_class_embeds=3)
     diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler()).save_pretrained(tmp_path)
-    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     assert pipe.num_classes == 3
     x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([3.0, 620.5]), torch.tensor([0, 2])
     with torch.no_grad():
@@ -335,22 +335,22 @@ def _fake_folder(path, index: dict, scheduler: dict | None = None):
 
 def test_folders_diffusekit_cannot_drive_are_named(tmp_path):
     with pytest.raises(ConfigError, match="not a diffusers pipeline folder: it has no model_index.json"):
-        dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+        dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     t2i = _fake_folder(tmp_path / "t2i", {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                                           "text_encoder": ["transformers", "CLIPTextModel"],
                                           "scheduler": ["diffusers", "PNDMScheduler"]})
     with pytest.raises(ConfigError, match="is a text-to-image pipeline without \\['tokenizer'\\]"):
-        dk.Pipeline.from_diffusers(t2i, device="cpu")
+        dk.Pipeline.from_diffusers(t2i, device="cpu", precision="fp32")
     latent = _fake_folder(tmp_path / "ldm", {"unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
                                              "scheduler": ["diffusers", "DDIMScheduler"]})
     with pytest.raises(ConfigError, match="a latent pipeline \\(vqvae/\\)"):
-        dk.Pipeline.from_diffusers(latent, device="cpu")
+        dk.Pipeline.from_diffusers(latent, device="cpu", precision="fp32")
     ddpm = {"unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
     with pytest.raises(ConfigError, match="scheduler/scheduler_config.json is missing"):
-        dk.Pipeline.from_diffusers(_fake_folder(tmp_path / "incomplete", ddpm), device="cpu")
+        dk.Pipeline.from_diffusers(_fake_folder(tmp_path / "incomplete", ddpm), device="cpu", precision="fp32")
     ve = _fake_folder(tmp_path / "ve", ddpm, {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 50})
     with pytest.raises(ConfigError, match="ScoreSdeVeScheduler has no beta schedule"):
-        dk.Pipeline.from_diffusers(ve, device="cpu")
+        dk.Pipeline.from_diffusers(ve, device="cpu", precision="fp32")
 
 
 # --- diffusers folders out ---------------------------------------------------------------------
@@ -400,7 +400,8 @@ def test_export_loads_in_diffusers_and_samples_the_same(diffusers, tmp_path, sam
     generator: start noise, then DDPM's step noise), and Pipeline.from_diffusers reads it back."""
     model = _our_unet(**overrides)
     schedule = dk.NoiseSchedule.create("linear", beta_end=GENTLE_BETA_END[prediction_type])
-    pipe = dk.Pipeline(model, schedule, image_shape=(3, 8, 8), prediction_type=prediction_type, device="cpu")
+    pipe = dk.Pipeline(model, schedule, image_shape=(3, 8, 8), prediction_type=prediction_type, device="cpu",
+                       precision="fp32")
     result = export_diffusers(pipe, tmp_path, sampler=sampler)
     assert result.diffusers_loadable and result.reason is None and dk.interop.is_diffusers_folder(tmp_path)
     assert {"model_index.json", "README.md", "scheduler/scheduler_config.json", "unet/config.json",
@@ -411,7 +412,7 @@ def test_export_loads_in_diffusers_and_samples_the_same(diffusers, tmp_path, sam
                        timestep_spacing="leading")
     assert ((theirs > 0) & (theirs < 1)).float().mean() > 0.4
     torch.testing.assert_close(_as_images(ours), theirs, rtol=0, atol=1e-5)
-    again = dk.Pipeline.from_diffusers(tmp_path, device="cpu")
+    again = dk.Pipeline.from_diffusers(tmp_path, device="cpu", precision="fp32")
     assert again.prediction_type == prediction_type and again.config.sampler()[0] == sampler
     torch.testing.assert_close(again.sample(4, sampler=sampler, num_steps=10, generator=torch.Generator().manual_seed(3),
                                             timestep_spacing="leading"), ours, rtol=0, atol=1e-5)
@@ -429,7 +430,7 @@ def test_export_without_unet2d_counterpart_keeps_our_weights(tmp_path):
     assert dk.interop.is_diffusers_folder(tmp_path / "out") and not dk.interop.is_diffusers_folder(tmp_path)
     assert not (tmp_path / "out" / "model_index.json").exists()
     assert "not loadable" in (tmp_path / "out" / "README.md").read_text()
-    again = dk.Pipeline.from_diffusers(tmp_path / "out", device="cpu")
+    again = dk.Pipeline.from_diffusers(tmp_path / "out", device="cpu", precision="fp32")
     assert again.class_names == ["a", "b"]
     # the same sampler settings on both sides (the folder's own scheduler, DDPM with leading spacing, would be its default)
     kwargs = dict(sampler="ddim", num_steps=4, class_labels=[0, 1], guidance_scale=2.0, timestep_spacing="trailing")

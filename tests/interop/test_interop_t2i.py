@@ -100,7 +100,7 @@ def _theirs(libs, folder, prompts, latents, **call):
     ("epsilon", 1.0, None), ("epsilon", 4.0, None), ("v_prediction", 3.0, "blue dog")])
 def test_ddim_matches_stable_diffusion_pipeline(libs, folders, prediction_type, guidance_scale, negative_prompt):
     """Same latents, prompts, guidance (negative prompt "" unless given) and DDIM steps: the same images."""
-    pipe = dk.Pipeline.from_diffusers(folders[prediction_type], device="cpu")
+    pipe = dk.Pipeline.from_diffusers(folders[prediction_type], device="cpu", precision="fp32")
     assert pipe.has_text and pipe.prediction_type == prediction_type
     assert pipe.latent_shape == (4, 8, 8) and pipe.image_shape == (3, 16, 16)    # the VAE halves each side
     assert pipe.autoencoder.scaling_factor == 0.5 and pipe.config.text_to_image and pipe.config.not_run == ()
@@ -130,7 +130,7 @@ def test_ddim_matches_stable_diffusion_pipeline(libs, folders, prediction_type, 
 
 def test_model_contract(folders):
     """forward(x, t, encoder_hidden_states) is the UNet's output; prompts= encodes on the way; no prompt = ""."""
-    pipe = dk.Pipeline.from_diffusers(folders["epsilon"], device="cpu")
+    pipe = dk.Pipeline.from_diffusers(folders["epsilon"], device="cpu", precision="fp32")
     model = pipe.model
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3.0, 620.5])
     states = model.encode_text(["a red cat", ""])["encoder_hidden_states"]
@@ -146,7 +146,7 @@ def test_model_contract(folders):
 
 def test_samplers_and_editors_run_on_it(folders):
     """Any sampler, guidance, SDEdit, inversion and inpainting work in the latent space, with prompts."""
-    pipe = dk.Pipeline.from_diffusers(folders["v_prediction"], device="cpu")
+    pipe = dk.Pipeline.from_diffusers(folders["v_prediction"], device="cpu", precision="fp32")
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     for name in ("dpmpp_2m", "euler_ancestral"):
         x = pipe.sample(2, sampler=name, num_steps=3, generator=g(), prompt="a red cat", guidance_scale=3.0)
@@ -180,20 +180,20 @@ def test_bad_folders_name_the_fix(folders, tmp_path):
     shutil.rmtree(no_dir / "tokenizer")
     with pytest.raises(ConfigError, match="lists a tokenizer in model_index.json but has no tokenizer/ folder.*"
                                           "re-save the pipeline with save_pretrained"):
-        dk.Pipeline.from_diffusers(no_dir, device="cpu")
+        dk.Pipeline.from_diffusers(no_dir, device="cpu", precision="fp32")
     unlisted = _copy(folders, tmp_path, "unlisted")
     _edit_json(unlisted / "model_index.json", tokenizer=[None, None])
     with pytest.raises(ConfigError, match=r"without \['tokenizer'\] in model_index.json.*save_pretrained"):
-        dk.Pipeline.from_diffusers(unlisted, device="cpu")
+        dk.Pipeline.from_diffusers(unlisted, device="cpu", precision="fp32")
     t5 = _copy(folders, tmp_path, "t5")
     _edit_json(t5 / "model_index.json", text_encoder=["transformers", "T5EncoderModel"])
     with pytest.raises(ConfigError, match=r"text_encoder is a T5EncoderModel; diffusekit drives \['CLIPTextModel'\].*"
                                           "encode_text"):
-        dk.Pipeline.from_diffusers(t5, device="cpu")
+        dk.Pipeline.from_diffusers(t5, device="cpu", precision="fp32")
     sdxl = _copy(folders, tmp_path, "sdxl")
     _edit_json(sdxl / "model_index.json", text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
     with pytest.raises(ConfigError, match="text_encoder_2.*SDXL"):
-        dk.Pipeline.from_diffusers(sdxl, device="cpu")
+        dk.Pipeline.from_diffusers(sdxl, device="cpu", precision="fp32")
 
 
 @pytest.mark.parametrize("where,changes,message", [
@@ -207,7 +207,7 @@ def test_components_diffusekit_cannot_drive_are_refused(folders, tmp_path, where
     bad = _copy(folders, tmp_path)
     _edit_json(bad / where, **changes)
     with pytest.raises(ConfigError, match=message):
-        dk.Pipeline.from_diffusers(bad, device="cpu")
+        dk.Pipeline.from_diffusers(bad, device="cpu", precision="fp32")
 
 
 def test_leading_spacing_with_an_offset_converts(folders, tmp_path):
@@ -216,7 +216,7 @@ def test_leading_spacing_with_an_offset_converts(folders, tmp_path):
     and any diffusekit sampler and spacing still drives it."""
     leading = _copy(folders, tmp_path)
     _edit_json(leading / "scheduler" / "scheduler_config.json", timestep_spacing="leading")
-    pipe = dk.Pipeline.from_diffusers(leading, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(leading, device="cpu", precision="fp32")
     assert pipe.config.sampler() == ("ddim", {"timestep_spacing": "leading", "steps_offset": 1, "clip_sample": False})
     assert pipe.sampler_for("ddim", "leading", steps_offset=1).timesteps(2).tolist() == [501.0, 1.0]
     x = pipe.sample(1, sampler="ddim", num_steps=2, prompt="a cat", timestep_spacing="leading")

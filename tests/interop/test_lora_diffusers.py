@@ -41,7 +41,7 @@ def _randomise_adapter(model, seed=1):
 @pytest.fixture(scope="module")
 def adapted(sd_folder, tmp_path_factory):
     """(pipe with a random adapter on the UNet's attention and the text encoder, its adapter folder)."""
-    pipe = dk.Pipeline.from_diffusers(sd_folder, device="cpu")
+    pipe = dk.Pipeline.from_diffusers(sd_folder, device="cpu", precision="fp32")
     default = lora_targets(pipe.model, AdapterConfig())           # "attention": the UNet's, not CLIP's
     assert default and all(t.startswith("unet.") and t.endswith(("to_q", "to_k", "to_v", "to_out.0")) for t in default)
     adapter = add_adapter(pipe, AdapterConfig(rank=2, alpha=6.0, targets=("attention", "text")))
@@ -98,11 +98,11 @@ def test_adapter_folder_on_a_diffusers_base_loads_exports_and_merges(libs, sd_fo
     pipe, folder = adapted
     latents = _latents(pipe)
     ours = _ours(pipe, latents)
-    loaded = dk.Pipeline.load(folder, device="cpu")
+    loaded = dk.Pipeline.load(folder, device="cpu", precision="fp32")
     assert loaded.adapter.base["kind"] == "diffusers"
     torch.testing.assert_close(_ours(loaded, latents), ours, rtol=0, atol=0)
     assert torch.equal(_ours(loaded, latents, lora_scale=0.0),
-                       _ours(dk.Pipeline.from_diffusers(sd_folder, device="cpu"), latents))
+                       _ours(dk.Pipeline.from_diffusers(sd_folder, device="cpu", precision="fp32"), latents))
     # the export from the adapter folder equals the export from the live pipeline
     export_diffusers_lora(folder, tmp_path / "from-folder")
     sd = _stable_diffusion(libs, sd_folder)
@@ -110,7 +110,7 @@ def test_adapter_folder_on_a_diffusers_base_loads_exports_and_merges(libs, sd_fo
     torch.testing.assert_close(_theirs(sd, latents), ours, rtol=0, atol=TOL)
     # merged into a diffusers folder: diffusekit and diffusers read it without peft layers, same images
     write_merged(loaded, tmp_path / "merged")
-    merged = dk.Pipeline.from_diffusers(tmp_path / "merged", device="cpu")
+    merged = dk.Pipeline.from_diffusers(tmp_path / "merged", device="cpu", precision="fp32")
     assert merged.lora_scale is None
     torch.testing.assert_close(_ours(merged, latents), ours, rtol=0, atol=TOL)
     torch.testing.assert_close(_theirs(_stable_diffusion(libs, tmp_path / "merged"), latents), ours, rtol=0, atol=TOL)
@@ -138,7 +138,7 @@ def test_adapter_on_a_ddpm_folder_unet2dmodel_saves_loads_and_merges(libs, tmp_p
                                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
                                      attention_head_dim=8)
     diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-    pipe = dk.Pipeline.from_diffusers(tmp_path / "ddpm", device="cpu")
+    pipe = dk.Pipeline.from_diffusers(tmp_path / "ddpm", device="cpu", precision="fp32")
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     base = pipe.sample(2, sampler="ddim", num_steps=4, noise=noise)
     adapter = add_adapter(pipe, AdapterConfig(rank=4, targets=("attention", "conv")))
@@ -148,7 +148,7 @@ def test_adapter_on_a_ddpm_folder_unet2dmodel_saves_loads_and_merges(libs, tmp_p
     ours = pipe.sample(2, sampler="ddim", num_steps=4, noise=noise)
     assert (ours - base).abs().max() > 1e-3
     save_adapter(pipe, tmp_path / "adapter")
-    loaded = dk.Pipeline.load(tmp_path / "adapter", device="cpu")
+    loaded = dk.Pipeline.load(tmp_path / "adapter", device="cpu", precision="fp32")
     torch.testing.assert_close(loaded.sample(2, sampler="ddim", num_steps=4, noise=noise), ours, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="the adapter's base is a DiffusersUNet"):
         export_diffusers_lora(loaded, tmp_path / "lora")
@@ -157,6 +157,6 @@ def test_adapter_on_a_ddpm_folder_unet2dmodel_saves_loads_and_merges(libs, tmp_p
     with torch.no_grad():
         adapted = loaded.model(noise, t)
         write_merged(loaded, tmp_path / "merged")
-        merged = dk.Pipeline.from_diffusers(tmp_path / "merged", device="cpu")
+        merged = dk.Pipeline.from_diffusers(tmp_path / "merged", device="cpu", precision="fp32")
         assert merged.lora_scale is None and (adapted - DiffusersUNet(unet)(noise, t)).abs().max() > 1e-3
         torch.testing.assert_close(merged.model(noise, t), adapted, rtol=0, atol=1e-5)

@@ -140,14 +140,14 @@ def _sample(pipe, **kw):
 
 
 def _adapted(run, tmp_path, **config):
-    pipe = dk.Pipeline.load(run, device="cpu")
+    pipe = dk.Pipeline.load(run, device="cpu", precision="fp32")
     add_adapter(pipe, AdapterConfig(**config))
     _randomise_adapter(pipe.model)
     return pipe, save_adapter(pipe, tmp_path / "adapter")
 
 
 def test_save_load_round_trip_with_scale_and_size(run, tmp_path):
-    base_images = _sample(dk.Pipeline.load(run, device="cpu"))
+    base_images = _sample(dk.Pipeline.load(run, device="cpu", precision="fp32"))
     pipe, size = _adapted(run, tmp_path, rank=2, alpha=4.0)
     ours = _sample(pipe)
     assert (ours - base_images).abs().max() > 1e-3
@@ -157,8 +157,8 @@ def test_save_load_round_trip_with_scale_and_size(run, tmp_path):
     assert size["adapter_parameters"] == n_adapter == record["size"]["adapter_parameters"]
     assert size["base_parameters"] == sum(p.numel() for p in UNet(UNetConfig(**TINY)).parameters())
     assert 0 < size["fraction"] < 0.05
-    for loaded in (dk.Pipeline.load_adapter(tmp_path / "adapter", device="cpu"),
-                   dk.Pipeline.load(tmp_path / "adapter", device="cpu")):
+    for loaded in (dk.Pipeline.load_adapter(tmp_path / "adapter", device="cpu", precision="fp32"),
+                   dk.Pipeline.load(tmp_path / "adapter", device="cpu", precision="fp32")):
         assert loaded.lora_scale == 1.0 and loaded.adapter.targets == pipe.adapter.targets
         torch.testing.assert_close(_sample(loaded), ours, rtol=0, atol=0)
         assert torch.equal(_sample(loaded, lora_scale=0.0), base_images)        # 0 = the base, bit for bit
@@ -167,7 +167,7 @@ def test_save_load_round_trip_with_scale_and_size(run, tmp_path):
     halfway = _sample(loaded)
     assert (halfway - ours).abs().max() > 1e-4 and (halfway - base_images).abs().max() > 1e-4
     with pytest.raises(ConfigError, match="lora_scale was given but this model has no LoRA adapter"):
-        _sample(dk.Pipeline.load(run, device="cpu"), lora_scale=0.5)
+        _sample(dk.Pipeline.load(run, device="cpu", precision="fp32"), lora_scale=0.5)
 
 
 def test_a_moved_or_changed_base_is_refused_and_base_points_at_it_again(run, tmp_path):
@@ -177,8 +177,8 @@ def test_a_moved_or_changed_base_is_refused_and_base_points_at_it_again(run, tmp
     moved.parent.mkdir()
     shutil.move(run, moved)
     with pytest.raises(ConfigError, match=r"was trained on .*base, which is not there any more .* pass base=NEW_PATH"):
-        dk.Pipeline.load_adapter(tmp_path / "adapter", device="cpu")
-    torch.testing.assert_close(_sample(dk.Pipeline.load_adapter(tmp_path / "adapter", base=moved, device="cpu")),
+        dk.Pipeline.load_adapter(tmp_path / "adapter", device="cpu", precision="fp32")
+    torch.testing.assert_close(_sample(dk.Pipeline.load_adapter(tmp_path / "adapter", base=moved, device="cpu", precision="fp32")),
                                ours, rtol=0, atol=0)
     # a changed base: one weight nudged, the config unchanged
     state, meta = ckpt.read_weights(moved / ckpt.EMA_FILE)
@@ -186,7 +186,7 @@ def test_a_moved_or_changed_base_is_refused_and_base_points_at_it_again(run, tmp
     ckpt.write_weights_atomic(moved / ckpt.EMA_FILE, state, meta)
     with pytest.raises(ConfigError, match=r"base .* has changed since the adapter .* was trained: its weights hash "
                                           r"[0-9a-f]{12}, the adapter expects [0-9a-f]{12}; pass base="):
-        dk.Pipeline.load_adapter(tmp_path / "adapter", base=moved, device="cpu")
+        dk.Pipeline.load_adapter(tmp_path / "adapter", base=moved, device="cpu", precision="fp32")
 
 
 def test_a_tree_moved_whole_finds_its_base_by_the_relative_path(run, tmp_path):
@@ -197,7 +197,7 @@ def test_a_tree_moved_whole_finds_its_base_by_the_relative_path(run, tmp_path):
     shutil.copytree(tmp_path, tmp_path.parent / (tmp_path.name + "-copy"))
     shutil.rmtree(run)                                  # the recorded absolute path is gone
     copy = tmp_path.parent / (tmp_path.name + "-copy")
-    assert dk.Pipeline.load_adapter(copy / "adapter", device="cpu").adapter.base["path"] == str(copy / "base")
+    assert dk.Pipeline.load_adapter(copy / "adapter", device="cpu", precision="fp32").adapter.base["path"] == str(copy / "base")
 
 
 def test_write_merged_gives_a_plain_run_equal_to_the_adapter_at_its_scale(run, tmp_path):
@@ -207,15 +207,15 @@ def test_write_merged_gives_a_plain_run_equal_to_the_adapter_at_its_scale(run, t
         write_merged(pipe, run)
     write_merged(pipe, tmp_path / "merged")
     assert pipe.adapter is None and not has_lora(pipe.model)
-    merged = dk.Pipeline.load(tmp_path / "merged", device="cpu")
+    merged = dk.Pipeline.load(tmp_path / "merged", device="cpu", precision="fp32")
     assert merged.lora_scale is None and not (tmp_path / "merged" / ckpt.STATE_FILE).exists()
     torch.testing.assert_close(_sample(merged), ours, rtol=0, atol=1e-5)
     # at scale 0.5: the merged run samples what the adapter did at 0.5
-    pipe2 = dk.Pipeline.load_adapter(tmp_path / "adapter", device="cpu")
+    pipe2 = dk.Pipeline.load_adapter(tmp_path / "adapter", device="cpu", precision="fp32")
     pipe2.lora_scale = 0.5
     half = _sample(pipe2)
     write_merged(pipe2, tmp_path / "merged-half")
-    torch.testing.assert_close(_sample(dk.Pipeline.load(tmp_path / "merged-half", device="cpu")), half,
+    torch.testing.assert_close(_sample(dk.Pipeline.load(tmp_path / "merged-half", device="cpu", precision="fp32")), half,
                                rtol=0, atol=1e-5)
     assert (half - ours).abs().max() > 1e-4
 
@@ -229,14 +229,14 @@ def test_a_trainer_run_layout_adapter_weights_through_the_checkpoint_journal(run
     ft = tmp_path / "ft"
     ckpt.save_checkpoint(ft, 7, ema=ema, raw=raw, trainer_state={})
     (ft / ADAPTER_CONFIG).write_text(json.dumps(adapter_record(pipe, ft, weights_file=ckpt.EMA_FILE)))
-    loaded = dk.Pipeline.load(ft, device="cpu")
+    loaded = dk.Pipeline.load(ft, device="cpu", precision="fp32")
     pipe.lora_scale = 0.5
     torch.testing.assert_close(_sample(loaded), _sample(pipe), rtol=0, atol=1e-6)
     assert (_sample(loaded) - _sample(pipe, lora_scale=1.0)).abs().max() > 1e-4
     save_adapter(pipe, tmp_path / "ema", state_dict=ema)
-    torch.testing.assert_close(_sample(dk.Pipeline.load(tmp_path / "ema", device="cpu")), _sample(pipe),
+    torch.testing.assert_close(_sample(dk.Pipeline.load(tmp_path / "ema", device="cpu", precision="fp32")), _sample(pipe),
                                rtol=0, atol=1e-6)
     record = json.loads((ft / ADAPTER_CONFIG).read_text())
     (ft / ADAPTER_CONFIG).write_text(json.dumps({**record, "weights_file": "../base/model.safetensors"}))
     with pytest.raises(ConfigError, match="must be a file name in the adapter folder"):
-        dk.Pipeline.load(ft, device="cpu")
+        dk.Pipeline.load(ft, device="cpu", precision="fp32")

@@ -82,12 +82,12 @@ def _run(base, data, out, steps=4, **options):
 
 
 def test_a_lora_finetune_changes_the_model_scale_zero_is_the_base_and_the_adapter_is_small(base, data, tmp_path):
-    before = _sample(dk.Pipeline.load(base, device="cpu"))
+    before = _sample(dk.Pipeline.load(base, device="cpu", precision="fp32"))
     result = _run(base, data, tmp_path / "ft", **{"adapter.rank": 2, "train.sample_every": 4})
     assert result.step == 4 and result.method == "lora"
     ft = tmp_path / "ft"
     assert (ft / "samples" / "step_000004.png").is_file() and (ft / "finetune.json").is_file()
-    pipe = dk.Pipeline.load(ft, device="cpu")
+    pipe = dk.Pipeline.load(ft, device="cpu", precision="fp32")
     assert pipe.adapter is not None and pipe.lora_scale == 1.0
     after = _sample(pipe)
     assert (after - before).abs().max() > 1e-3                      # the fine-tune moved the samples
@@ -103,10 +103,10 @@ def test_a_lora_finetune_changes_the_model_scale_zero_is_the_base_and_the_adapte
 
 def test_a_full_finetune_writes_a_plain_loadable_run(base, data, tmp_path):
     _run(base, data, tmp_path / "full", method="full")
-    pipe = dk.Pipeline.load(tmp_path / "full", device="cpu")
+    pipe = dk.Pipeline.load(tmp_path / "full", device="cpu", precision="fp32")
     assert pipe.adapter is None and pipe.lora_scale is None
-    assert pipe.config.model == dk.Pipeline.load(base, device="cpu").config.model
-    assert (_sample(pipe) - _sample(dk.Pipeline.load(base, device="cpu"))).abs().max() > 1e-3
+    assert pipe.config.model == dk.Pipeline.load(base, device="cpu", precision="fp32").config.model
+    assert (_sample(pipe) - _sample(dk.Pipeline.load(base, device="cpu", precision="fp32"))).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="has no LoRA adapter"):
         _sample(pipe, lora_scale=0.5)
 
@@ -161,7 +161,7 @@ def test_dreambooth_class_images_are_drawn_once_and_reused_on_resume(text_base, 
     finetune(finetune_config(text_base, data, {**options, "train.steps": 4}), tmp_path / "db", resume=True,
              progress=False, generate=counting)
     assert calls == [6]                                             # reused, not drawn again
-    pipe = dk.Pipeline.load(tmp_path / "db", device="cpu")
+    pipe = dk.Pipeline.load(tmp_path / "db", device="cpu", precision="fp32")
     tuned = pipe.sample(2, "ddim", 3, generator=torch.Generator().manual_seed(0), prompt="a sks emoji")
     base = pipe.sample(2, "ddim", 3, generator=torch.Generator().manual_seed(0), prompt="a sks emoji", lora_scale=0)
     assert (tuned - base).abs().max() > 1e-4
@@ -203,7 +203,7 @@ def test_cli_finetune_sample_merge_and_the_merged_run_equals_the_adapter(base, d
     assert r.exit_code == 2 and "no LoRA adapter" in r.output
     r = runner.invoke(main, ["merge", str(ft), "--out", str(merged)])
     assert r.exit_code == 0, r.output
-    adapter, plain = dk.Pipeline.load(ft, device="cpu"), dk.Pipeline.load(merged, device="cpu")
+    adapter, plain = dk.Pipeline.load(ft, device="cpu", precision="fp32"), dk.Pipeline.load(merged, device="cpu", precision="fp32")
     assert plain.adapter is None
     torch.testing.assert_close(_sample(plain), _sample(adapter, lora_scale=1.0), rtol=0, atol=1e-5)
     r = runner.invoke(main, ["finetune", str(data), "--data", str(data), "--out", str(tmp_path / "bad")])
@@ -223,7 +223,7 @@ def test_lora_dreambooth_on_a_tiny_stable_diffusion_folder_trains_unet_and_text_
     from test_interop_t2i import _clip_tokenizer, _save
     from diffusekit.interop.lora import export_diffusers_lora
     sd = _save((diffusers, transformers), tmp_path / "sd", _clip_tokenizer(transformers, tmp_path / "tok"))
-    size = dk.Pipeline.from_diffusers(sd, device="cpu").image_shape[1]
+    size = dk.Pipeline.from_diffusers(sd, device="cpu", precision="fp32").image_shape[1]
     (tmp_path / "data").mkdir()
     for i in range(2):
         a = np.zeros((size, size, 3), np.uint8)

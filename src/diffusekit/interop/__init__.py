@@ -13,7 +13,7 @@ from .text_to_image import DiffusersTextEncoder, DiffusersTextUNet
 from .unet2d import unet2d_config, unet2d_incompatibility, unet2d_state_dict
 
 
-def load_diffusers_pipeline(path, device="auto", precision: str = "fp32", *, null_class_label: int | None = None):
+def load_diffusers_pipeline(path, device="auto", precision: str = "auto", *, null_class_label: int | None = None):
     """A local diffusers pipeline folder as a diffusekit Pipeline (see diffusers_pipeline_parts)."""
     from ..pipeline import Pipeline
     return Pipeline.from_diffusers(path, device=device, precision=precision, null_class_label=null_class_label)

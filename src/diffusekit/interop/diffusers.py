@@ -240,7 +240,7 @@ def _check_vp_scheduler(folder: DiffusersFolder) -> None:
                           f"samplers take {list(PREDICTION_TYPES)}.")
 
 
-def diffusers_pipeline_parts(path: str | Path, device: str | torch.device = "auto", precision: str = "fp32", *,
+def diffusers_pipeline_parts(path: str | Path, device: str | torch.device = "auto", precision: str = "auto", *,
                              null_class_label: int | None = None) -> dict:
     """The Pipeline arguments of a local DDPMPipeline / DDIMPipeline or StableDiffusionPipeline folder
     (Pipeline.from_diffusers builds the Pipeline; this module imports no pipeline, so no circle).

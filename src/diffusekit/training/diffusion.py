@@ -119,7 +119,8 @@ class DiffusionTrainer(skeleton.Trainer):
             judge = RunEvaluator(reference_images(self.dataset), tc.eval_samples)
 
             def evaluate(step: int) -> None:
-                pipe = grid_pipeline(self.cfg, self.schedule, run.ema.model, run.device, self.autoencoder)
+                pipe = grid_pipeline(self.cfg, self.schedule, run.ema.model, run.device, self.autoencoder,
+                                     tc.precision)
                 run.tracker.log(step, judge(pipe))
             hooks.append((tc.eval_every, evaluate))
         return hooks

@@ -71,7 +71,7 @@ class SampleGrid:
         return save_grid(x, path, nrow=self.nrow)
 
 
-def grid_pipeline(cfg, schedule, model, device, autoencoder=None, precision: str = "fp32"):
+def grid_pipeline(cfg, schedule, model, device, autoencoder, precision: str):
     """A Pipeline around the model being trained (its EMA copy), for grids and evaluation."""
     from diffusekit.pipeline import Pipeline
     m, c = cfg.model, cfg.latent
