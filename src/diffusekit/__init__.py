@@ -1,5 +1,6 @@
 """diffusekit: denoising diffusion models to train, sample and edit."""
 from .config import Config, ConfigError
+from .progress import progress_bars
 from .schedule import NoiseSchedule, ScheduleConfig
 from .samplers import SAMPLERS, Denoiser, Sampler, ddim_invert, get_sampler
 
@@ -24,4 +25,4 @@ def __getattr__(name):
 
 
 __all__ = ["Config", "ConfigError", "NoiseSchedule", "ScheduleConfig", "SAMPLERS", "Denoiser", "Sampler",
-           "ddim_invert", "get_sampler", "Pipeline", "save_grid", "make_grid", "to_pil"]
+           "ddim_invert", "get_sampler", "progress_bars", "Pipeline", "save_grid", "make_grid", "to_pil"]

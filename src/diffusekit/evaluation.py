@@ -24,6 +24,7 @@ import torch
 
 from diffusekit import metrics as M
 from diffusekit.data import DataConfig, ImageDataset, load_dataset
+from diffusekit.progress import bar as progress_bar
 from diffusekit.seeding import derive_seed
 
 FEATURE_KINDS = ("raw", "classifier:PATH", "inception:WEIGHTS")
@@ -138,10 +139,9 @@ def generate_features(pipe, extractor: M.FeatureExtractor, n: int, sampler: str,
     Batch i starts at sample start + i * batch_size and uses a generator seeded from (seed, that
     index), so a given split of the work always draws the same images.
     """
-    from tqdm.auto import tqdm
     feats, labels_out, judge_correct = [], [], 0
     counter = _CallCounter(getattr(pipe, "model", None))
-    bar = tqdm(total=n, disable=not progress, desc=f"eval {sampler}", unit="img", dynamic_ncols=True)
+    bar = progress_bar(total=n, show=progress, desc=f"eval {sampler}", unit="img", dynamic_ncols=True)
     try:
         for first in range(start, start + n, batch_size):
             b = min(batch_size, start + n - first)

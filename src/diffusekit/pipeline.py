@@ -20,6 +20,7 @@ from .config import ConfigError
 from .device import autocast, check_precision, module_device, randn, resolve_device, resolve_precision
 from .guidance import Guide
 from .nn.lora import get_lora_scale, set_lora_scale
+from .progress import bar as progress_bar
 from .samplers import Denoiser, Sampler, get_sampler
 from .schedule import NoiseSchedule
 from .store.adapter import attach_adapter, is_adapter_folder, read_adapter, resolve_base
@@ -276,8 +277,7 @@ class Pipeline:
         outs = []
         batches = range(0, n, batch_size)
         if progress and len(batches) > 1:
-            from tqdm.auto import tqdm
-            batches = tqdm(batches, desc=f"sampling {n} images", unit="batch")
+            batches = progress_bar(batches, desc=f"sampling {n} images", unit="batch")
         for start in batches:
             x = noise[start:start + batch_size].to(self.device)
             cond = {k: v[start:start + batch_size] for k, v in full_cond.items()}

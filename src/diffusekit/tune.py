@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from .config import ConfigError
+from .progress import bar as progress_bar
 from .samplers.base import SAMPLER_SPACINGS, SAMPLERS, Denoiser, Sampler, get_sampler, logsnr_timesteps
 from .schedule import NoiseSchedule
 
@@ -193,8 +194,7 @@ def tune_timesteps(denoiser_or_model, schedule: NoiseSchedule, sampler_name: str
         ts = min(starts, key=loss)
         if iterations == 0:
             return ts
-        from tqdm.auto import tqdm
-        with tqdm(total=iterations * n, desc=f"tuning {sampler_name} steps", disable=not progress, leave=False) as bar:
+        with progress_bar(total=iterations * n, desc=f"tuning {sampler_name} steps", show=progress, leave=False) as bar:
             ts, _ = _coordinate_descent(loss, schedule, ts, iterations, bar)
     return ts
 

@@ -4,6 +4,7 @@ import json
 import logging
 import warnings
 
+import pytest
 from click.testing import CliRunner
 
 from diffusekit.cli import main
@@ -50,3 +51,33 @@ def test_notes_are_log_records_a_library_user_can_filter():
     finally:
         logger.removeHandler(handler)
     assert [(r.name, r.levelno, r.getMessage()) for r in records] == [("diffusekit.cli", logging.INFO, "shown")]
+
+
+@pytest.mark.slow
+def test_quiet_hides_the_training_progress_bar(tmp_path):
+    """The default draws tqdm's bar on stderr ("train: 100%| ... 3/3"); -q draws none, for this command only."""
+    from diffusekit.progress import bars_enabled
+    args = ["--data", "digits", "--preset", "tiny8", "--train-steps", "3", "--batch-size", "8", "--sample-every", "0",
+            "--device", "cpu"]
+    runner = CliRunner()
+    loud = runner.invoke(main, ["train", "--out", str(tmp_path / "loud"), *args])
+    quiet = runner.invoke(main, ["-q", "train", "--out", str(tmp_path / "quiet"), *args])
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert "3/3" in loud.stderr and "train" in loud.stderr
+    assert "3/3" not in quiet.stderr and "%|" not in quiet.stderr and "it/s" not in quiet.stderr
+    assert quiet.stderr == ""
+    assert (tmp_path / "quiet" / "model.safetensors").exists()            # it trained all the same
+    assert bars_enabled()                                                 # the switch is back on after -q
+
+
+def test_one_switch_hides_a_library_bar(capsys):
+    """dk.progress_bars(False) hides a bar that progress=True asked for (here a sampler's)."""
+    import torch
+    import diffusekit as dk
+    sampler = dk.get_sampler("ddim", dk.NoiseSchedule.create("linear", num_train_timesteps=100))
+    eps_model = lambda x, t: torch.zeros_like(x)                          # noqa: E731
+    sampler.sample(eps_model, torch.randn(1, 1, 2, 2), num_steps=4, progress=True)
+    assert "ddim:" in capsys.readouterr().err                             # the bar (leave=False clears its line)
+    with dk.progress_bars(False):
+        sampler.sample(eps_model, torch.randn(1, 1, 2, 2), num_steps=4, progress=True)
+    assert capsys.readouterr().err == ""

@@ -1,7 +1,7 @@
 """The `diffusekit` command group; the commands attach themselves from train, sample and tools.
 
 Notes (what a command chose, deprecations) go through the `diffusekit` logger to stderr; -q keeps only
-results and errors (warnings silenced too), -v adds debug lines. A library user sets the same logger:
+results and errors (warnings and progress bars silenced too), -v adds debug lines. A library user sets the same logger:
 `logging.getLogger("diffusekit").setLevel(logging.WARNING)`.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import warnings
 import click
 
 from .. import __version__
+from ..progress import progress_bars
 
 
 class EchoHandler(logging.Handler):
@@ -36,7 +37,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
               help="CPU threads for PyTorch's operators (torch.set_num_threads) [default: PyTorch's, usually one "
                    "per core]. On a machine that other jobs share, fewer threads than cores is often faster.")
 @click.option("-v", "--verbose", count=True, help="More detail on stderr (debug lines of the diffusekit logger).")
-@click.option("-q", "--quiet", is_flag=True, help="Only results and errors: no notes, no warnings.")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and errors: no notes, no warnings, no progress bars.")
 @click.pass_context
 def main(ctx, threads, verbose, quiet):
     """diffusekit: train diffusion models on your images, sample fast, edit with guidance."""
@@ -46,6 +47,7 @@ def main(ctx, threads, verbose, quiet):
     if quiet:
         ctx.with_resource(warnings.catch_warnings())        # restored when the command ends
         warnings.simplefilter("ignore")
+        ctx.with_resource(progress_bars(False))             # no progress bars either (diffusekit.progress)
     if threads is not None:
         import torch
         torch.set_num_threads(threads)

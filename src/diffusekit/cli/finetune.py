@@ -18,6 +18,7 @@ def _device(ctx, param, value):
 
 def _finetune_options(fn):
     from ..device import DEVICES, PRECISIONS
+    from ..store.run_config import TrainConfig
     c = config_option
     options = [
         c("--method", field="method", type=click.Choice(["lora", "full"]), default=None,
@@ -50,8 +51,8 @@ def _finetune_options(fn):
           help="Write a sample grid (instance prompt, other prompts, the base) every N steps [default: 100]."),
         c("--save-every", field="train.save_every", type=click.IntRange(1), default=None,
           help="Checkpoint every N steps [default: 100]."),
-        c("--report-to", field="train.report_to", type=click.Choice(["none", "tensorboard"]), default=None,
-          help="Also log to TensorBoard (RUN/tensorboard; pip install -e \".[tensorboard]\")."),
+        c("--report-to", field="train.report_to", type=opt.literal_choices(TrainConfig, "report_to"), default=None,
+          help=opt.REPORT_TO_HELP),
         c("--seed", field="train.seed", type=int, default=None, help="Seed for every random choice [default: 0]."),
         c("--device", field="train.device", type=click.Choice(DEVICES), default="auto", callback=_device,
           help="auto = CUDA, then Apple MPS, then CPU."),

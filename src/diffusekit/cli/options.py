@@ -20,6 +20,10 @@ from ..samplers import SAMPLERS
 from ..samplers.base import SAMPLER_SPACINGS
 
 
+REPORT_TO_HELP = ("Also log to TensorBoard (RUN/tensorboard; pip install -e \".[tensorboard]\") or Weights & "
+                  "Biases (RUN/wandb or $WANDB_DIR; WANDB_MODE=offline stays local; pip install -e \".[wandb]\").")
+
+
 def literal_choices(cls, name: str) -> click.Choice:
     """The allowed values of a config field declared as a Literal, as a click choice."""
     return click.Choice([str(v) for v in typing.get_args(typing.get_type_hints(cls)[name])])

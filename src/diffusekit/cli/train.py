@@ -111,7 +111,7 @@ def _loop_options() -> list:
         c("--checkpoints-total-limit", field="train.checkpoints_total_limit", type=click.IntRange(0), default=None,
           help="checkpoint-STEP folders to keep beside the latest save (0 = all) [default: 2]."),
         c("--report-to", field="train.report_to", type=opt.literal_choices(TrainConfig, "report_to"), default=None,
-          help="Also log to TensorBoard (RUN/tensorboard; pip install -e \".[tensorboard]\")."),
+          help=opt.REPORT_TO_HELP),
         c("--eval-every", field="train.eval_every", type=click.IntRange(0), default=None,
           help="FD/KID of a few hundred samples against the training data every N steps (0 = never)."),
         c("--train-steps", field="train.steps", type=click.IntRange(1), default=None,

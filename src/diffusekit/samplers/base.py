@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError, check_choice
+from ..progress import bar as progress_bar
 from ..schedule import PREDICTION_TYPES, ZERO_SNR_ALPHA_BAR, NoiseSchedule
 from .clipping import BOUND_OPTIONS, BoundedDenoiser, X0Bounds
 from .denoiser import Denoiser, Prediction  # noqa: F401  (re-exported: the sampler contract's types)
@@ -320,8 +321,7 @@ def _check_offset(steps_offset, spacing: str) -> int:
 
 
 def _with_progress(callback, total, name):
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc=name, leave=False)
+    bar = progress_bar(total=total, desc=name, leave=False)
 
     def cb(info: StepInfo):
         bar.update(1)

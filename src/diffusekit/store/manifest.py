@@ -29,7 +29,7 @@ MANIFEST_FILE = ".diffusekit-manifest.json"
 # the top-level names a training run writes (diffusion, autoencoder and classifier trainers alike)
 RUN_ENTRIES = ("config.json", "model.safetensors", "model_raw.safetensors", "trainer_state.pt", ".lock",
                "ckpt.tmp", "ckpt.ready", "checkpoint-*", "metrics.jsonl", "metrics.json", "loss.png", "samples",
-               "README.md", "tensorboard", "autoencoder", "tuned_steps.json", "classifier.safetensors",
+               "README.md", "tensorboard", "wandb", "autoencoder", "tuned_steps.json", "classifier.safetensors",
                "reconstructions.png", "adapter.json", "finetune.json", "class_images", "*.tmp", MANIFEST_FILE)
 
 

@@ -56,7 +56,7 @@ class TrainConfig(BaseTrainConfig):
     grad_accum: int = 1                 # micro-batches per step (batch_size / grad_accum images each)
     num_workers: int = 0                # DataLoader workers for streamed image folders
     checkpoints_total_limit: int = 2    # newest checkpoint-STEP/ folders kept (hard links, cheap); 0 = every one
-    report_to: Literal["none", "tensorboard"] = "none"   # metrics.jsonl always; TensorBoard too on request
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"   # metrics.jsonl always; TensorBoard or W&B too
     eval_every: int = 0                 # FD/KID of eval_samples against the training data every N steps; 0 = never
     eval_samples: int = 256
     sample_every: int = 500             # also at the last step; 0 = never

@@ -18,6 +18,7 @@ import torch
 
 from diffusekit.data.batches import BatchSource
 from diffusekit.nn.layers import row_dropout_seeds
+from diffusekit.progress import bar as progress_bar
 from diffusekit.seeding import derive_seed
 from diffusekit.store import write_weights_atomic
 from diffusekit.training.losses import draw_t_noise
@@ -111,10 +112,9 @@ def data_fingerprint(images: torch.Tensor) -> str:
 def encode_all(autoencoder, images: torch.Tensor, device: torch.device, batch_size: int = 256,
                progress: bool = False) -> torch.Tensor:
     """Scaled latents (N, c, h, w) of images (N, C, H, W) in [-1, 1] (the posterior mode), on the CPU."""
-    from tqdm.auto import tqdm
     out = []
     chunks = images.split(batch_size)
-    for x in tqdm(chunks, desc="encoding latents", disable=not progress or len(chunks) < 2, leave=False):
+    for x in progress_bar(chunks, desc="encoding latents", show=progress and len(chunks) > 1, leave=False):
         out.append(autoencoder.encode(x.to(device)).float().cpu())
     return torch.cat(out)
 

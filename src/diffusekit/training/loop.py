@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from diffusekit.config import ConfigError
+from diffusekit.progress import bar as progress_bar
 from diffusekit.seeding import derive_seed
 from diffusekit.training.processes import Dist
 
@@ -87,9 +88,8 @@ def run_loop(step_fn: Callable[[int, torch.Generator], dict], *, start: int, tot
     step_fn(step, generator) -> {"loss": float, ...}; on_step(step + 1, numbers) runs after each step;
     last_checkpoint() -> (run_dir, step) names the checkpoint a divergence message points to.
     """
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=start, disable=not (progress and dist.rank == 0), desc=desc, unit="step",
-               dynamic_ncols=True)
+    bar = progress_bar(total=total, initial=start, show=progress and dist.rank == 0, desc=desc, unit="step",
+                       dynamic_ncols=True)
     smooth: dict[str, float] = {}
     try:
         for step in range(start, total):

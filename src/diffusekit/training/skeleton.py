@@ -201,7 +201,8 @@ def fit(trainer: Trainer, run: Run, progress: bool = True) -> Run:
     if run.rank0:
         if run.state is None or trainer.config_on_resume:
             store.write_text_atomic(run.run_dir / store.CONFIG_FILE, trainer.config_json() + "\n")
-        run.tracker = Tracker(run.run_dir, run.start, getattr(tc, "report_to", "none"))
+        run.tracker = Tracker(run.run_dir, run.start, getattr(tc, "report_to", "none"),
+                              config=json.loads(trainer.config_json()))
     hooks = Hooks(trainer, run)
     run.model.train()
     try:
