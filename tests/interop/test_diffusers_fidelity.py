@@ -33,7 +33,8 @@ SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=
                     set_alpha_to_one=False, skip_prk_steps=True)
 CLASSES = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-           "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler"]
+           "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+           "DPMSolverSinglestepScheduler"]
 
 
 @pytest.fixture(scope="module")
