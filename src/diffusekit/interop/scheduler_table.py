@@ -50,6 +50,14 @@ class SchedulerSpec:
     spacing_keys: bool = True                      # the class has timestep_spacing and steps_offset (else: `spacing`)
 
 
+def _singlestep(sampler: str, solver_order: int) -> SchedulerSpec:
+    return SchedulerSpec("DPMSolverSinglestepScheduler", sampler, "linspace",
+                         dict(solver_order=solver_order, algorithm_type="dpmsolver++", final_sigmas_type="zero",
+                              lambda_min_clipped=-math.inf, variance_type=None, **_OFF_SOLVER),
+                         options={"solver_type": "solver_type"}, karras=True, thresholding=True, rescale=False,
+                         no_effect=("lower_order_final",), spacing_keys=False)
+
+
 SPECS = [
     SchedulerSpec("DDPMScheduler", "ddpm", "leading", options={"variance_type": "variance_type"},
                   defaults=dict(clip_sample=True), clip=True, thresholding=True, sigmoid=True),
@@ -92,12 +100,8 @@ SPECS = [
     SchedulerSpec("KDPM2DiscreteScheduler", "kdpm2", "linspace", dict(**_OFF_SIGMAS), karras=True, rescale=False,
                   predictions=("epsilon", "v_prediction")),   # diffusers' KDPM2 cannot step "sample"
     # singlestep DPM-Solver++: always linspace (no spacing keys); lower_order_final is forced on by the final sigma 0
-    *(SchedulerSpec("DPMSolverSinglestepScheduler", name, "linspace",
-                    dict(solver_order=order, algorithm_type="dpmsolver++", final_sigmas_type="zero",
-                         lambda_min_clipped=-math.inf, variance_type=None, **_OFF_SOLVER),
-                    options={"solver_type": "solver_type"}, karras=True, thresholding=True, rescale=False,
-                    no_effect=("lower_order_final",), spacing_keys=False) for name, order in (("dpmpp_2s", 2),
-                                                                                            ("dpmpp_3s", 3))),
+    _singlestep("dpmpp_2s", 2),
+    _singlestep("dpmpp_3s", 3),
 ]
 SELECTORS = {"DPMSolverMultistepScheduler": ("solver_order", 2), "PNDMScheduler": ("skip_prk_steps", False),
              "DPMSolverSinglestepScheduler": ("solver_order", 2)}

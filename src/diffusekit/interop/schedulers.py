@@ -1,4 +1,4 @@
-"""diffusers scheduler configs <-> diffusekit schedules and sampler options.
+"""diffusers scheduler configs <-> diffusekit schedules and sampler options (the class table: scheduler_table.py).
 
 A diffusers scheduler config mixes two things that diffusekit keeps apart: the forward process
 (betas: `NoiseSchedule`) and how to walk it back (a sampler from the registry with its spacing,
@@ -21,7 +21,7 @@ own lands on x0_pred, and exports to DEIS (which stops at sigma(t = 0)) with tha
 from __future__ import annotations
 
 import difflib
-import math
+
 import torch
 
 from ..config import ConfigError
@@ -29,6 +29,7 @@ from ..samplers import SAMPLERS, Sampler
 from ..schedule import NoiseSchedule, rescale_zero_terminal_snr
 from .scheduler_table import (ALL_KEYS, BETA_DEFAULTS, BETA_SCHEDULES, SCHEDULE_KEYS, SCHEDULER_CLASSES,  # noqa: F401
                               SELECTORS, SPECS, WHY, SchedulerSpec, class_keys)
+
 
 def _class_defaults(cfg: dict) -> tuple[float, float]:
     return BETA_DEFAULTS.get(cfg.get("_class_name", ""), (1e-4, 0.02))
