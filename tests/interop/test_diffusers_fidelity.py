@@ -33,7 +33,8 @@ SD_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=
                     set_alpha_to_one=False, skip_prk_steps=True)
 CLASSES = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-           "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler"]
+           "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+           "DPMSolverSinglestepScheduler"]
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,22 @@ def test_learned_variances_are_refused_and_other_samplers_say_what_does_not_carr
         run = dk.Pipeline(pipe.model, pipe.schedule, image_shape=(3, 8, 8), device="cpu")
         assert run.default_sampler_options() == ("dpmpp_2m", {}, "")
         run.sample(2, sampler="ddim", num_steps=2)
+
+
+def test_a_folder_spacing_says_it_does_not_carry_to_the_singlestep_solver(diffusers, unet, tmp_path):
+    """DPMSolverSinglestepScheduler has no timestep_spacing or steps_offset (diffusers' from_config drops them): a
+    leading + offset folder's dpmpp_2s runs linspace, and the one-line note names both; its own folder says nothing."""
+    diffusers.DDPMPipeline(unet, diffusers.DDIMScheduler(steps_offset=1)).save_pretrained(tmp_path / "ddim")
+    pipe = dk.Pipeline.from_diffusers(tmp_path / "ddim", device="cpu")
+    name, options, note = pipe.default_sampler_options("dpmpp_2s")
+    assert options["timestep_spacing"] == "linspace" and "steps_offset" not in options
+    assert note.count("\n") == 0 and "dpmpp_2s" in note
+    assert "timestep_spacing='leading'" in note and "steps_offset=1" in note and "clip_sample=True" in note
+    diffusers.DDPMPipeline(unet, diffusers.DPMSolverSinglestepScheduler()).save_pretrained(tmp_path / "single")
+    own = dk.Pipeline.from_diffusers(tmp_path / "single", device="cpu")
+    assert own.default_sampler_options() == ("dpmpp_2s", {"timestep_spacing": "linspace", "use_karras_sigmas": False},
+                                             "")
+    assert own.default_sampler_options("dpmpp_3s")[2] == ""
 
 
 def test_stable_diffusion_layout_with_sd_scheduler_matches(diffusers, tmp_path):

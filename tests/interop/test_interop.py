@@ -79,6 +79,11 @@ ROUND_TRIPS = [
     ("PNDMScheduler", dict(skip_prk_steps=True, set_alpha_to_one=True, timestep_spacing="trailing")),
     ("PNDMScheduler", {}),   # diffusers' defaults: the Runge-Kutta warm-up (pndm), set_alpha_to_one=False
     ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    ("KDPM2DiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1, beta_schedule="scaled_linear")),
+    ("DPMSolverSinglestepScheduler", {}),   # diffusers' defaults: order 2 (dpmpp_2s); no spacing keys, linspace
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, solver_type="heun", use_karras_sigmas=True,
+                                          thresholding=True)),
 ]
 
 
@@ -97,7 +102,7 @@ def test_sampler_round_trip(diffusers, class_name, options):
     schedule = schedule_from_diffusers_config(cfg)
     sampler = dk.get_sampler(name, schedule, **kwargs)
     assert sampler.prediction_type == cfg["prediction_type"]
-    assert sampler.timestep_spacing == cfg["timestep_spacing"]
+    assert sampler.timestep_spacing == cfg.get("timestep_spacing", "linspace")   # singlestep: no key, linspace
     class_back, back = sampler_to_diffusers_config(sampler)
     assert class_back == class_name
     expected = dict(cfg, variance_type="fixed_small") if cfg.get("variance_type") == "fixed_small_log" else cfg
@@ -143,6 +148,14 @@ def _diffusers_loop(scheduler, model, x_T, num_steps, **step_kwargs):
     ("DEISMultistepScheduler", dict(use_karras_sigmas=True)),   # sigma_min = sigma(t = 0): a zero-length last step
     ("LMSDiscreteScheduler", {}),   # starts from x_T * sigma_max (linspace), integrates its 4-step polynomial exactly
     ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1)),
+    ("KDPM2DiscreteScheduler", {}),   # DPM-2: 8 steps, 15 calls, the midpoints at diffusers' fractional times
+    ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1)),
+    ("KDPM2DiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing")),
+    # (with Karras sigmas 2.6e-5: diffusers' float32 alphas_cumprod puts sigma_min 8e-5 off, as for DPM-Solver 2M)
+    ("DPMSolverSinglestepScheduler", dict(solver_type="heun", beta_schedule="scaled_linear", beta_start=0.00085,
+                                          beta_end=0.012)),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3)),   # 8 steps: stages of 1, 2, 3, 1, 1 calls
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, solver_type="heun", prediction_type="v_prediction")),
 ])
 def test_converted_options_step_like_diffusers(diffusers, class_name, options):
     """Options carried across (clip_sample, variance_type, solver_order, solver_type, ...) mean the same
@@ -217,7 +230,11 @@ UNSUPPORTED = [
     ("DDIMScheduler", dict(clip_sample=False, some_future_option=3), "some_future_option=3 is not known"),
     ("HeunDiscreteScheduler", dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr=True is not known"),
     ("ScoreSdeVeScheduler", {}, "variance-exploding"),
-    ("KDPM2DiscreteScheduler", {}, "'KDPM2DiscreteScheduler' has no counterpart"),
+    ("KDPM2AncestralDiscreteScheduler", {}, "'KDPM2AncestralDiscreteScheduler' has no counterpart"),
+    ("KDPM2DiscreteScheduler", dict(prediction_type="sample"), "prediction_type='sample'"),
+    ("DPMSolverSinglestepScheduler", dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
+    ("DPMSolverSinglestepScheduler", dict(final_sigmas_type="sigma_min"), "final_sigmas_type='sigma_min'"),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=1), "solver_order=1 has no diffusekit counterpart"),
 ]
 
 

@@ -13,7 +13,7 @@ from .schedulers import SCHEDULE_KEYS, SPECS, check_config_keys, class_keys, sam
 # the folder settings a note reports when they do not carry over, with the values at which they do nothing
 _INERT = {"clip_sample": (False,), "thresholding": (False,), "set_alpha_to_one": (True,),
           "variance_type": (None, "fixed_small", "fixed_small_log"), "use_karras_sigmas": (False,),
-          "rescale_betas_zero_snr": (False,)}
+          "rescale_betas_zero_snr": (False,), "timestep_spacing": ("linspace",), "steps_offset": (0,)}
 _GENERIC = {"prediction_type", "timestep_spacing", "steps_offset"}
 
 

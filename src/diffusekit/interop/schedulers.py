@@ -1,4 +1,4 @@
-"""diffusers scheduler configs <-> diffusekit schedules and sampler options.
+"""diffusers scheduler configs <-> diffusekit schedules and sampler options (the class table: scheduler_table.py).
 
 A diffusers scheduler config mixes two things that diffusekit keeps apart: the forward process
 (betas: `NoiseSchedule`) and how to walk it back (a sampler from the registry with its spacing,
@@ -21,107 +21,18 @@ own lands on x0_pred, and exports to DEIS (which stops at sigma(t = 0)) with tha
 from __future__ import annotations
 
 import difflib
-import math
-from dataclasses import dataclass, field
 
 import torch
 
 from ..config import ConfigError
 from ..samplers import SAMPLERS, Sampler
-from ..schedule import PREDICTION_TYPES, NoiseSchedule, rescale_zero_terminal_snr
-
-# diffusers' beta_schedule names -> NoiseSchedule kinds
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine",
-                  "sigmoid": "sigmoid"}
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "rescale_betas_zero_snr")
-# the class defaults of beta_start / beta_end where they are not DDPM's (a hand-written config may omit them)
-_BETA_DEFAULTS = {"HeunDiscreteScheduler": (0.00085, 0.012), "KDPM2DiscreteScheduler": (0.00085, 0.012)}
-# keys that only act together with an option we require off (flow or shifted sigmas)
-_NO_EFFECT = ("flow_shift", "time_shift_type")
-_THRESHOLD_KEYS = ("thresholding", "dynamic_thresholding_ratio", "sample_max_value")
-_OFF_SIGMAS = dict(use_exponential_sigmas=False, use_beta_sigmas=False)
-_OFF_SOLVER = dict(use_flow_sigmas=False, use_dynamic_shifting=False, **_OFF_SIGMAS)
-
-
-@dataclass(frozen=True)
-class SchedulerSpec:
-    """How one diffusers scheduler class corresponds to one diffusekit sampler.
-
-    required: diffusers options whose value must be this one (it is the behaviour of our sampler);
-    options: diffusers option -> our sampler option, passed through; defaults: diffusers' class
-    defaults where they differ from `required` (used for keys a config leaves out).
-    """
-    class_name: str
-    sampler: str
-    spacing: str                                   # diffusers' default timestep_spacing for the class
-    required: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)
-    defaults: dict = field(default_factory=dict)
-    clip: bool = False                             # the class has clip_sample and clip_sample_range
-    clip_keeps_eps: bool = False                   # bounding x0_pred leaves the eps in the update unclipped
-    thresholding: bool = False                     # the class has dynamic thresholding (Imagen)
-    karras: bool = False                           # the class has use_karras_sigmas
-    predictions: tuple = PREDICTION_TYPES          # prediction types diffusers steps with as we do
-    no_effect: tuple = ()                          # keys without effect under `required`
-    rescale: bool = True                           # the class has rescale_betas_zero_snr
-    sigmoid: bool = False                          # the class has beta_schedule="sigmoid"
-    implied: dict = field(default_factory=dict)    # our sampler options the class always steps with (no key)
-
-
-SPECS = [
-    SchedulerSpec("DDPMScheduler", "ddpm", "leading", options={"variance_type": "variance_type"},
-                  defaults=dict(clip_sample=True), clip=True, thresholding=True, sigmoid=True),
-    SchedulerSpec("DDIMScheduler", "ddim", "leading", options={"set_alpha_to_one": "set_alpha_to_one"},
-                  defaults=dict(clip_sample=True), clip=True, clip_keeps_eps=True, thresholding=True),
-    SchedulerSpec("DPMSolverMultistepScheduler", "dpmpp_2m", "linspace",
-                  dict(solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint", final_sigmas_type="zero",
-                       use_lu_lambdas=False, lambda_min_clipped=-math.inf, variance_type=None, **_OFF_SOLVER),
-                  karras=True, thresholding=True, no_effect=("lower_order_final", "euler_at_final")),  # final sigma 0
-    SchedulerSpec("DPMSolverMultistepScheduler", "dpmpp_3m", "linspace",
-                  dict(solver_order=3, algorithm_type="dpmsolver++", final_sigmas_type="zero", use_lu_lambdas=False,
-                       lambda_min_clipped=-math.inf, variance_type=None, **_OFF_SOLVER),
-                  options={"solver_type": "solver_type", "lower_order_final": "lower_order_final"},
-                  karras=True, thresholding=True, no_effect=("euler_at_final",)),
-    SchedulerSpec("EulerDiscreteScheduler", "euler", "linspace",
-                  dict(interpolation_type="linear", sigma_min=None, sigma_max=None, timestep_type="discrete",
-                       final_sigmas_type="zero", **_OFF_SIGMAS), karras=True),
-    SchedulerSpec("EulerAncestralDiscreteScheduler", "euler_ancestral", "linspace",
-                  predictions=("epsilon", "v_prediction")),
-    SchedulerSpec("HeunDiscreteScheduler", "heun", "linspace", dict(**_OFF_SIGMAS), clip=True, karras=True,
-                  rescale=False),
-    SchedulerSpec("UniPCMultistepScheduler", "unipc", "linspace",
-                  dict(solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[],
-                       solver_p=None, final_sigmas_type="zero", sigma_min=None, sigma_max=None, shift_terminal=None,
-                       **_OFF_SOLVER), karras=True, thresholding=True),
-    SchedulerSpec("DEISMultistepScheduler", "deis", "linspace",
-                  dict(algorithm_type="deis", solver_type="logrho", **_OFF_SOLVER),
-                  options={"solver_order": "solver_order", "lower_order_final": "lower_order_final"}, karras=True,
-                  thresholding=True, rescale=False, implied=dict(set_alpha_to_one=False)),   # stops at sigma(t = 0)
-    SchedulerSpec("PNDMScheduler", "plms", "leading", dict(skip_prk_steps=True),
-                  options={"set_alpha_to_one": "set_alpha_to_one"},
-                  # PNDM runs its multistep formula on raw v outputs from different timesteps, ours on eps
-                  defaults=dict(set_alpha_to_one=False), predictions=("epsilon",),
-                  rescale=False),
-    SchedulerSpec("LMSDiscreteScheduler", "lms", "linspace", dict(**_OFF_SIGMAS), karras=True, rescale=False),
-    SchedulerSpec("PNDMScheduler", "pndm", "leading", dict(skip_prk_steps=False), predictions=("epsilon",),
-                  options={"set_alpha_to_one": "set_alpha_to_one"}, defaults=dict(set_alpha_to_one=False),
-                  rescale=False),
-]
-_SELECTORS = {"DPMSolverMultistepScheduler": ("solver_order", 2), "PNDMScheduler": ("skip_prk_steps", False)}
-# the ones whose sampler is registered (plms, deis and dpmpp_3m arrived later than the others)
-SCHEDULER_CLASSES = sorted({s.class_name for s in SPECS if s.sampler in SAMPLERS})
-
-_WHY = {
-    "final_sigmas_type": "diffusekit's last step goes to sigma = 0",
-    "variance_type": "the model's learned variances are not used by diffusekit's samplers",
-    "use_lu_lambdas": "diffusekit's nearest option is timestep_spacing='logsnr' (uniform in log-SNR, not "
-                      "rounded to integer timesteps), which is not the same placement",
-}
+from ..schedule import NoiseSchedule, rescale_zero_terminal_snr
+from .scheduler_table import (ALL_KEYS, BETA_DEFAULTS, BETA_SCHEDULES, SCHEDULE_KEYS, SCHEDULER_CLASSES,  # noqa: F401
+                              SELECTORS, SPECS, WHY, SchedulerSpec, class_keys)
 
 
 def _class_defaults(cfg: dict) -> tuple[float, float]:
-    return _BETA_DEFAULTS.get(cfg.get("_class_name", ""), (1e-4, 0.02))
+    return BETA_DEFAULTS.get(cfg.get("_class_name", ""), (1e-4, 0.02))
 
 
 def schedule_from_diffusers_config(cfg: dict) -> NoiseSchedule:
@@ -176,26 +87,8 @@ def schedule_to_diffusers_config(schedule: NoiseSchedule, rescale_key: bool = Tr
 # --- sampler options ----------------------------------------------------------------------------
 
 _VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
-_WHY["algorithm_type"] = ("diffusekit's DPM-Solver samplers are the data-prediction ODE solvers ('dpmsolver++'); "
-                          "its dpmpp_3m_sde follows k-diffusion, whose third-order SDE update is not diffusers' "
-                          "'sde-dpmsolver++'")
 # sampler options that diffusers takes as call arguments, not config keys, with the call's default
 _CALL_ARGS = {"eta": 0.0, "order": 4}   # order: LMSDiscreteScheduler.step's
-
-
-def class_keys(spec: SchedulerSpec) -> set:
-    """The config keys of spec's diffusers class that diffusekit reads, checks or knows to be inert."""
-    keys = set(SCHEDULE_KEYS) - (set() if spec.rescale else {"rescale_betas_zero_snr"})
-    keys |= set(spec.required) | set(spec.options) | set(_NO_EFFECT) | set(spec.no_effect)
-    keys |= {"prediction_type", "timestep_spacing", "steps_offset"}
-    keys |= {"clip_sample", "clip_sample_range"} if spec.clip else set()
-    keys |= set(_THRESHOLD_KEYS) if spec.thresholding else set()
-    return keys | ({"use_karras_sigmas"} if spec.karras else set())
-
-
-# every key of every mapped class: a key outside this set is unknown, one inside it but not in a
-# class's own keys belongs to another class, which diffusers ignores (its from_config keeps such keys)
-ALL_KEYS = frozenset().union(*(class_keys(s) for s in SPECS))
 
 
 def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
@@ -209,7 +102,7 @@ def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
                           f"schedules with the samplers of {SCHEDULER_CLASSES}. Save the pipeline with one of "
                           "those (scheduler.from_config(...)), or name a diffusekit sampler (sampler=...).")
     if len(specs) > 1:  # the key that picks the sampler (solver_order, skip_prk_steps) and its class default
-        key, default = _SELECTORS[class_name]
+        key, default = SELECTORS[class_name]
         choices = ", ".join(f"{key}={s.required[key]!r} ({s.sampler})" for s in specs)
         value = cfg.get(key, default)
         specs = [s for s in specs if s.required.get(key) == value and s.sampler in SAMPLERS]
@@ -223,7 +116,7 @@ def _spec_for(class_name: str | None, cfg: dict) -> SchedulerSpec:
 
 
 def _unsupported(class_name: str, key: str, have, want) -> ConfigError:
-    why = _WHY.get(key, f"diffusekit's sampler behaves as {key}={want!r}")
+    why = WHY.get(key, f"diffusekit's sampler behaves as {key}={want!r}")
     return ConfigError(f"{class_name} option {key}={have!r} has no diffusekit counterpart ({why}); set "
                        f"{key}={want!r} in the scheduler config to use a diffusekit sampler.")
 
@@ -260,7 +153,8 @@ def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> t
     class_name = class_name or cfg.get("_class_name")
     spec = _spec_for(class_name, cfg)
     check_config_keys(cfg, class_name)
-    spacing = cfg.get("timestep_spacing", spec.spacing)
+    # a class without spacing keys (DPMSolverSinglestep) places its steps one way, whatever a config holds
+    spacing = cfg.get("timestep_spacing", spec.spacing) if spec.spacing_keys else spec.spacing
     for key, want in spec.required.items():
         have = cfg.get(key, spec.defaults.get(key, want))
         if have != want:
@@ -271,7 +165,7 @@ def sampler_from_diffusers_config(cfg: dict, class_name: str | None = None) -> t
                           f"here (diffusers steps {list(spec.predictions)} as diffusekit's {spec.sampler!r} does); "
                           "load the model with its schedule and pick another sampler.")
     kwargs = dict(prediction_type=prediction_type, timestep_spacing=spacing)
-    offset = cfg.get("steps_offset", 0)
+    offset = cfg.get("steps_offset", 0) if spec.spacing_keys else 0
     if spacing == "leading" and offset != 0:      # every class adds it to "leading" timesteps only
         kwargs["steps_offset"] = offset
     kwargs.update(_bounds_from_config(spec, cfg))
@@ -309,11 +203,11 @@ def _bounds_from_config(spec: SchedulerSpec, cfg: dict) -> dict:
 
 def _check_combinations(class_name: str, kwargs: dict) -> None:
     """Option pairs whose diffusers behaviour differs from ours although each option alone matches."""
-    last_t_positive = kwargs["timestep_spacing"] == "trailing" or (
-        kwargs["timestep_spacing"] == "leading" and kwargs.get("steps_offset", 0) > 0)
+    spacing = kwargs.get("timestep_spacing", "linspace")   # DPMSolverSinglestep has no spacing key: linspace
+    last_t_positive = spacing == "trailing" or (spacing == "leading" and kwargs.get("steps_offset", 0) > 0)
     if class_name == "DDPMScheduler" and kwargs.get("variance_type") == "fixed_large" and last_t_positive:
         raise ConfigError(f"DDPMScheduler with variance_type='fixed_large' and timestep_spacing="
-                          f"{kwargs['timestep_spacing']!r} (steps_offset={kwargs.get('steps_offset', 0)}) has no "
+                          f"{spacing!r} (steps_offset={kwargs.get('steps_offset', 0)}) has no "
                           "diffusekit counterpart: its last step (at t > 0) adds noise of variance beta to the final "
                           "sample, while diffusekit's last step adds none; use variance_type='fixed_small', or "
                           "'linspace' spacing (or 'leading' with steps_offset=0).")
@@ -339,10 +233,14 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
     specs = [s for s in SPECS if s.sampler == sampler.name]
     if not specs:
         raise ConfigError(f"sampler {sampler.name!r} has no diffusers scheduler counterpart "
-                          + (f"({_WHY['algorithm_type']})" if "sde" in sampler.name else "")
+                          + (f"({WHY['algorithm_type']})" if "sde" in sampler.name else "")
                           + f"; samplers that map: {sorted(s.sampler for s in SPECS if s.sampler in SAMPLERS)}.")
     spec = specs[0]
     where = f"sampler {sampler.name!r} -> {spec.class_name}"
+    if not spec.spacing_keys and (sampler.timestep_spacing, sampler.steps_offset) != (spec.spacing, 0):
+        raise ConfigError(f"{where}: timestep_spacing={sampler.timestep_spacing!r} (steps_offset="
+                          f"{sampler.steps_offset}) has no counterpart: {spec.class_name} always places its steps "
+                          f"as timestep_spacing={spec.spacing!r}; convert a sampler made with that spacing.")
     if sampler.timestep_spacing not in ("leading", "trailing", "linspace"):
         raise ConfigError(f"{where}: timestep_spacing={sampler.timestep_spacing!r} has no diffusers counterpart; "
                           "use 'leading', 'trailing' or 'linspace'.")
@@ -351,8 +249,9 @@ def sampler_to_diffusers_config(sampler: Sampler) -> tuple[str, dict]:
                           f"{sampler.prediction_type!r} as diffusekit does (it matches for {list(spec.predictions)}); "
                           "pick another sampler.")
     cfg = schedule_to_diffusers_config(sampler.schedule, rescale_key=spec.rescale, sigmoid=spec.sigmoid)
-    cfg.update(prediction_type=sampler.prediction_type, timestep_spacing=sampler.timestep_spacing,
-               steps_offset=sampler.steps_offset, **spec.required)
+    cfg.update(prediction_type=sampler.prediction_type, **spec.required)
+    if spec.spacing_keys:
+        cfg.update(timestep_spacing=sampler.timestep_spacing, steps_offset=sampler.steps_offset)
     cfg.update(_bounds_to_config(where, spec, sampler.bounds))
     options = dict(sampler.options)
     karras = bool(options.pop("use_karras_sigmas", False))

@@ -97,6 +97,8 @@ class SamplerSpec:
     exact_zero_snr: bool = False  # DDIM, DDPM: step from abar = 0 itself (else from ZERO_SNR_ALPHA_BAR)
     clip_keeps_eps: bool = False  # DDIM, DDPM: x0_pred may be bounded with the network's eps kept in the update
     half_steps: int = 0           # PNDM: 3 Runge-Kutta steps that also call the model half-way (Sampler.plan_midpoints)
+    log_midpoints: bool = False   # DPM-2: a 2nd call at sqrt(sigma * sigma_next) (Sampler.plan_log_midpoints)
+    karras_rounded: bool = False  # Karras sigmas called at rounded timesteps whatever the schedule (diffusers' KDPM2)
 
 
 SAMPLERS: dict[str, SamplerSpec] = {}
@@ -106,7 +108,8 @@ PLAN_OPTIONS = ("use_karras_sigmas", "set_alpha_to_one")
 
 def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = False,
              karras: bool = True, first_step_evals: int = 1, exact_zero_snr: bool = False,
-             clip_keeps_eps: bool = False, half_steps: int = 0, **options):
+             clip_keeps_eps: bool = False, half_steps: int = 0, log_midpoints: bool = False,
+             karras_rounded: bool = False, **options):
     """Decorator: add a sampler function to the registry under name.
 
     options are the function's keyword knobs with their defaults, plus PLAN_OPTIONS the sampler
@@ -114,7 +117,7 @@ def register(name: str, style: str, evals_per_step: int = 1, stochastic: bool = 
     """
     def wrap(fn):
         SAMPLERS[name] = SamplerSpec(fn, style, evals_per_step, stochastic, karras, options, first_step_evals,
-                                     exact_zero_snr, clip_keeps_eps, half_steps)
+                                     exact_zero_snr, clip_keeps_eps, half_steps, log_midpoints, karras_rounded)
         return fn
     return wrap
 
@@ -225,8 +228,9 @@ class Sampler:
                 lo, hi = sched.sigmas[0], sched.sigmas[-1]
             sigmas = karras_sigmas(float(lo), float(hi), n)
             ts = sched.sigma_to_t(sigmas)
-            if self.spec.style == "solver" and sched.config.kind not in ("cosine", "squaredcos_cap_v2"):
-                # diffusers' DPM-Solver and UniPC call the model at rounded timesteps here; we follow
+            if self.spec.karras_rounded or (self.spec.style == "solver"
+                                            and sched.config.kind not in ("cosine", "squaredcos_cap_v2")):
+                # diffusers' DPM-Solver, UniPC and KDPM2 call the model at rounded timesteps here; we follow
                 # them so results stay comparable (the noise level itself stays the Karras sigma)
                 ts = ts.round()
             return ts, 1 / (1 + sigmas**2)
@@ -234,8 +238,12 @@ class Sampler:
 
     def timesteps(self, num_steps: int | None = None, timesteps=None) -> torch.Tensor:
         """The timesteps the model will be called at, in order (Heun's second calls included)."""
-        ts, _ = self.plan(num_steps, timesteps)
-        if self.spec.half_steps:
+        ts, abars = self.plan(num_steps, timesteps)
+        if self.spec.log_midpoints:
+            # t, then t_mid of the same step (none for a step to sigma = 0)
+            mids = self.plan_log_midpoints(abars)
+            ts = torch.cat([torch.stack([t, m[0]]) if m else t[None] for t, m in zip(ts, mids)])
+        elif self.spec.half_steps:
             # a Runge-Kutta step calls the model at t, twice half-way, and at the next time
             mids = self.plan_midpoints(ts, timesteps)[:self.spec.half_steps]
             rk = [torch.stack([ts[i], m[0], m[0], ts[i + 1]]) for i, m in enumerate(mids) if m is not None]
@@ -266,6 +274,19 @@ class Sampler:
         abar_mid, abar_half = self.schedule.alpha_bar_at(t_mid), self.schedule.alpha_bar_at(t_half)
         return [(t, float(a), float(h)) for t, a, h in zip(t_mid, abar_mid, abar_half)] + [None]
 
+    def plan_log_midpoints(self, abars: torch.Tensor) -> list:
+        """(t_mid, abar_mid) of each step of a plan with levels abars, None for a step to sigma = 0.
+
+        DPM-2 (diffusers' KDPM2) calls the model half-way in log sigma, sigma_mid = sqrt(sigma * sigma_next),
+        at the fractional time schedule.sigma_to_t(sigma_mid) (log-sigma interpolation, as diffusers does).
+        """
+        sigmas = ((1 - abars).clamp(min=0) / abars).sqrt()
+        out = []
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma_mid = (sigma * sigma_next).sqrt()
+            out.append((self.schedule.sigma_to_t(sigma_mid), float(1 / (1 + sigma_mid**2))) if sigma_next > 0 else None)
+        return out
+
     def nfe(self, num_steps: int | None = None, timesteps=None) -> int:
         """Number of model evaluations for num_steps steps (or the explicit timesteps), counted honestly."""
         return len(self.timesteps(num_steps, timesteps))
@@ -292,6 +313,8 @@ class Sampler:
         opts = {k: v for k, v in self.options.items() if k not in PLAN_OPTIONS}
         if self.spec.half_steps:
             opts["midpoints"] = self.plan_midpoints(ts, timesteps)[start_step:stop]
+        elif self.spec.log_midpoints:
+            opts["midpoints"] = self.plan_log_midpoints(abars)[start_step:stop]
         # a method that evaluates at the next level too (Heun, PLMS's start, PRK) needs the time it stops at
         ts = ts[start_step:stop + (self.spec.evals_per_step == 2 or self.spec.first_step_evals == 2
                                    or bool(self.spec.half_steps))]

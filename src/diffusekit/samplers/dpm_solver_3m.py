@@ -8,8 +8,7 @@ import math
 
 from ..config import check_choice
 from .base import randn_like, register, run_callback
-
-SOLVER_TYPES = ("midpoint", "heun")  # diffusers' names for the two second-order (warm-up) updates
+from .dpm_solver import SOLVER_TYPES  # diffusers' names for the two second-order (warm-up) updates
 
 
 def _order(i: int, n: int, lower_order_final: bool) -> int:

@@ -1,4 +1,5 @@
-"""ODE/SDE samplers in sigma space, x = x0 + sigma * eps (Karras et al. 2022, "EDM").
+"""ODE/SDE samplers in sigma space, x = x0 + sigma * eps (Karras et al. 2022, "EDM"): Euler, Euler ancestral,
+Heun, LMS, DPM-2.
 
 init_noise_sigma: "exact" starts from x_T * sqrt(sigma_max^2 + 1), the exact image of unit VP noise;
 "sigma_max" from x_T * sigma_max, as diffusers' Euler/Heun classes do with "linspace" or "trailing"
@@ -118,5 +119,38 @@ def sample_lms(denoiser, x, ts, abars, *, generator=None, callback=None, cond=No
             antiderivative = P.polyint(lagrange_basis(nodes, j))
             weights.append(float(P.polyval(sigmas[i + 1], antiderivative) - P.polyval(sigmas[i], antiderivative)))
         x = x + sum(w * e for w, e in zip(weights, reversed(eps_history)))
+        x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
+    return _to_vp(x, abars)
+
+
+@register("kdpm2", style="karras", evals_per_step=2, log_midpoints=True, karras_rounded=True, init_noise_sigma="exact")
+def sample_kdpm2(denoiser, x, ts, abars, *, generator=None, callback=None, cond=None, init_noise_sigma="exact",
+                 midpoints=()):
+    """DPM-2: DPM-Solver-2 (Lu et al. 2022, Alg. 1, r1 = 1/2) on dx/dsigma = eps, where lambda = -log sigma: the
+    slope at the log-sigma midpoint carries the whole step (diffusers' KDPM2DiscreteScheduler, k-diffusion's
+    sample_dpm_2); the step to sigma = 0 is an Euler step.
+
+    midpoints[i] = (t_mid, abar_mid) of step i (Sampler.plan_log_midpoints), None for a step to sigma = 0.
+    """
+    cond = cond or {}
+    sigmas = [sigma_of(float(a)) for a in abars]
+    x = _to_sigma_space(x, float(abars[0]), init_noise_sigma)
+    for i in range(len(abars) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        pred = denoiser(x / math.sqrt(1 + s**2), ts[i], float(abars[i]), **cond)
+        mid = midpoints[i] if i < len(midpoints) else None
+        if mid is None:
+            if s_next > 0:
+                raise ValueError("kdpm2 needs the midpoint of every step to sigma > 0; run it through a Sampler "
+                                 "(dk.get_sampler('kdpm2', ...)), which plans them.")
+            x = x + (s_next - s) * pred.eps
+        else:
+            t_mid, abar_mid = mid
+            s_mid = sigma_of(abar_mid)   # = sqrt(s * s_next): half-way in log sigma
+            # 1. Euler to the midpoint: x_mid = x + (s_mid - s) eps(x, s)
+            x_mid = x + (s_mid - s) * pred.eps
+            # 2. the full step with the midpoint's slope: x_next = x + (s_next - s) eps(x_mid, s_mid)
+            pred = denoiser(x_mid / math.sqrt(1 + s_mid**2), t_mid, abar_mid, **cond)
+            x = x + (s_next - s) * pred.eps
         x = _step_callback(callback, i, ts[i], float(abars[i + 1]), x, pred.x0)
     return _to_vp(x, abars)
