@@ -167,14 +167,14 @@ def name_topk(reader: EmojiReader, images: torch.Tensor, names: list[str], k: in
         raise ValueError(f"{len(images)} images but {len(names)} names; give one asked name per image.")
     index = {v: i for i, v in enumerate(reader.vocab["name"])}
     target = torch.tensor([index.get(n, -1) for n in names])
-    top = read(reader, images)["name"].topk(k, dim=1).indices
+    top = read(reader, images)["name"].topk(min(k, len(index)), dim=1).indices
     return (top == target[:, None]).any(dim=1) & (target >= 0)
 
 
 def accuracy(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, float]:
     """Top-1 per head, and top-5 for the name."""
     out = {h: (logits[h].argmax(1) == targets[h]).float().mean().item() for h in HEADS}
-    top5 = logits["name"].topk(5, dim=1).indices
+    top5 = logits["name"].topk(min(5, logits["name"].shape[1]), dim=1).indices
     out["name_top5"] = (top5 == targets["name"][:, None]).any(1).float().mean().item()
     return out
 
