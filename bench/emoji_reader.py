@@ -10,8 +10,11 @@ A seeded random 10 % of the images is held out of training and gives the accurac
 Augmentations keep identity: a small random translation (up to 2 px a side at 32 px, white fill)
 and a slight random scale (0.9 to 1.1), plus pixel noise of std 0.03. No flips (arrows, hands and
 letters are asymmetric: a flip can turn one emoji into another) and no colour changes (they would
-erase skin tone and an artist's palette). Training runs under one or two threads for a few
-CPU-minutes; a finished out_dir (reader.safetensors + reader.json) is reused, never retrained.
+erase skin tone and an artist's palette). Training: 1,200 AdamW steps of batch 96 (~17 epochs),
+about 7 CPU-minutes on one thread (on this shared 2-core machine two threads cost 5x the CPU time per
+step: use OMP_NUM_THREADS=1). A finished out_dir (reader.safetensors + reader.json) is reused, never
+retrained. Other sizes: the 32 px reader reads 64 px (or any) images by resizing them to 32 px inside
+`read`/`features` (bicubic, antialiased, as the data reader resizes); `--size 64` trains a 64 px reader.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/emoji_reader.py train --data ../shared/data/emoji --out runs/emoji-reader
     OMP_NUM_THREADS=1 .venv/bin/python bench/emoji_reader.py check --data ../shared/data/emoji --reader runs/emoji-reader
@@ -202,13 +205,15 @@ def vocabularies(rows: list[dict]) -> dict[str, list[str]]:
 
 
 def _fit(reader: EmojiReader, images: torch.Tensor, targets: dict, train_idx: torch.Tensor, steps: int,
-         batch_size: int, lr: float, seed: int) -> float:
-    """Cross-entropy summed over the heads, AdamW with a one-cycle schedule; the last loss."""
+         batch_size: int, lr: float, seed: int, log=None) -> float:
+    """Cross-entropy summed over the heads, AdamW with a one-cycle schedule; the last loss.
+
+    log(step, loss) is called every 100 steps when given (the CLI prints progress with it)."""
     g = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     reader.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         idx = train_idx[torch.randint(len(train_idx), (batch_size,), generator=g)]
         out = reader(augment(images[idx], g))
         loss = sum(F.cross_entropy(out[h], targets[h][idx], label_smoothing=0.1) for h in HEADS)
@@ -216,11 +221,13 @@ def _fit(reader: EmojiReader, images: torch.Tensor, targets: dict, train_idx: to
         loss.backward()
         opt.step()
         sched.step()
+        if log is not None and step % 100 == 0:
+            log(step, loss.item())
     return loss.item()
 
 
-def train_reader(data_dir, out_dir, size: int = 32, seed: int = 0, steps: int = 1500, batch_size: int = 96,
-                 lr: float = 3e-3, width: int = 32, feature_dim: int = 256, **kw) -> Path:
+def train_reader(data_dir, out_dir, size: int = 32, seed: int = 0, steps: int = 1200, batch_size: int = 96,
+                 lr: float = 3e-3, width: int = 32, feature_dim: int = 256, log=None, **kw) -> Path:
     """Train the reader on the emoji folder (or reuse a finished out_dir); returns out_dir."""
     from safetensors.torch import save_file
     out = Path(out_dir)
@@ -236,7 +243,7 @@ def train_reader(data_dir, out_dir, size: int = 32, seed: int = 0, steps: int = 
     train_idx, held_idx = heldout_split(len(rows), seed)
     torch.manual_seed(seed)
     reader = EmojiReader(vocab, size, width, feature_dim)
-    loss = _fit(reader, images, targets, train_idx, steps, batch_size, lr, seed)
+    loss = _fit(reader, images, targets, train_idx, steps, batch_size, lr, seed, log)
     logits = read(reader, images[held_idx])
     record = {"size": size, "config": reader.config, "vocab": vocab, "seed": seed,
               "heldout_files": [rows[i]["file_name"] for i in held_idx],
@@ -313,7 +320,8 @@ def check(data_dir, reader_dir, seed: int = 0) -> dict:
     The floor is the FD between two random halves (A, B) of the real set. Every bad set has A's size
     and is compared with B: A blurred to 16 px and back, A Gaussian-blurred (sigma 1 px), the noto
     images only (the real set's style mix is half and half), a tenth of A repeated ten times (copies),
-    and one category (People & Body) only.
+    and one category (People & Body) only. Also: A read at 64 px (resized inside `features`) against
+    B at the reader's size, which should sit at the floor.
     """
     reader = load_reader(reader_dir)
     record = load_record(reader_dir)
@@ -326,6 +334,8 @@ def check(data_dir, reader_dir, seed: int = 0) -> dict:
     n_small = 1000
     floor_small = frechet(features(reader, images[half_a[:n_small]]), features(reader, images[half_b[:n_small]]))
     fds = {k: frechet(features(reader, x), feats_b) for k, x in bad_sets(images, rows, half_a, g).items()}
+    big, _ = load_emoji(data_dir, 64) if reader.size != 64 else (images, rows)
+    fd64 = frechet(features(reader, big[half_a]), feats_b)          # 64 px images, resized inside features
     names = [r["name"] for r in rows]
     held = set(record["heldout_files"])
     is_held = torch.tensor([r["file_name"] in held for r in rows])
@@ -334,6 +344,7 @@ def check(data_dir, reader_dir, seed: int = 0) -> dict:
     return {"reader": str(reader_dir), "size": reader.size, "heldout_accuracy": record["heldout_accuracy"],
             "n_half": len(half_a), "fd_floor_two_halves": floor, f"fd_floor_two_{n_small}": floor_small,
             "fd": fds, "fd_ratio_to_floor": {k: v / floor for k, v in fds.items()},
+            "fd_ratio_real64_read_resized": fd64 / floor,
             "name_top5_all_real": sharp_top5.float().mean().item(),
             "name_top5_blur16_all_real": blurred_top5.float().mean().item(),
             "name_top5_blur16_heldout": blurred_top5[is_held].float().mean().item(),
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--data", type=Path, required=True, help="the emoji image folder (metadata.jsonl)")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--size", type=int, default=32)
-    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--steps", type=int, default=1200)
     t.add_argument("--seed", type=int, default=0)
     c = sub.add_parser("check", help="accuracies, blurred top-5 and FD ratios of a trained reader")
     c.add_argument("--data", type=Path, required=True)
@@ -359,7 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = ap.parse_args(argv)
     if args.command == "train":
-        out = train_reader(args.data, args.out, size=args.size, seed=args.seed, steps=args.steps)
+        def log(step, loss):
+            print(f"step {step}/{args.steps}: loss {loss:.3f}, {time.process_time():.0f} CPU s", file=sys.stderr, flush=True)
+        out = train_reader(args.data, args.out, size=args.size, seed=args.seed, steps=args.steps, log=log)
         record = load_record(out)
         print(json.dumps({k: record[k] for k in ("heldout_accuracy", "n_train", "n_heldout", "steps",
                                                  "cpu_s", "wall_s", "threads")}, indent=1))
