@@ -5,7 +5,9 @@ The split shared with bench/finetune.py (`emoji_split`) is defined first; the be
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -58,3 +60,123 @@ def emoji_split(rows, seed=0, n_new_names=8, n_heldout_tone=40, n_heldout_style=
     seen_rows = [rng.choice(by_name[n]) for n in rng.sample(sorted(by_name), 200)]
     return {"new_names": new, "heldout_tone": heldout_tone, "heldout_style": heldout_style,
             "train_rows": train_rows, "seen_prompts": [caption(r) for r in seen_rows], "seen_rows": seen_rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# data: the split's training rows as an image folder (metadata.jsonl + links to the images)
+
+
+def train_folder(data_dir, rows: list[dict], folder: Path) -> Path:
+    """An image folder holding only `rows` of data_dir: its metadata.jsonl and the images (hard links where the
+    file system allows, else copies; the data reader refuses symbolic links that lead outside the folder)."""
+    data_dir, folder = Path(data_dir), Path(folder)
+    meta = folder / "metadata.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if meta.exists() and meta.read_text() == text:
+        return folder
+    for r in rows:
+        dest = folder / r["file_name"]
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(data_dir / r["file_name"], dest)
+            except OSError:
+                shutil.copyfile(data_dir / r["file_name"], dest)
+    meta.write_text(text)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+# the autoencoders tried at 32 px (factor 4, 8x8 latents) and the one at 64 px (factor 8, 8x8 latents)
+AUTOENCODERS = {
+    "ae32-c4": (32, {}),                                           # the laptop default: 16-32-32, 4 channels
+    "ae32-c8": (32, {"latent_channels": 8}),
+    "ae32-w32c8": (32, {"base_channels": 32, "latent_channels": 8}),
+    "ae64-f8c8": (64, {"base_channels": 32, "channel_mult": (1, 2, 2, 2), "latent_channels": 8}),
+}
+# the latent UNet at 8x8: tiny8's shape (attention at 4x4) with 64 base channels
+LATENT_MODEL = {"model.base_channels": 64, "model.channel_mult": (1, 2, 2), "model.num_res_blocks": 1,
+                "model.attention_resolutions": (4,), "model.num_heads": 4, "model.groups": 16}
+# the pixel UNet at 32x32: one more level (32 -> 16 -> 8 -> 4), the same widths from 8x8 down
+PIXEL_MODEL = {"model.base_channels": 32, "model.channel_mult": (1, 2, 4, 4), "model.num_res_blocks": 1,
+               "model.attention_resolutions": (4,), "model.num_heads": 4, "model.groups": 16, "model.dropout": 0.0}
+RECIPE = {"train.batch_size": 64, "train.lr": 1e-3, "train.warmup_steps": 200, "train.ema_decay": 0.999}
+
+
+def run_options(source: Path, size: int, text: str, ae: Path | None, recipe: dict) -> dict:
+    """Dotted options of a text-to-image run on the train folder at size px (latent when ae is given)."""
+    opts = {"data.source": str(source), "data.image_size": size, "data.alpha_background": "white",
+            "data.caption_template": TEMPLATE, "train.seed": 0, **recipe}
+    opts.update({"text.kind": "learned"} if text == "learned" else {"text.kind": "pretrained", "text.path": "minilm"})
+    if ae is not None:
+        opts.update({"latent.autoencoder": str(ae), **LATENT_MODEL})
+    else:
+        opts.update(PIXEL_MODEL)
+    return opts
+
+
+def train_stage(args, out: Path, source: Path) -> dict:
+    """The trainings args.stage names; every one reuses what is finished."""
+    from emoji_t2i_train import autoencoder, ladder
+    results = {}
+    if args.stage == "ae":
+        for name in args.autoencoders:
+            size, ae = AUTOENCODERS[name]
+            results[name] = autoencoder(out / name, str(source), size, args.ae_steps, 32, ae)
+    elif args.stage in ("ladder", "learned"):
+        name = "latent-minilm" if args.stage == "ladder" else "latent-learned"
+        text = "minilm" if args.stage == "ladder" else "learned"
+        results[name] = ladder(out / name, run_options(source, 32, text, out / args.ae, RECIPE), args.marks)
+    elif args.stage == "pixel":
+        results["pixel-minilm"] = ladder(out / "pixel-minilm", run_options(source, 32, "minilm", None, RECIPE),
+                                         args.marks)
+    elif args.stage == "px64":
+        results["latent64-minilm"] = ladder(out / "latent64-minilm",
+                                            run_options(source, 64, "minilm", out / args.ae64, RECIPE), args.marks)
+    return results
+
+
+def main() -> None:
+    import argparse
+    import sys
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "score", "report"])
+    ap.add_argument("--data", type=Path, required=True, help="the emoji folder (../shared/data/emoji)")
+    ap.add_argument("--out", type=Path, default=Path("runs/t2i-emoji"))
+    ap.add_argument("--autoencoders", nargs="+", default=["ae32-c4", "ae32-c8"], choices=sorted(AUTOENCODERS))
+    ap.add_argument("--ae-steps", type=int, default=3000)
+    ap.add_argument("--ae", default="ae32-c8", help="the autoencoder of the 32 px latent runs")
+    ap.add_argument("--ae64", default="ae64-f8c8", help="the autoencoder of the 64 px latent run")
+    ap.add_argument("--marks", type=float, nargs="+", default=[1, 5, 15, 30], help="CPU-minutes to snapshot at")
+    ap.add_argument("--set", nargs="*", default=[], help="recipe options, e.g. train.lr=5e-4")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    split = emoji_split(load_rows(args.data))
+    source = train_folder(args.data, split["train_rows"], args.out / "data-train")
+    if args.stage in ("score", "report"):
+        raise SystemExit("not yet")
+    RECIPE.update(parse_sets(args.set))
+    results = train_stage(args, args.out, source)
+    print(json.dumps(results, indent=1), flush=True)
+
+
+def parse_sets(values: list[str]) -> dict:
+    """["train.lr=5e-4", ...] -> {"train.lr": 0.0005}; values parsed as JSON when they parse."""
+    out = {}
+    for item in values:
+        key, _, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+if __name__ == "__main__":
+    main()
