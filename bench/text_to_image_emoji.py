@@ -94,7 +94,7 @@ AUTOENCODERS = {
     "ae32-c4": (32, {}),                                           # the laptop default: 16-32-32, 4 channels
     "ae32-c8": (32, {"latent_channels": 8}),
     "ae32-w32c8": (32, {"base_channels": 32, "latent_channels": 8}),
-    "ae64-f8c8": (64, {"base_channels": 32, "channel_mult": (1, 2, 2, 2), "latent_channels": 8}),
+    "ae64-f8c8": (64, {"channel_mult": (1, 2, 2, 2), "latent_channels": 8}),
 }
 # the latent UNet at 8x8: tiny8's shape (attention at 4x4) with 64 base channels
 LATENT_MODEL = {"model.base_channels": 64, "model.channel_mult": (1, 2, 2), "model.num_res_blocks": 1,
@@ -138,13 +138,87 @@ def train_stage(args, out: Path, source: Path) -> dict:
     return results
 
 
+GRID_PROMPTS = [  # (prompt, kind): seen names, held-out combinations (filled from the split), rephrased names
+    ("thumbs up sign, noto style", "seen"), ("red apple, twemoji style", "seen"),
+    ("grinning face, twemoji style", "seen"), ("japan flag, noto style", "seen"),
+    ("a thumbs up, dark skin", "rephrased"), ("an apple, red", "rephrased"), ("a smiling cat", "rephrased"),
+    ("flag of japan", "rephrased")]
+
+
+def grid_prompts(split: dict, rows: list[dict], k: int = 2) -> list[tuple[str, str]]:
+    """The grid's prompts: GRID_PROMPTS with the first k held-out tone pairs and style pairs in between."""
+    tone = [next(caption(r) for r in rows if (r["name"], r["skin_tone"]) == tuple(p)) for p in split["heldout_tone"][:k]]
+    style = [next(caption(r) for r in rows if (r["name"], r["style"]) == tuple(p)) for p in split["heldout_style"][:k]]
+    return [*GRID_PROMPTS[:4], *((t, "held-out tone") for t in tone), *((t, "held-out style") for t in style),
+            *GRID_PROMPTS[4:]]
+
+
+def save_grid(folder: Path, prompts: list[tuple[str, str]], scale: float, per_prompt: int, path: Path) -> None:
+    """per_prompt samples (dpmpp_2m, 20 steps) of each prompt, one labelled row a prompt."""
+    import torch
+    from diffusekit.pipeline import Pipeline
+    from diffusekit.viz import save_labelled_grid
+    pipe = Pipeline.load(folder, device="cpu")
+    text = [p for p, _ in prompts for _ in range(per_prompt)]
+    images = pipe.sample(len(text), "dpmpp_2m", 20, generator=torch.Generator().manual_seed(2), prompt=text,
+                         guidance_scale=scale)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_labelled_grid(images, path, nrow=per_prompt, row_labels=[f"[{k}] {p}" for p, k in prompts])
+
+
+def autoencoder_ceiling(ae_dir: Path, data_dir, reader, ref: dict, n: int) -> dict:
+    """PSNR and reader FD of the autoencoder's reconstructions of n real images of half A (against half B)."""
+    import torch
+    from emoji_reader import features, frechet, load_emoji
+    from emoji_t2i_score import HALF_SEED
+    from diffusekit.store.autoencoder import load_trained_autoencoder
+    from diffusekit.metrics import psnr
+    from diffusekit.training.reconstruction import reconstruct
+    cache = ae_dir / f"ceiling-{n}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    model, cfg = load_trained_autoencoder(ae_dir)
+    images, _ = load_emoji(data_dir, size=cfg.data.image_size)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(HALF_SEED))
+    real = images[perm[: len(perm) // 2][:n]]
+    rec = reconstruct(model, real)
+    out = {"psnr_db": float(psnr(rec, real)), "fd_reconstructions": frechet(features(reader, rec), ref["half_b"]),
+           "n": n, "latent_channels": cfg.autoencoder.latent_channels, "size": cfg.data.image_size}
+    cache.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def score_stage(args, split: dict, rows: list[dict]) -> dict:
+    """Reader scores of every snapshot (and run) under args.out, the autoencoders' ceilings, the grids."""
+    from emoji_reader import load_reader
+    from emoji_t2i_score import real_reference, score_run
+    reader = load_reader(args.reader)
+    ref = real_reference(args.data, reader, args.n, args.out / "reference")
+    results = {"reference": {k: v for k, v in ref.items() if k != "half_b"}, "autoencoders": {}, "runs": {}}
+    for name in AUTOENCODERS:
+        if (args.out / name / "model.safetensors").exists():
+            results["autoencoders"][name] = autoencoder_ceiling(args.out / name, args.data, reader, ref, args.n)
+            print(name, results["autoencoders"][name], flush=True)
+    for folder in sorted(args.out.glob("*/snapshots/*")):
+        name = f"{folder.parent.parent.name}@{folder.name}"
+        if args.runs and not any(r in name for r in args.runs):
+            continue
+        for scale in args.scales:
+            r = score_run(folder, reader, split, rows, ref, scale, args.n, args.per_prompt)
+            results["runs"].setdefault(name, []).append(r)
+            print(f"{name} g{scale:g}: " + " ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)),
+                  flush=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
 def main() -> None:
     import argparse
     import sys
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "score", "report"])
+    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "score", "grid"])
     ap.add_argument("--data", type=Path, required=True, help="the emoji folder (../shared/data/emoji)")
     ap.add_argument("--out", type=Path, default=Path("runs/t2i-emoji"))
     ap.add_argument("--autoencoders", nargs="+", default=["ae32-c4", "ae32-c8"], choices=sorted(AUTOENCODERS))
@@ -152,14 +226,26 @@ def main() -> None:
     ap.add_argument("--ae", default="ae32-c8", help="the autoencoder of the 32 px latent runs")
     ap.add_argument("--ae64", default="ae64-f8c8", help="the autoencoder of the 64 px latent run")
     ap.add_argument("--marks", type=float, nargs="+", default=[1, 5, 15, 30], help="CPU-minutes to snapshot at")
+    ap.add_argument("--reader", type=Path, default=Path("runs/emoji-reader"), help="bench/emoji_reader.py folder")
+    ap.add_argument("--n", type=int, default=1000, help="samples (and real images) per FD")
+    ap.add_argument("--per-prompt", type=int, default=2, help="samples per seen / held-out prompt")
+    ap.add_argument("--scales", type=float, nargs="+", default=[2.0], help="guidance scales to score")
+    ap.add_argument("--runs", nargs="*", default=[], help="score: only run@snapshot names containing one of these")
+    ap.add_argument("--grid-run", default="latent-minilm/snapshots/30", help="grid: the run folder under --out")
+    ap.add_argument("--grid-path", default="docs/img/emoji_t2i_grid.png")
     ap.add_argument("--set", nargs="*", default=[], help="recipe options, e.g. train.lr=5e-4")
     args = ap.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     split = emoji_split(load_rows(args.data))
     source = train_folder(args.data, split["train_rows"], args.out / "data-train")
-    if args.stage in ("score", "report"):
-        raise SystemExit("not yet")
+    if args.stage == "score":
+        score_stage(args, split, load_rows(args.data))
+        return
+    if args.stage == "grid":
+        save_grid(args.out / args.grid_run, grid_prompts(split, load_rows(args.data)), args.scales[0], 6,
+                  Path(args.grid_path))
+        return
     RECIPE.update(parse_sets(args.set))
     results = train_stage(args, args.out, source)
     print(json.dumps(results, indent=1), flush=True)
