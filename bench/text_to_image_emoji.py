@@ -214,6 +214,7 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
 
 def main() -> None:
     import argparse
+    import signal
     import sys
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -236,6 +237,8 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="recipe options, e.g. train.lr=5e-4")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    # a kill (SIGTERM) ends through SystemExit, so the time records of the interrupted training are written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.out.mkdir(parents=True, exist_ok=True)
     split = emoji_split(load_rows(args.data))
     source = train_folder(args.data, split["train_rows"], args.out / "data-train")
