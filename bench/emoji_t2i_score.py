@@ -23,10 +23,19 @@ from text_to_image_emoji import caption
 HALF_SEED = 0
 
 
+def reader_id(reader) -> str:
+    """A short hash of the reader's weights: caches of scores are kept per reader."""
+    import hashlib
+    h = hashlib.sha256()
+    for v in reader.state_dict().values():
+        h.update(v.detach().float().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
 def real_reference(data_dir, reader, n: int, cache: Path) -> dict:
     """Reader features of the real halves (cached in `cache`), and the FDs of real images."""
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"real-features-{reader.size}.pt"
+    path = cache / f"real-features-{reader_id(reader)}.pt"
     if path.exists():
         feats = torch.load(path, weights_only=True)
     else:
@@ -35,7 +44,7 @@ def real_reference(data_dir, reader, n: int, cache: Path) -> dict:
         torch.save(feats, path)
     perm = torch.randperm(len(feats["all"]), generator=torch.Generator().manual_seed(HALF_SEED))
     a, b = feats["all"][perm[: len(perm) // 2]], feats["all"][perm[len(perm) // 2:]]
-    stats_path = cache / f"real-fd-{n}.json"
+    stats_path = cache / f"real-fd-{reader_id(reader)}-{n}.json"
     if stats_path.exists():
         stats = json.loads(stats_path.read_text())
     else:
@@ -82,7 +91,7 @@ def score_run(folder: Path, reader, split: dict, rows: list[dict], ref: dict, sc
     from diffusekit.pipeline import Pipeline
     cache_path = folder / "eval.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    key = f"{reader.size}|{n_fd}|{per_prompt}|dpmpp_2m|{steps}|{scale:g}"
+    key = f"{reader_id(reader)}|{n_fd}|{per_prompt}|dpmpp_2m|{steps}|{scale:g}"
     if key in cache:
         return cache[key]
     pipe = Pipeline.load(folder, device="cpu")

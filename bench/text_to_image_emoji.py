@@ -174,7 +174,8 @@ def autoencoder_ceiling(ae_dir: Path, data_dir, reader, ref: dict, n: int) -> di
     from diffusekit.store.autoencoder import load_trained_autoencoder
     from diffusekit.metrics import psnr
     from diffusekit.training.reconstruction import reconstruct
-    cache = ae_dir / f"ceiling-{n}.json"
+    from emoji_t2i_score import reader_id
+    cache = ae_dir / f"ceiling-{reader_id(reader)}-{n}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     model, cfg = load_trained_autoencoder(ae_dir)
