@@ -85,21 +85,36 @@ def head_scores(reader, images: torch.Tensor, rows: list[dict]) -> dict[str, flo
     return out
 
 
+def generate(folder: Path, split: dict, rows: list[dict], scale: float, n_fd: int, per_prompt: int,
+             steps: int = 20) -> dict:
+    """The samples of every prompt set at one guidance scale, as uint8, cached in folder/samples-KEY.pt
+    (so another reader scores them without sampling again), and the sampling CPU seconds per image."""
+    from diffusekit.pipeline import Pipeline
+    path = folder / f"samples-{n_fd}-{per_prompt}-dpmpp_2m-{steps}-g{scale:g}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    pipe = Pipeline.load(folder, device="cpu")
+    out, cpu0 = {}, time.process_time()
+    for i, (name, set_rows) in enumerate(prompt_sets(split, rows, n_fd, per_prompt).items()):
+        images = sample(pipe, set_rows, scale, steps, seed=i)
+        out[name] = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    out["cpu_s_per_image"] = torch.tensor((time.process_time() - cpu0) / sum(len(v) for v in out.values()))
+    torch.save(out, path)
+    return out
+
+
 def score_run(folder: Path, reader, split: dict, rows: list[dict], ref: dict, scale: float, n_fd: int,
               per_prompt: int, steps: int = 20) -> dict:
     """Every score of the run in folder at one guidance scale (cached in folder/eval.json)."""
-    from diffusekit.pipeline import Pipeline
     cache_path = folder / "eval.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     key = f"{reader_id(reader)}|{n_fd}|{per_prompt}|dpmpp_2m|{steps}|{scale:g}"
     if key in cache:
         return cache[key]
-    pipe = Pipeline.load(folder, device="cpu")
-    sets = prompt_sets(split, rows, n_fd, per_prompt)
-    r, cpu0, n_images = {"scale": scale, "n": n_fd}, time.process_time(), 0
-    for i, (name, set_rows) in enumerate(sets.items()):
-        images = sample(pipe, set_rows, scale, steps, seed=i)
-        n_images += len(images)
+    samples = generate(folder, split, rows, scale, n_fd, per_prompt, steps)
+    r = {"scale": scale, "n": n_fd}
+    for name, set_rows in prompt_sets(split, rows, n_fd, per_prompt).items():
+        images = samples[name].float() / 127.5 - 1
         if name == "fd":
             r["fd"] = frechet(features(reader, images), ref["half_b"])
             r.update({f"fd_{k}": v for k, v in head_scores(reader, images, set_rows).items()})
@@ -107,7 +122,7 @@ def score_run(folder: Path, reader, split: dict, rows: list[dict], ref: dict, sc
             r.update({f"{name}_{k}": v for k, v in head_scores(reader, images, set_rows).items()})
             r[f"{name}_n"] = len(set_rows)
     r.update({"fd_halves": ref["fd_halves"], "fd_real_n": ref["fd_real_n"],
-              "sample_cpu_s_per_image": (time.process_time() - cpu0) / n_images})
+              "sample_cpu_s_per_image": float(samples["cpu_s_per_image"])})
     cache[key] = r
     cache_path.write_text(json.dumps(cache, indent=2) + "\n")
     return r

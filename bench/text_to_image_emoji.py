@@ -189,6 +189,22 @@ def autoencoder_ceiling(ae_dir: Path, data_dir, reader, ref: dict, n: int) -> di
     return out
 
 
+def snapshot_folders(args) -> list[tuple[str, Path]]:
+    """(RUN@MINUTES, folder) of every snapshot under args.out (only those args.runs names, if any)."""
+    found = sorted(args.out.glob("*/snapshots/*"), key=lambda f: (f.parent.parent.name, float(f.name)))
+    named = [(f"{f.parent.parent.name}@{f.name}", f) for f in found]
+    return [(n, f) for n, f in named if not args.runs or any(r in n for r in args.runs)]
+
+
+def sample_stage(args, split: dict, rows: list[dict]) -> None:
+    """Only the samples of every snapshot (cached beside it), for scoring later by any reader."""
+    from emoji_t2i_score import generate
+    for name, folder in snapshot_folders(args):
+        for scale in args.scales:
+            generate(folder, split, rows, scale, args.n, args.per_prompt)
+            print(f"{name} g{scale:g}: sampled", flush=True)
+
+
 def score_stage(args, split: dict, rows: list[dict]) -> dict:
     """Reader scores of every snapshot (and run) under args.out, the autoencoders' ceilings, the grids."""
     from emoji_reader import load_reader
@@ -200,10 +216,7 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
         if (args.out / name / "model.safetensors").exists():
             results["autoencoders"][name] = autoencoder_ceiling(args.out / name, args.data, reader, ref, args.n)
             print(name, results["autoencoders"][name], flush=True)
-    for folder in sorted(args.out.glob("*/snapshots/*")):
-        name = f"{folder.parent.parent.name}@{folder.name}"
-        if args.runs and not any(r in name for r in args.runs):
-            continue
+    for name, folder in snapshot_folders(args):
         for scale in args.scales:
             r = score_run(folder, reader, split, rows, ref, scale, args.n, args.per_prompt)
             results["runs"].setdefault(name, []).append(r)
@@ -220,7 +233,7 @@ def main() -> None:
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "score", "grid"])
+    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "sample", "score", "grid"])
     ap.add_argument("--data", type=Path, required=True, help="the emoji folder (../shared/data/emoji)")
     ap.add_argument("--out", type=Path, default=Path("runs/t2i-emoji"))
     ap.add_argument("--autoencoders", nargs="+", default=["ae32-c4", "ae32-c8"], choices=sorted(AUTOENCODERS))
@@ -243,6 +256,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     split = emoji_split(load_rows(args.data))
     source = train_folder(args.data, split["train_rows"], args.out / "data-train")
+    if args.stage == "sample":
+        sample_stage(args, split, load_rows(args.data))
+        return
     if args.stage == "score":
         score_stage(args, split, load_rows(args.data))
         return
