@@ -226,6 +226,31 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
     return results
 
 
+def report(args) -> str:
+    """Markdown table of every scored snapshot under args.out (from the eval.json caches), one row per
+    (run, CPU-minutes, guidance)."""
+    head = ("| run @ training CPU-min | steps | guidance | FD (n) | FD / two halves | FD / real n | name top-1 / top-5 "
+            "(seen) | category (seen) | held-out tone: tone | held-out style: style / name top-5 | sample CPU-s/img |")
+    rows = [head, "|" + " --- |" * 11]
+    for name, folder in snapshot_folders(args):
+        cache = folder / "eval.json"
+        if not cache.exists():
+            continue
+        step = _step(folder)
+        for r in sorted(json.loads(cache.read_text()).values(), key=lambda r: r["scale"]):
+            rows.append(f"| {name} | {step} | {r['scale']:g} | {r['fd']:.2f} ({r['n']}) | {r['fd'] / r['fd_halves']:.1f}x | "
+                        f"{r['fd'] / r['fd_real_n']:.1f}x | {100 * r['seen_name_top1']:.1f} / {100 * r['seen_name_top5']:.1f} % | "
+                        f"{100 * r['seen_category_top1']:.1f} % | {100 * r['tone_tone_top1']:.1f} % | "
+                        f"{100 * r['style_style_top1']:.1f} / {100 * r['style_name_top5']:.1f} % | "
+                        f"{r['sample_cpu_s_per_image']:.3f} |")
+    return "\n".join(rows)
+
+
+def _step(folder: Path) -> int:
+    from emoji_t2i_train import saved_step
+    return saved_step(folder)
+
+
 def main() -> None:
     import argparse
     import signal
@@ -233,7 +258,7 @@ def main() -> None:
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "sample", "score", "grid"])
+    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "sample", "score", "grid", "report"])
     ap.add_argument("--data", type=Path, required=True, help="the emoji folder (../shared/data/emoji)")
     ap.add_argument("--out", type=Path, default=Path("runs/t2i-emoji"))
     ap.add_argument("--autoencoders", nargs="+", default=["ae32-c4", "ae32-c8"], choices=sorted(AUTOENCODERS))
@@ -256,6 +281,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     split = emoji_split(load_rows(args.data))
     source = train_folder(args.data, split["train_rows"], args.out / "data-train")
+    if args.stage == "report":
+        print(report(args))
+        return
     if args.stage == "sample":
         sample_stage(args, split, load_rows(args.data))
         return
