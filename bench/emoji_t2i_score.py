@@ -85,6 +85,19 @@ def head_scores(reader, images: torch.Tensor, rows: list[dict]) -> dict[str, flo
     return out
 
 
+def real_rows_scores(data_dir, reader, split: dict, rows: list[dict], cache: Path) -> dict:
+    """The same scores for the REAL images of each prompt set (one per row): what the reader gives the truth."""
+    path = cache / f"real-scores-{reader_id(reader)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    r = {}
+    for name, set_rows in prompt_sets(split, rows, 1000, 1).items():
+        images, _ = load_emoji(data_dir, size=32, rows=set_rows)
+        r.update({f"{name}_{k}": v for k, v in head_scores(reader, images, set_rows).items()})
+    path.write_text(json.dumps(r, indent=2) + "\n")
+    return r
+
+
 def generate(folder: Path, split: dict, rows: list[dict], scale: float, n_fd: int, per_prompt: int,
              steps: int = 20) -> dict:
     """The samples of every prompt set at one guidance scale, as uint8, cached in folder/samples-KEY.pt

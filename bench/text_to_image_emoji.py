@@ -208,10 +208,12 @@ def sample_stage(args, split: dict, rows: list[dict]) -> None:
 def score_stage(args, split: dict, rows: list[dict]) -> dict:
     """Reader scores of every snapshot (and run) under args.out, the autoencoders' ceilings, the grids."""
     from emoji_reader import load_reader
-    from emoji_t2i_score import real_reference, score_run
+    from emoji_t2i_score import real_reference, real_rows_scores, score_run
     reader = load_reader(args.reader)
     ref = real_reference(args.data, reader, args.n, args.out / "reference")
-    results = {"reference": {k: v for k, v in ref.items() if k != "half_b"}, "autoencoders": {}, "runs": {}}
+    results = {"reference": {k: v for k, v in ref.items() if k != "half_b"}, "autoencoders": {}, "runs": {},
+               "real_images": real_rows_scores(args.data, reader, split, rows, args.out / "reference")}
+    print("real images of the prompt rows:", results["real_images"], flush=True)
     for name in AUTOENCODERS:
         if (args.out / name / "model.safetensors").exists():
             results["autoencoders"][name] = autoencoder_ceiling(args.out / name, args.data, reader, ref, args.n)
