@@ -230,7 +230,10 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
 
 def report(args) -> str:
     """Markdown table of every scored snapshot under args.out (from the eval.json caches), one row per
-    (run, CPU-minutes, guidance)."""
+    (run, CPU-minutes, guidance)), scored by the reader args.reader."""
+    from emoji_reader import load_reader
+    from emoji_t2i_score import reader_id
+    rid = reader_id(load_reader(args.reader))
     head = ("| run @ training CPU-min | steps | guidance | FD (n) | FD / two halves | FD / real n | name top-1 / top-5 "
             "(seen) | category (seen) | held-out tone: tone | held-out style: style / name top-5 | sample CPU-s/img |")
     rows = [head, "|" + " --- |" * 11]
@@ -239,7 +242,8 @@ def report(args) -> str:
         if not cache.exists():
             continue
         step = _step(folder)
-        for r in sorted(json.loads(cache.read_text()).values(), key=lambda r: r["scale"]):
+        scored = [r for k, r in json.loads(cache.read_text()).items() if k.startswith(rid)]
+        for r in sorted(scored, key=lambda r: r["scale"]):
             rows.append(f"| {name} | {step} | {r['scale']:g} | {r['fd']:.2f} ({r['n']}) | {r['fd'] / r['fd_halves']:.1f}x | "
                         f"{r['fd'] / r['fd_real_n']:.1f}x | {100 * r['seen_name_top1']:.1f} / {100 * r['seen_name_top5']:.1f} % | "
                         f"{100 * r['seen_category_top1']:.1f} % | {100 * r['tone_tone_top1']:.1f} % | "
