@@ -1,6 +1,18 @@
-"""Text-to-image on the real emoji set (../shared/data/emoji): per training CPU-minute at 32 px.
+"""Text-to-image on the real emoji set (../shared/data/emoji), measured per training CPU-minute at 32 px.
 
-The split shared with bench/finetune.py (`emoji_split`) is defined first; the benchmark follows.
+The split shared with bench/finetune.py (`emoji_split`) is defined first. Stages (each reuses what is finished):
+  ae       KL autoencoders on the split's training rows (AUTOENCODERS: 32 px factor 4, 64 px factor 8)
+  ladder   ONE latent run (MiniLM text, captions "{text}, {style} style", constant lr, EMA) snapshotted to
+           OUT/latent-minilm/snapshots/MIN/ when its training CPU time passes each --marks minute
+           (bench/emoji_t2i_train.py); more marks later resume the same run
+  pixel, px64, learned   the same at 32 px in pixel space, at 64 px through the factor-8 autoencoder, and
+           with the learned text encoder
+  sample   samples of every snapshot (cached, uint8); score: the emoji reader's scores (bench/emoji_t2i_score.py)
+  report   markdown table of the scores; grid: labelled grid of seen, held-out and rephrased prompts
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/text_to_image_emoji.py ladder --data ../shared/data/emoji \
+        --ae ae32-c8 --marks 1 5 15 30
+Every training runs in this process under one thread; docs/BENCHMARKS.md, "Text-to-image on the emoji set".
 """
 from __future__ import annotations
 
