@@ -18,6 +18,7 @@ import diffusekit as dk  # noqa: E402
 from diffusekit import store as ckpt  # noqa: E402
 from diffusekit.cli import main  # noqa: E402
 from diffusekit.config import ConfigError  # noqa: E402
+from diffusekit.data import DataConfig  # noqa: E402
 from diffusekit.nn.network import build_model  # noqa: E402
 from diffusekit.nn.text import TextEncoderConfig, build_vocab  # noqa: E402
 from diffusekit.nn.unet import UNetConfig  # noqa: E402
@@ -165,6 +166,24 @@ def test_dreambooth_class_images_are_drawn_once_and_reused_on_resume(text_base, 
     tuned = pipe.sample(2, "ddim", 3, generator=torch.Generator().manual_seed(0), prompt="a sks emoji")
     base = pipe.sample(2, "ddim", 3, generator=torch.Generator().manual_seed(0), prompt="a sks emoji", lora_scale=0)
     assert (tuned - base).abs().max() > 1e-4
+
+
+def test_transparent_instance_images_take_the_background_the_base_was_trained_on(base, tmp_path):
+    white_cfg = RunConfig(model=UNetConfig(**TINY), data=DataConfig(alpha_background="white"))
+    white = _save_base(tmp_path / "white", white_cfg)
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for i in range(2):
+        a = np.zeros((8, 8, 4), np.uint8)
+        a[..., 0] = 255                                       # red, fully transparent but for one pixel
+        a[0, i, 3] = 255
+        Image.fromarray(a, "RGBA").save(folder / f"{i}.png")
+    for run, background in ((white, 1.0), (base, -1.0)):
+        images, _ = finetune_data.instance_images(finetune_config(run, folder, {"train.batch_size": 2}),
+                                                    dk.Pipeline.load(run, device="cpu"))
+        assert images.shape == (2, 1, 8, 8)
+        assert (images[:, 0, 1:] == background).all()         # transparent pixels: the base's background
+        assert (images[:, 0, 0, :2] != background).any()      # the opaque pixels stay
 
 
 def test_bad_inputs_are_refused_in_one_line(base, data, tmp_path):
