@@ -19,8 +19,8 @@ the base, class images, steps, saves) is at most --budget-cpu-min. The steps com
 of the same settings (OUT/probe/METHOD): p steps, resumed to 3p, resumed again with nothing left to train
 (setup only): CPU s per step = (T(p..3p) - T(setup)) / 2p; setup = T(0..p) - p * per step.
 
-Scores (reader = bench/emoji_reader.py; the same starting noise for every model; OUT/results.json caches
-each model's numbers): the new emoji asked --n-new times at each --scales guidance: share with its name in
+Scores (reader = bench/emoji_reader.py; the same starting noise for every model; OUT/scores/MODEL.json keeps
+each model's numbers, so processes with different --models may share one OUT; --report writes the table): the new emoji asked --n-new times at each --scales guidance: share with its name in
 the reader's top 5 and top 1; forgetting: one image per prompt of `emoji_split(rows)["seen_prompts"]` (200)
 at guidance --forget-scale: share with the asked name in the top 5 (and top 1), and FD of the reader's
 features against the real images of every training row (diffusekit.metrics). Rows "real" give the reader
@@ -52,6 +52,8 @@ from diffusekit.training.finetune import finetune, finetune_config  # noqa: E402
 
 TEMPLATE = "{text}, {style} style"         # the base's captions (EMOJI.md)
 METHODS = ("lora", "full", "dreambooth")
+MODELS = ("real", "base", "base-seed1", *METHODS)          # what OUT/scores/NAME.json holds
+LABELS = {"real": "real images", "base-seed1": "base (other noise)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def real_rows_score(reader, data: Path, new_rows: list[dict], seen_rows: list[di
 
 
 def seen_pairs(rows: list[dict], prompts: list[str]) -> tuple[list[tuple[str, str]], list[dict]]:
-    """(caption, name) of each seen prompt, and its row (the caption template over the metadata)."""
+    """(caption, name) of each seen prompt, and its row (found by the caption template over the metadata)."""
     by_caption = {TEMPLATE.format(**r): r for r in rows}
     missing = [p for p in prompts if p not in by_caption]
     if missing:
@@ -250,20 +252,22 @@ def pct(x: float) -> str:
     return f"{100 * x:.0f} %"
 
 
-def table(results: dict, scales: list[float]) -> str:
-    """The markdown table of OUT/results.json."""
+def table(out: Path, base: Path, scales: list[float]) -> str:
+    """The markdown table of what OUT/scores and OUT/runs hold."""
     head = ["model", "CPU-min", "steps", "weights (share of base)"]
     head += [f"new top-5 / top-1 @ g{s:g}" for s in scales]
     head += ["seen top-5 / top-1", "seen FD"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    base_bytes = results["sizes"]["base_unet_bytes"]
-    for name, r in results["models"].items():
-        run = results["runs"].get(name.split(" ")[0], {})
-        cpu = f"{run['cpu_s'] / 60:.2f}" if run else ""
-        steps = str(run.get("steps", "")) if run else ""
-        size = results["sizes"].get(name)
-        weights = f"{size / 1e6:.2f} MB ({pct(size / base_bytes)})" if size else ""
-        cells = [name, cpu, steps, weights]
+    base_bytes = weights_bytes(base)
+    for label in MODELS:
+        path = out / "scores" / f"{label}.json"
+        if not path.exists():
+            continue
+        r, run_path = json.loads(path.read_text()), out / "runs" / f"{label}.json"
+        run = json.loads(run_path.read_text()) if run_path.exists() else None
+        cells = [LABELS.get(label, label), f"{run['cpu_s'] / 60:.2f}" if run else "", str(run["steps"]) if run else ""]
+        size = weights_bytes(out / "runs" / label) if run else (base_bytes if label.startswith("base") else 0)
+        cells.append(f"{size / 1e6:.2f} MB ({pct(size / base_bytes)})" if size else "")
         for s in scales:
             new = r["new"].get(f"{s:g}") or r["new"].get("real")
             cells.append(f"{pct(new['top5'])} / {pct(new['top1'])}" if new else "")
@@ -285,7 +289,10 @@ def parse_args():
     ap.add_argument("--emoji", default=None, help="which left-out name to teach [first with skin tones]")
     ap.add_argument("--tones", nargs=2, default=["light", "dark"])
     ap.add_argument("--instance-prompt", default=None, help="[the emoji's name]")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS,
+                    help="what to train (methods) and score here; scores already in OUT/scores are kept, so "
+                         "several processes may share one OUT with different --models")
+    ap.add_argument("--report", action="store_true", help="write OUT/table.md and the before/after grid")
     ap.add_argument("--budget-cpu-min", type=float, default=5.0)
     ap.add_argument("--probe-steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -307,61 +314,76 @@ def parse_args():
     return ap.parse_args()
 
 
+class Bench:
+    """What every model's score needs: the split, the new emoji and its instance folder, the reader, the reference."""
+
+    def __init__(self, args):
+        self.args, self.out = args, args.out
+        self.rows = read_rows(args.data)
+        self.split = emoji_split(self.rows, seed=args.split_seed)
+        self.name = choose_emoji(self.rows, self.split["new_names"], args.emoji)
+        self.prompt = args.instance_prompt or self.name
+        self.chosen = instance_rows(self.rows, self.name, args.tones)
+        self.instance = self.out / "instance"
+        if not (self.instance / "instance.json").exists():
+            write_instance(self.instance, args.data, self.chosen)
+        self.seen, self.seen_rows = seen_pairs(self.rows, self.split["seen_prompts"])
+        self.reader = load_reader(args.reader)
+        self._ref_stats = None
+
+    @property
+    def ref_stats(self):
+        if self._ref_stats is None:
+            ref, _ = load_emoji(self.args.data, size=self.reader.size, rows=self.split["train_rows"])
+            self._ref_stats = feature_stats(features(self.reader, ref).double().numpy())
+        return self._ref_stats
+
+    def pipe(self, label: str):
+        return Pipeline.load(self.args.base if label.startswith("base") else self.out / "runs" / label, device="cpu")
+
+    def score(self, label: str) -> dict:
+        """OUT/scores/label.json: computed unless there."""
+        path = self.out / "scores" / f"{label}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        a = self.args
+        if label == "real":
+            mine = [r for r in self.rows if r["name"] == self.name]
+            result = real_rows_score(self.reader, a.data, mine, self.seen_rows, self.ref_stats)
+        else:
+            seed = a.seed + 10 if label == "base-seed1" else a.seed
+            result = score(self.pipe(label), self.reader, self.name, self.prompt, self.seen, self.ref_stats, a, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        return result
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(args.data)
-    split = emoji_split(rows, seed=args.split_seed)
-    name = choose_emoji(rows, split["new_names"], args.emoji)
-    prompt = args.instance_prompt or name
-    chosen = instance_rows(rows, name, args.tones)
-    instance = write_instance(out / "instance", args.data, chosen)
-    seen, seen_rows = seen_pairs(rows, split["seen_prompts"])
-    reader = load_reader(args.reader)
-    ref, _ = load_emoji(args.data, size=reader.size, rows=split["train_rows"])
-    ref_stats = feature_stats(features(reader, ref).double().numpy())
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    base_pipe = Pipeline.load(args.base, device="cpu")
-    results.update({"emoji": name, "instance_prompt": prompt, "instance": [r["file_name"] for r in chosen],
-                    "new_names": split["new_names"], "unknown_words": unknown_words(base_pipe, prompt),
-                    "args": {k: str(v) for k, v in vars(args).items()}})
-    models, runs = results.setdefault("models", {}), results.setdefault("runs", {})
-    print(f"teaching {name!r} (prompt {prompt!r}) from {[r['file_name'] for r in chosen]}", flush=True)
-
-    def save():
-        results_path.write_text(json.dumps(results, indent=1) + "\n")
-    if "real" not in models:
-        mine = [r for r in rows if r["name"] == name]
-        models["real"] = real_rows_score(reader, args.data, mine, seen_rows, ref_stats)
-    for label, seed in (("base", args.seed), ("base (seed 1)", args.seed + 10)):
-        if label not in models:
-            models[label] = score(base_pipe, reader, name, prompt, seen, ref_stats, args, seed)
-            save()
-    pipes = {"base": base_pipe}
-    for method in args.methods:
-        options = method_options(method, args, prompt)
-        runs[method] = budgeted(args.base, instance, out, method, options, 60 * args.budget_cpu_min, args.probe_steps)
-        save()
-        pipes[method] = Pipeline.load(out / "runs" / method, device="cpu")
-        if method not in models:
-            models[method] = score(pipes[method], reader, name, prompt, seen, ref_stats, args, args.seed)
-        print(f"{method}: {runs[method]['steps']} steps in {runs[method]['cpu_s'] / 60:.2f} CPU-min; "
-              f"{models[method]}", flush=True)
-        save()
-    results["sizes"] = {"base_unet_bytes": weights_bytes(args.base),
-                        "base_autoencoder_bytes": autoencoder_bytes(args.base),
-                        **{m: weights_bytes(out / "runs" / m) for m in args.methods}}
-    save()
-    text = table(results, args.scales)
-    (out / "table.md").write_text(text + "\n")
-    print(text, flush=True)
-    instance_images, _ = load_emoji(args.data, size=reader.size, rows=chosen)
-    for folder in [out] + ([args.img_dir] if args.img_dir else []):
-        before_after_grid(pipes, instance_images, prompt, split["seen_prompts"][:args.grid_seen], args,
-                          folder / "finetune_emoji.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    b = Bench(args)
+    about = {"emoji": b.name, "instance_prompt": b.prompt, "instance": [r["file_name"] for r in b.chosen],
+             "new_names": b.split["new_names"], "unknown_words": unknown_words(b.pipe("base"), b.prompt),
+             "base": str(args.base), "base_unet_bytes": weights_bytes(args.base),
+             "base_autoencoder_bytes": autoencoder_bytes(args.base)}
+    (args.out / "about.json").write_text(json.dumps(about, indent=1) + "\n")
+    print(f"teaching {b.name!r} (prompt {b.prompt!r}) from {about['instance']}", flush=True)
+    for label in args.models:
+        if label in METHODS:
+            run = budgeted(args.base, b.instance, args.out, label, method_options(label, args, b.prompt),
+                           60 * args.budget_cpu_min, args.probe_steps)
+            print(f"{label}: {run['steps']} steps in {run['cpu_s'] / 60:.2f} CPU-min", flush=True)
+        print(f"{label}: {b.score(label)}", flush=True)
+    if args.report:
+        text = table(args.out, args.base, args.scales)
+        (args.out / "table.md").write_text(text + "\n")
+        print(text, flush=True)
+        have = [m for m in ("base", *METHODS) if (args.out / "scores" / f"{m}.json").exists()]
+        instance_images, _ = load_emoji(args.data, size=b.reader.size, rows=b.chosen)
+        for folder in [args.out] + ([args.img_dir] if args.img_dir else []):
+            before_after_grid({m: b.pipe(m) for m in have}, instance_images, b.prompt,
+                              b.split["seen_prompts"][:args.grid_seen], args, folder / "finetune_emoji.png")
 
 
 if __name__ == "__main__":
