@@ -19,16 +19,20 @@ the base, class images, steps, saves) is at most --budget-cpu-min. The steps com
 of the same settings (OUT/probe/METHOD): p steps, resumed to 3p, resumed again with nothing left to train
 (setup only): CPU s per step = (T(p..3p) - T(setup)) / 2p; setup = T(0..p) - p * per step.
 
-Scores (reader = bench/emoji_reader.py; the same starting noise for every model; OUT/scores/MODEL.json keeps
-each model's numbers, so processes with different --models may share one OUT; --report writes the table): the new emoji asked --n-new times at each --scales guidance: share with its name in
-the reader's top 5 and top 1; forgetting: one image per prompt of `emoji_split(rows)["seen_prompts"]` (200)
-at guidance --forget-scale: share with the asked name in the top 5 (and top 1), and FD of the reader's
-features against the real images of every training row (diffusekit.metrics). Rows "real" give the reader
-on real images (the new emoji's, and the 200 seen rows': its ceiling and the FD floor at n=200); "base
-(seed 1)" the base again from other noise (the noise of a 200-image score).
+Scores (reader = bench/emoji_reader.py; the same starting noise for every model): the new emoji asked
+--n-new times at each --scales guidance: share with its name in the reader's top 5 and top 1; forgetting:
+one image per prompt of `emoji_split(rows)["seen_prompts"]` (200) at guidance --forget-scale: share with the
+asked name in the top 5 (and top 1), and FD of the reader's features against the real images of every
+training row (diffusekit.metrics). "real images": the reader on the new emoji's real images and on the 200
+seen rows' (its ceiling, and the FD floor at n = 200); "base (other noise)": the base from other starting
+noise (how much a 200-image score moves by chance). OUT/scores/MODEL.json keeps each model's numbers and
+OUT/runs/METHOD.json each fine-tune's steps and CPU time, so processes with different --models may share
+one OUT; --report writes OUT/table.md and the before/after grid.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/finetune.py --data ../shared/data/emoji --base runs/t2ie/BASE \\
-        --reader runs/emoji-reader --out runs/ftbench [--budget-cpu-min 5] [--img-dir docs/img]
+    ARGS="--data ../shared/data/emoji --base BASE --reader runs/emoji-reader --out runs/ftbench"
+    for m in lora full dreambooth; do OMP_NUM_THREADS=1 .venv/bin/python bench/finetune.py $ARGS --models $m & done
+    OMP_NUM_THREADS=1 .venv/bin/python bench/finetune.py $ARGS --models real base base-seed1; wait
+    OMP_NUM_THREADS=1 .venv/bin/python bench/finetune.py $ARGS --models --report --img-dir docs/img
 """
 from __future__ import annotations
 
