@@ -11,6 +11,7 @@ asks for it before and after, so "before" is what the base makes of the unseen n
 
 Methods (`diffusekit.training.finetune`, each a run under OUT/runs/):
   lora         --method lora, the default adapter (rank 4, attention projections), lr --lora-lr
+  lora-conv    the same adapting the convolutions too (--lora-targets attention,conv)
   full         --method full, lr --full-lr
   dreambooth   --method full with prior preservation: --class-prompt, --num-class-images drawn by the base
                (inside the budget), prior loss weight 1 (diffusers' DreamBooth defaults), lr --full-lr
@@ -25,7 +26,8 @@ one image per prompt of `emoji_split(rows)["seen_prompts"]` (200) at guidance --
 asked name in the top 5 (and top 1), and FD of the reader's features against the real images of every
 training row (diffusekit.metrics). "real images": the reader on the new emoji's real images and on the 200
 seen rows' (its ceiling, and the FD floor at n = 200); "base (other noise)": the base from other starting
-noise (how much a 200-image score moves by chance). OUT/scores/MODEL.json keeps each model's numbers and
+noise (how much a 200-image score moves by chance). OUT/scores/MODEL.json keeps each model's numbers (delete
+it to score again: the samples stay in OUT/samples/MODEL.safetensors, so a new reader costs no sampling) and
 OUT/runs/METHOD.json each fine-tune's steps and CPU time, so processes with different --models may share
 one OUT; --report writes OUT/table.md and the before/after grid.
 
@@ -55,7 +57,7 @@ from diffusekit.pipeline import Pipeline  # noqa: E402
 from diffusekit.training.finetune import finetune, finetune_config  # noqa: E402
 
 TEMPLATE = "{text}, {style} style"         # the base's captions (EMOJI.md)
-METHODS = ("lora", "full", "dreambooth")
+METHODS = ("lora", "full", "dreambooth", "lora-conv")
 MODELS = ("real", "base", "base-seed1", *METHODS)          # what OUT/scores/NAME.json holds
 LABELS = {"real": "real images", "base-seed1": "base (other noise)"}
 
@@ -104,8 +106,9 @@ def write_instance(folder: Path, data: Path, chosen: list[dict]) -> Path:
 def method_options(method: str, args, prompt: str) -> dict:
     common = {"instance_prompt": prompt, "train.device": "cpu", "train.sample_every": 0, "train.seed": args.seed,
               "train.batch_size": args.batch_size}
-    if method == "lora":
-        return {**common, "method": "lora", "train.lr": args.lora_lr}
+    if method.startswith("lora"):
+        targets = {"adapter.targets": ("attention", "conv")} if method == "lora-conv" else {}
+        return {**common, "method": "lora", "train.lr": args.lora_lr, **targets}
     prior = {"class_prompt": args.class_prompt, "num_class_images": args.num_class_images,
              "prior_loss_weight": 1.0} if method == "dreambooth" else {}
     return {**common, "method": "full", "train.lr": args.full_lr, **prior}
@@ -189,15 +192,25 @@ def fd_to(reader, images: torch.Tensor, ref_stats) -> float:
     return frechet_distance(*feature_stats(features(reader, images).double().numpy()), *ref_stats)
 
 
-def score(pipe, reader, name: str, prompt: str, seen: list[tuple[str, str]], ref_stats, args, seed: int) -> dict:
-    """The new emoji at each guidance scale; the seen prompts at --forget-scale (adherence, FD)."""
+def score(pipe, reader, name: str, prompt: str, seen: list[tuple[str, str]], ref_stats, args, seed: int,
+          cache: Path) -> dict:
+    """The new emoji at each guidance scale; the seen prompts at --forget-scale (adherence, FD). The samples are
+    kept in `cache` (safetensors), so another reader scores them again without sampling."""
+    from safetensors.torch import load_file, save_file
     cpu0, out = time.process_time(), {"new": {}}
+    drawn = load_file(cache) if cache.exists() else {}
     for scale in args.scales:
-        images = draw(pipe, [prompt] * args.n_new, scale, seed, args)
-        out["new"][f"{scale:g}"] = identified(reader, images, [name] * args.n_new)
-    images = draw(pipe, [p for p, _ in seen], args.forget_scale, seed + 1, args)
-    out["seen"] = {**identified(reader, images, [n for _, n in seen]), "fd": fd_to(reader, images, ref_stats),
+        key = f"new-g{scale:g}-n{args.n_new}"
+        if key not in drawn:
+            drawn[key] = draw(pipe, [prompt] * args.n_new, scale, seed, args).contiguous()
+        out["new"][f"{scale:g}"] = identified(reader, drawn[key], [name] * args.n_new)
+    key = f"seen-g{args.forget_scale:g}"
+    if key not in drawn:
+        drawn[key] = draw(pipe, [p for p, _ in seen], args.forget_scale, seed + 1, args).contiguous()
+    out["seen"] = {**identified(reader, drawn[key], [n for _, n in seen]), "fd": fd_to(reader, drawn[key], ref_stats),
                    "scale": args.forget_scale}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_file(drawn, cache)
     out["eval_cpu_s"] = time.process_time() - cpu0
     return out
 
@@ -356,7 +369,8 @@ class Bench:
             result = real_rows_score(self.reader, a.data, mine, self.seen_rows, self.ref_stats)
         else:
             seed = a.seed + 10 if label == "base-seed1" else a.seed
-            result = score(self.pipe(label), self.reader, self.name, self.prompt, self.seen, self.ref_stats, a, seed)
+            result = score(self.pipe(label), self.reader, self.name, self.prompt, self.seen, self.ref_stats, a, seed,
+                           self.out / "samples" / f"{label}.safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         return result
