@@ -5,6 +5,7 @@ Bases are tiny runs with random weights (a fresh UNet outputs exactly 0), saved 
 instance folders hold a few 8x8 PNGs. Each fine-tune takes a few steps at a large learning rate.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,11 +19,14 @@ import diffusekit as dk  # noqa: E402
 from diffusekit import store as ckpt  # noqa: E402
 from diffusekit.cli import main  # noqa: E402
 from diffusekit.config import ConfigError  # noqa: E402
+from diffusekit.data import DataConfig, load_dataset  # noqa: E402
 from diffusekit.nn.network import build_model  # noqa: E402
 from diffusekit.nn.text import TextEncoderConfig, build_vocab  # noqa: E402
 from diffusekit.nn.unet import UNetConfig  # noqa: E402
 from diffusekit.schedule import NoiseSchedule  # noqa: E402
-from diffusekit.store.run_config import RunConfig, weights_metadata  # noqa: E402
+from diffusekit.store.autoencoder import load_autoencoder  # noqa: E402
+from diffusekit.store.run_config import LatentConfig, RunConfig, weights_metadata  # noqa: E402
+from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder  # noqa: E402
 from diffusekit.training import finetune_data  # noqa: E402
 from diffusekit.training.finetune import finetune, finetune_config, plan_finetune  # noqa: E402
 from diffusekit.training.losses import diffusion_loss  # noqa: E402
@@ -111,6 +115,29 @@ def test_a_full_finetune_writes_a_plain_loadable_run(base, data, tmp_path):
         _sample(pipe, lora_scale=0.5)
 
 
+def test_a_full_finetune_of_a_latent_base_holds_its_autoencoder_and_loads(tmp_path):
+    shapes = DataConfig(source="shapes", limit=16, image_size=16)
+    data = load_dataset(shapes)
+    ae_cfg = autoencoder_run_config(shapes, data, {"base_channels": 8, "groups": 4}, steps=2, batch_size=8,
+                                    save_every=2, log_every=1, device="cpu", eval_images=8, scaling_images=16)
+    train_autoencoder(ae_cfg, tmp_path / "ae", progress=False, dataset=data)
+    c, h, _ = load_autoencoder(tmp_path / "ae").latent_shape((3, 16, 16))
+    unet = UNetConfig(**{**TINY, "image_size": h, "in_channels": c})
+    base = _save_base(tmp_path / "latent", RunConfig(model=unet, latent=LatentConfig(str(tmp_path / "ae"), 16, 3)))
+    shutil.copytree(tmp_path / "ae", base / "autoencoder")          # as `train` keeps it
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    _run(base, folder, tmp_path / "full", steps=2, method="full", **{"train.batch_size": 2})
+    assert (tmp_path / "full" / "autoencoder" / ckpt.EMA_FILE).is_file()
+    pipe = dk.Pipeline.load(tmp_path / "full", device="cpu")
+    noise = torch.randn(2, c, h, h, generator=torch.Generator().manual_seed(0))
+    tuned = pipe.sample(2, "ddim", 3, noise=noise)
+    assert tuned.shape == (2, 3, 16, 16)
+    assert (tuned - dk.Pipeline.load(base, device="cpu").sample(2, "ddim", 3, noise=noise)).abs().max() > 1e-4
+
+
 def test_resume_after_a_stop_equals_the_straight_run_bit_for_bit(base, data, tmp_path):
     _run(base, data, tmp_path / "straight", steps=4, **{"adapter.dropout": 0.1})
     _run(base, data, tmp_path / "resumed", steps=2, **{"adapter.dropout": 0.1})
@@ -165,6 +192,24 @@ def test_dreambooth_class_images_are_drawn_once_and_reused_on_resume(text_base, 
     tuned = pipe.sample(2, "ddim", 3, generator=torch.Generator().manual_seed(0), prompt="a sks emoji")
     base = pipe.sample(2, "ddim", 3, generator=torch.Generator().manual_seed(0), prompt="a sks emoji", lora_scale=0)
     assert (tuned - base).abs().max() > 1e-4
+
+
+def test_transparent_instance_images_take_the_background_the_base_was_trained_on(base, tmp_path):
+    white_cfg = RunConfig(model=UNetConfig(**TINY), data=DataConfig(alpha_background="white"))
+    white = _save_base(tmp_path / "white", white_cfg)
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    for i in range(2):
+        a = np.zeros((8, 8, 4), np.uint8)
+        a[..., 0] = 255                                       # red, fully transparent but for one pixel
+        a[0, i, 3] = 255
+        Image.fromarray(a, "RGBA").save(folder / f"{i}.png")
+    for run, background in ((white, 1.0), (base, -1.0)):
+        images, _ = finetune_data.instance_images(finetune_config(run, folder, {"train.batch_size": 2}),
+                                                    dk.Pipeline.load(run, device="cpu"))
+        assert images.shape == (2, 1, 8, 8)
+        assert (images[:, 0, 1:] == background).all()         # transparent pixels: the base's background
+        assert (images[:, 0, 0, :2] != background).any()      # the opaque pixels stay
 
 
 def test_bad_inputs_are_refused_in_one_line(base, data, tmp_path):

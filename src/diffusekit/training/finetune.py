@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,8 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, resume: bool, progress: bool, 
         saved = store.read_weights(run_dir / store.RAW_FILE)[1].get(BASE_HASH_KEY, base_sha256)
         check_base(pipe, cfg.base, run_dir, {"base": {"sha256": saved}})
     store.write_text_atomic(run_dir / FINETUNE_FILE, cfg.to_json() + "\n")
+    if not trainer.lora:
+        copy_autoencoder(Path(cfg.base), run_dir)
     images, prompts = instance_images(cfg, pipe)
     classes = class_images(cfg, pipe, run_dir, base_sha256, generate) if cfg.prior else None
     run = skeleton.build(trainer, run_dir, Dist(), device, run_dir, state)
@@ -190,6 +193,14 @@ def _finetune(cfg: FinetuneConfig, run_dir: Path, resume: bool, progress: bool, 
     run.batches_per_epoch = trainer.inputs.batches_per_epoch
     skeleton.fit(trainer, run, progress)
     return FinetuneResult(run_dir, max(run.start, cfg.train.steps), run.last_loss, run.elapsed(), cfg.method)
+
+
+def copy_autoencoder(base: Path, run_dir: Path) -> None:
+    """A full fine-tune of a latent base is a plain latent run: it holds its autoencoder (RUN/autoencoder), a copy of
+    the base's, as `train` keeps one (Pipeline.load reads it there)."""
+    if (base / "autoencoder").is_dir() and not (run_dir / "autoencoder").exists():
+        shutil.copytree(base / "autoencoder", run_dir / "autoencoder",
+                        ignore=shutil.ignore_patterns("ckpt.*", ".lock", "*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ from diffusekit.training.losses import draw_t_noise
 
 
 def instance_images(cfg: FinetuneConfig, pipe) -> tuple[torch.Tensor, list[str] | None]:
-    """(images (N, C, H, W) in [-1, 1] at the base's pixel shape, their prompts or None for a model without text)."""
+    """(images (N, C, H, W) in [-1, 1] at the base's pixel shape, their prompts or None for a model without text).
+    Transparent pixels become the base's own background (a base trained with --background white learns white)."""
     channels, size, _ = pipe.image_shape
     data = load_dataset(DataConfig(source=cfg.data, kind="folder", image_size=size, channels=channels,
-                                   class_labels=False))
+                                   class_labels=False, alpha_background=base_background(pipe)))
     if len(data) < 2:
         raise ConfigError(f"{cfg.data} holds {len(data)} image; a fine-tune needs at least 2 images of what it "
                           "learns (DreamBooth uses 3-5).")
@@ -46,6 +47,11 @@ def instance_images(cfg: FinetuneConfig, pipe) -> tuple[torch.Tensor, list[str] 
         raise ConfigError(f"the base is a text-to-image model and {cfg.data} has no captions; give "
                           "--instance-prompt \"a sks emoji\" (or captions: metadata.jsonl or .txt files).")
     return data.images, list(data.captions)
+
+
+def base_background(pipe) -> str:
+    """What the base's training images had under their transparent pixels (a diffusers folder: black)."""
+    return getattr(getattr(pipe.config, "data", None), "alpha_background", None) or "black"
 
 
 def class_images(cfg: FinetuneConfig, pipe, run_dir: Path, base_sha256: str, generate=None) -> torch.Tensor:
