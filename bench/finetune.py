@@ -108,7 +108,7 @@ def method_options(method: str, args, prompt: str) -> dict:
               "train.batch_size": args.batch_size}
     if method.startswith("lora"):
         targets = {"adapter.targets": ("attention", "conv")} if method == "lora-conv" else {}
-        return {**common, "method": "lora", "train.lr": args.lora_lr, **targets}
+        return {**common, "method": "lora", "train.lr": args.lora_lr, "adapter.rank": args.lora_rank, **targets}
     prior = {"class_prompt": args.class_prompt, "num_class_images": args.num_class_images,
              "prior_loss_weight": 1.0} if method == "dreambooth" else {}
     return {**common, "method": "full", "train.lr": args.full_lr, **prior}
@@ -314,6 +314,7 @@ def parse_args():
     ap.add_argument("--probe-steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--lora-rank", type=int, default=4, help="the adapters' rank (alpha = rank)")
     ap.add_argument("--full-lr", type=float, default=1e-4)
     ap.add_argument("--class-prompt", default="an emoji")
     ap.add_argument("--num-class-images", type=int, default=100)
