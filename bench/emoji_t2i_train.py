@@ -21,33 +21,10 @@ from diffusekit.store.autoencoder import load_trained_autoencoder
 from diffusekit.training import diffusion, skeleton
 from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder
 from diffusekit.training.resolve import resolve_run_config
+# the bench folder is on sys.path (every caller puts it there): one CPU-time record for every benchmark
+from text_to_image import TIME_FILE, _finished_autoencoder, saved_step, time_record, timed  # noqa: E402
 
-TIME_FILE = "bench_time.json"
 SNAPSHOTS = "snapshots"
-
-
-def timed(folder: Path, what: str, fn, **record):
-    """fn(), with its process CPU time and wall time appended to folder/bench_time.json."""
-    cpu0, wall0 = time.process_time(), time.time()
-    try:
-        return fn()
-    finally:
-        segment = {"what": what, "cpu_s": time.process_time() - cpu0, "wall_s": time.time() - wall0,
-                   "threads": torch.get_num_threads(), **record}
-        path = folder / TIME_FILE
-        segments = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps([*segments, segment], indent=2) + "\n")
-
-
-def time_record(folder: Path) -> dict:
-    """CPU and wall seconds summed over every invocation that trained folder."""
-    path = folder / TIME_FILE
-    segments = json.loads(path.read_text()) if path.exists() else []
-    return {k: sum(s[k] for s in segments) for k in ("cpu_s", "wall_s")}
-
-
-def saved_step(folder: Path) -> int:
-    return ckpt.read_trainer_state(folder, finish_interrupted=False)["step"] if ckpt.has_checkpoint(folder) else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,14 +44,6 @@ def autoencoder(folder: Path, source: str, size: int, steps: int, batch_size: in
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     psnr = [m for m in metrics if "heldout_psnr" in m][-1]
     return {"heldout_psnr_db": psnr["heldout_psnr"], "step": psnr["step"], **time_record(folder)}
-
-
-def _finished_autoencoder(folder: Path) -> bool:
-    try:
-        load_trained_autoencoder(folder)
-        return True
-    except Exception:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------

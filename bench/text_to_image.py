@@ -67,22 +67,24 @@ def cpu_seconds() -> float:
 
 
 def timed(folder: Path, what: str, fn, **record):
-    """fn(), with its process CPU time and wall time appended to folder/bench_time.json."""
+    """fn(), with its process CPU time and wall time appended to folder/bench_time.json (also when fn is
+    interrupted: a SIGTERM raised as SystemExit still leaves its CPU time on record)."""
     cpu0, rusage0, wall0 = time.process_time(), cpu_seconds(), time.time()
-    result = fn()
-    segment = {"what": what, "cpu_s": time.process_time() - cpu0, "rusage_cpu_s": cpu_seconds() - rusage0,
-               "wall_s": time.time() - wall0, "threads": torch.get_num_threads(), **record}
-    path = folder / TIME_FILE
-    segments = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps([*segments, segment], indent=2) + "\n")
-    return result
+    try:
+        return fn()
+    finally:
+        segment = {"what": what, "cpu_s": time.process_time() - cpu0, "rusage_cpu_s": cpu_seconds() - rusage0,
+                   "wall_s": time.time() - wall0, "threads": torch.get_num_threads(), **record}
+        path = folder / TIME_FILE
+        segments = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([*segments, segment], indent=2) + "\n")
 
 
 def time_record(folder: Path) -> dict:
     """CPU and wall seconds summed over every invocation that trained folder."""
     path = folder / TIME_FILE
     segments = json.loads(path.read_text()) if path.exists() else []
-    return {k: sum(s[k] for s in segments) for k in ("cpu_s", "rusage_cpu_s", "wall_s")}
+    return {k: sum(s.get(k, 0.0) for s in segments) for k in ("cpu_s", "rusage_cpu_s", "wall_s")}
 
 
 def saved_step(folder: Path) -> int:

@@ -312,22 +312,10 @@ def main() -> None:
         save_grid(args.out / args.grid_run, grid_prompts(split, load_rows(args.data)), args.scales[0], 6,
                   Path(args.grid_path))
         return
+    from text_to_image import parse_sets
     RECIPE.update(parse_sets(args.set))
     results = train_stage(args, args.out, source)
     print(json.dumps(results, indent=1), flush=True)
-
-
-def parse_sets(values: list[str]) -> dict:
-    """["train.lr=5e-4", ...] -> {"train.lr": 0.0005}; values parsed as JSON when they parse."""
-    out = {}
-    for item in values:
-        key, _, raw = item.partition("=")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 if __name__ == "__main__":
