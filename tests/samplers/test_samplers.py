@@ -7,18 +7,13 @@ import torch
 
 import diffusekit as dk
 from diffusekit.samplers import Denoiser, ddim_invert
-from diffusekit.toy import ExactDenoiserModel, GaussianMixture, sliced_wasserstein
+from diffusekit.toy import ExactDenoiserModel, sliced_wasserstein
 
 N = 2000
 SPACINGS = ["leading", "trailing", "linspace"]
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
 
 
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    return GaussianMixture([[-1.5, 0.5], [1.0, 1.0], [0.5, -1.5]], [0.25, 0.4, 0.3], [0.3, 0.5, 0.2])
 
 
 @pytest.fixture(scope="module")

@@ -11,25 +11,10 @@ import torch
 
 import diffusekit as dk
 from diffusekit.samplers.dpm_solver import singlestep_orders
-from diffusekit.toy import ExactDenoiserModel, GaussianMixture
+from diffusekit.toy import ExactDenoiserModel
 
 SPACINGS = ["leading", "trailing", "linspace"]
 SCHEDULE = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
-
-
-@pytest.fixture(scope="module")
-def sched():
-    return dk.NoiseSchedule.create("linear")
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    return GaussianMixture([[-1.5, 0.5], [1.0, 1.0], [0.5, -1.5]], [0.25, 0.4, 0.3], [0.3, 0.5, 0.2])
-
-
-@pytest.fixture(scope="module")
-def diffusers():
-    return pytest.importorskip("diffusers")
 
 
 def _noise(seed=1, n=64, d=2):
