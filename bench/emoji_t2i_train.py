@@ -13,11 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
-from diffusekit import store as ckpt
 from diffusekit.data import DataConfig, load_dataset
-from diffusekit.store.autoencoder import load_trained_autoencoder
 from diffusekit.training import diffusion, skeleton
 from diffusekit.training.autoencoder import autoencoder_run_config, train_autoencoder
 from diffusekit.training.resolve import resolve_run_config
@@ -105,10 +101,22 @@ def ladder(folder: Path, options: dict, marks: list[float], max_steps: int = 10 
         diffusion.DiffusionTrainer = trainer      # diffusion.train builds its trainer by this name
         try:
             timed(folder, "train", lambda: _fit(cfg, folder, done > 0, data), steps_from=done, marks=todo)
+            left = [m for m in marks if not (folder / SNAPSHOTS / f"{m:g}").exists()]
+            _snapshot_finished(folder, cfg.train.steps, bool(left), log)
         finally:
             diffusion.DiffusionTrainer = original
             log_path.write_text(json.dumps(log, indent=2) + "\n")
     return {"snapshots": log, **time_record(folder)}
+
+
+def _snapshot_finished(folder: Path, steps: int, marks_left: bool, log: list) -> None:
+    """A run whose schedule (train.steps, e.g. a cosine decay) ended before its last mark is snapshotted
+    at the CPU-minutes it took (snapshots/MIN, one decimal), so it is scored like every snapshot."""
+    if not marks_left or saved_step(folder) < steps:
+        return
+    cpu = time_record(folder)["cpu_s"]
+    copy_run(folder, folder / SNAPSHOTS / f"{cpu / 60:.1f}")
+    log.append({"mark_min": round(cpu / 60, 1), "step": steps, "cpu_s": cpu, "schedule_ended": True})
 
 
 def _fit(cfg, folder: Path, resume: bool, data) -> None:

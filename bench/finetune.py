@@ -48,15 +48,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from emoji_reader import features, load_emoji, load_reader, name_topk  # noqa: E402
+from emoji_reader import features, load_emoji, load_reader  # noqa: E402
+from finetune_scores import (copy_scores, draw, real_rows_score, score, seen_pairs,  # noqa: E402
+                             unknown_words)
 from text_to_image_emoji import emoji_split  # noqa: E402
 
 from diffusekit import store  # noqa: E402
-from diffusekit.metrics import feature_stats, frechet_distance  # noqa: E402
+from diffusekit.metrics import feature_stats  # noqa: E402
 from diffusekit.pipeline import Pipeline  # noqa: E402
 from diffusekit.training.finetune import finetune, finetune_config  # noqa: E402
 
-TEMPLATE = "{text}, {style} style"         # the base's captions (EMOJI.md)
 METHODS = ("lora", "full", "dreambooth", "lora-conv")
 MODELS = ("real", "base", "base-seed1", *METHODS)          # what OUT/scores/NAME.json holds
 LABELS = {"real": "real images", "base-seed1": "base (other noise)"}
@@ -175,74 +176,6 @@ def autoencoder_bytes(base: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# scores
-
-
-@torch.no_grad()
-def draw(pipe, prompts: list[str], scale: float, seed: int, args) -> torch.Tensor:
-    return pipe.sample(len(prompts), args.sampler, args.sample_steps, generator=torch.Generator().manual_seed(seed),
-                       prompt=prompts, guidance_scale=scale)
-
-
-def identified(reader, images: torch.Tensor, names: list[str]) -> dict:
-    return {f"top{k}": name_topk(reader, images, names, k=k).float().mean().item() for k in (5, 1)}
-
-
-def fd_to(reader, images: torch.Tensor, ref_stats) -> float:
-    return frechet_distance(*feature_stats(features(reader, images).double().numpy()), *ref_stats)
-
-
-def score(pipe, reader, name: str, prompt: str, seen: list[tuple[str, str]], ref_stats, args, seed: int,
-          cache: Path) -> dict:
-    """The new emoji at each guidance scale; the seen prompts at --forget-scale (adherence, FD). The samples are
-    kept in `cache` (safetensors), so another reader scores them again without sampling."""
-    from safetensors.torch import load_file, save_file
-    cpu0, out = time.process_time(), {"new": {}}
-    drawn = load_file(cache) if cache.exists() else {}
-    for scale in args.scales:
-        key = f"new-g{scale:g}-n{args.n_new}"
-        if key not in drawn:
-            drawn[key] = draw(pipe, [prompt] * args.n_new, scale, seed, args).contiguous()
-        out["new"][f"{scale:g}"] = identified(reader, drawn[key], [name] * args.n_new)
-    key = f"seen-g{args.forget_scale:g}"
-    if key not in drawn:
-        drawn[key] = draw(pipe, [p for p, _ in seen], args.forget_scale, seed + 1, args).contiguous()
-    out["seen"] = {**identified(reader, drawn[key], [n for _, n in seen]), "fd": fd_to(reader, drawn[key], ref_stats),
-                   "scale": args.forget_scale}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    save_file(drawn, cache)
-    out["eval_cpu_s"] = time.process_time() - cpu0
-    return out
-
-
-def real_rows_score(reader, data: Path, new_rows: list[dict], seen_rows: list[dict], ref_stats) -> dict:
-    """The reader on real images: the new emoji's (every style and tone) and the 200 seen rows' (FD floor)."""
-    new_images, _ = load_emoji(data, size=reader.size, rows=new_rows)
-    seen_images, _ = load_emoji(data, size=reader.size, rows=seen_rows)
-    return {"new": {"real": identified(reader, new_images, [r["name"] for r in new_rows])},
-            "seen": {**identified(reader, seen_images, [r["name"] for r in seen_rows]),
-                     "fd": fd_to(reader, seen_images, ref_stats)}}
-
-
-def seen_pairs(rows: list[dict], prompts: list[str]) -> tuple[list[tuple[str, str]], list[dict]]:
-    """(caption, name) of each seen prompt, and its row (found by the caption template over the metadata)."""
-    by_caption = {TEMPLATE.format(**r): r for r in rows}
-    missing = [p for p in prompts if p not in by_caption]
-    if missing:
-        raise SystemExit(f"{len(missing)} seen prompts are not captions {TEMPLATE!r} of any row, e.g. {missing[0]!r}.")
-    return [(p, by_caption[p]["name"]) for p in prompts], [by_caption[p] for p in prompts]
-
-
-def unknown_words(pipe, prompt: str) -> list[str]:
-    """Words of the prompt a learned text encoder's vocabulary lacks (they read as one unknown token)."""
-    text = getattr(pipe.config, "text", None)
-    if text is None or text.kind != "learned":
-        return []
-    from diffusekit.nn.text import words
-    return [w for w in words(prompt) if w not in set(text.vocab)]
-
-
-# ---------------------------------------------------------------------------------------------
 # the grid, the table
 
 
@@ -265,6 +198,14 @@ def before_after_grid(pipes: dict, instance: torch.Tensor, prompt: str, seen: li
     return save_labelled_grid(images, path, nrow=len(prompts), row_labels=labels)
 
 
+def copy_cell(r: dict, scale: float) -> str:
+    c = r.get("copy", {}).get(f"{scale:g}")
+    if not c:
+        return ""
+    share = "" if c["copy_share"] is None else pct(c["copy_share"]) + " "
+    return f"{share}({c['median_rmse']:.2f})"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.0f} %"
 
@@ -273,7 +214,7 @@ def table(out: Path, base: Path, scales: list[float]) -> str:
     """The markdown table of what OUT/scores and OUT/runs hold."""
     head = ["model", "CPU-min", "steps", "weights (share of base)"]
     head += [f"new top-5 / top-1 @ g{s:g}" for s in scales]
-    head += ["seen top-5 / top-1", "seen FD"]
+    head += ["seen top-5 / top-1", "seen FD", f"copies @ g{scales[-1]:g} (median RMSE)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     base_bytes = weights_bytes(base)
     for label in MODELS:
@@ -289,7 +230,7 @@ def table(out: Path, base: Path, scales: list[float]) -> str:
             new = r["new"].get(f"{s:g}") or r["new"].get("real")
             cells.append(f"{pct(new['top5'])} / {pct(new['top1'])}" if new else "")
         seen = r["seen"]
-        cells += [f"{pct(seen['top5'])} / {pct(seen['top1'])}", f"{seen['fd']:.1f}"]
+        cells += [f"{pct(seen['top5'])} / {pct(seen['top1'])}", f"{seen['fd']:.1f}", copy_cell(r, scales[-1])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -359,11 +300,25 @@ class Bench:
     def pipe(self, label: str):
         return Pipeline.load(self.args.base if label.startswith("base") else self.out / "runs" / label, device="cpu")
 
+    def copies(self, label: str) -> dict:
+        """copy_scores of label's cached samples of the new emoji."""
+        from safetensors.torch import load_file
+        instance, _ = load_emoji(self.args.data, size=self.reader.size, rows=self.chosen)
+        taught = {r["file_name"] for r in self.chosen}
+        others = [r for r in self.rows if r["name"] == self.name and r["file_name"] not in taught]
+        other_images = load_emoji(self.args.data, size=self.reader.size, rows=others)[0] if others else instance[:0]
+        drawn = load_file(self.out / "samples" / f"{label}.safetensors")
+        return copy_scores(drawn, instance, other_images, self.args.scales, self.args.n_new)
+
     def score(self, label: str) -> dict:
-        """OUT/scores/label.json: computed unless there."""
+        """OUT/scores/label.json: computed unless there (a score without the copy check gains it)."""
         path = self.out / "scores" / f"{label}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            result = json.loads(path.read_text())
+            if "copy" not in result and label != "real" and (self.out / "samples" / f"{label}.safetensors").exists():
+                result["copy"] = self.copies(label)
+                path.write_text(json.dumps(result, indent=1) + "\n")
+            return result
         a = self.args
         if label == "real":
             mine = [r for r in self.rows if r["name"] == self.name]
@@ -372,6 +327,7 @@ class Bench:
             seed = a.seed + 10 if label == "base-seed1" else a.seed
             result = score(self.pipe(label), self.reader, self.name, self.prompt, self.seen, self.ref_stats, a, seed,
                            self.out / "samples" / f"{label}.safetensors")
+            result["copy"] = self.copies(label)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
         return result

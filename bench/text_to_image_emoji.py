@@ -106,6 +106,7 @@ AUTOENCODERS = {
     "ae32-c4": (32, {}),                                           # the laptop default: 16-32-32, 4 channels
     "ae32-c8": (32, {"latent_channels": 8}),
     "ae32-w32c8": (32, {"base_channels": 32, "latent_channels": 8}),
+    "ae32-c8-long": (32, {"latent_channels": 8}),                  # ae32-c8's layout, trained longer (--ae-steps 5000)
     "ae64-f8c8": (64, {"channel_mult": (1, 2, 2, 2), "latent_channels": 8}),
 }
 # the latent UNet at 8x8: tiny8's shape (attention at 4x4) with 64 base channels
@@ -138,7 +139,7 @@ def train_stage(args, out: Path, source: Path) -> dict:
             size, ae = AUTOENCODERS[name]
             results[name] = autoencoder(out / name, str(source), size, args.ae_steps, 32, ae)
     elif args.stage in ("ladder", "learned"):
-        name = "latent-minilm" if args.stage == "ladder" else "latent-learned"
+        name = args.name or ("latent-minilm" if args.stage == "ladder" else "latent-learned")
         text = "minilm" if args.stage == "ladder" else "learned"
         results[name] = ladder(out / name, run_options(source, 32, text, out / args.ae, RECIPE), args.marks)
     elif args.stage == "pixel":
@@ -292,6 +293,8 @@ def main() -> None:
     ap.add_argument("--grid-run", default="latent-minilm/snapshots/30", help="grid: the run folder under --out")
     ap.add_argument("--grid-path", default="docs/img/emoji_t2i_grid.png")
     ap.add_argument("--set", nargs="*", default=[], help="recipe options, e.g. train.lr=5e-4")
+    ap.add_argument("--name", default=None, help="ladder / learned: the run's folder under --out "
+                    "[latent-minilm / latent-learned]")
     args = ap.parse_args()
     torch.set_num_threads(1)
     # a kill (SIGTERM) ends through SystemExit, so the time records of the interrupted training are written
