@@ -85,14 +85,16 @@ def figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110, tight: bool = False) -> Path:
     """fig to path (format from the suffix) through a temporary file and os.replace, so a kill or a full
-    disk mid-write leaves the previous picture, never a truncated one."""
+    disk mid-write leaves the previous picture, never a truncated one. tight: crop the figure to what is drawn
+    (a small pad), for figures whose drawn area's shape is not known in advance (an image beside text)."""
     from diffusekit.store import replace_atomically
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
+    crop = {"bbox_inches": "tight", "pad_inches": 0.05} if tight else {}
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt, **crop))
 
 
 def show_grid(ax, grid: np.ndarray, col_labels: Sequence[str], row_labels: Sequence[str],
@@ -299,4 +301,4 @@ def save_labelled_grid(images: torch.Tensor, path: str | Path, nrow: int, row_la
     h, w = images.shape[-2] * upscale, images.shape[-1] * upscale
     fig = figure(2 + grid.shape[1] / 60, 0.5 + grid.shape[0] / 60)
     show_grid(fig.add_subplot(), grid, [""] * nrow, list(row_labels), (h, w), padding)
-    return save_figure(fig, path)
+    return save_figure(fig, path, tight=True)  # the labels' width is unknown: crop, no empty bands

@@ -11,7 +11,7 @@ from PIL import Image
 
 from diffusekit.data import to_pixels
 from diffusekit.viz import (_column_label, ema_smooth, make_grid, plot_curves, plot_loss,
-                            plot_schedule, save_grid, save_trajectory)
+                            plot_schedule, save_grid, save_labelled_grid, save_trajectory)
 from diffusekit.viz_process import (forward_chain, forward_jump, max_stat_differences,
                                     naive_vs_sampling, plot_process)
 
@@ -92,6 +92,20 @@ def test_save_grid_png(tmp_path):
     assert np.all(arr[20:36, 38:54] == 50)  # image 5: row 1, column 2
     gray = _png(save_grid(_cells(2), tmp_path / "g.png", upscale=1))
     assert gray.mode == "L"
+
+
+@pytest.mark.parametrize("rows,label", [(12, "[held-out tone] woman construction worker: dark skin tone, noto"),
+                                         (2, "a cat")])
+def test_labelled_grid_has_no_empty_bands(tmp_path, rows, label):
+    """A labelled grid is cropped to what it draws: the first and last few pixel rows and columns hold ink (the
+    emoji README grid had empty bands of a third of its height above and below the rows)."""
+    x = torch.full((rows * 3, 3, 32, 32), -1.0)          # black images: every cell is ink
+    img = np.asarray(_png(save_labelled_grid(x, tmp_path / "g.png", nrow=3, row_labels=[label] * rows)).convert("L"))
+    ink_rows = np.nonzero((img < 200).any(1))[0]
+    ink_cols = np.nonzero((img < 200).any(0))[0]
+    h, w = img.shape
+    assert ink_rows[0] < 0.05 * h and ink_rows[-1] > 0.95 * h, (ink_rows[0], ink_rows[-1], h)
+    assert ink_cols[0] < 0.05 * w and ink_cols[-1] > 0.95 * w, (ink_cols[0], ink_cols[-1], w)
 
 
 def test_trajectory_png(tmp_path):
