@@ -12,6 +12,7 @@ asks for it before and after, so "before" is what the base makes of the unseen n
 Methods (`diffusekit.training.finetune`, each a run under OUT/runs/):
   lora         --method lora, the default adapter (rank 4, attention projections), lr --lora-lr
   lora-conv    the same adapting the convolutions too (--lora-targets attention,conv)
+  lora-prior   the default adapter with dreambooth's prior preservation (diffusers' DreamBooth-LoRA)
   full         --method full, lr --full-lr
   dreambooth   --method full with prior preservation: --class-prompt, --num-class-images drawn by the base
                (inside the budget), prior loss weight 1 (diffusers' DreamBooth defaults), lr --full-lr
@@ -58,7 +59,7 @@ from diffusekit.metrics import feature_stats  # noqa: E402
 from diffusekit.pipeline import Pipeline  # noqa: E402
 from diffusekit.training.finetune import finetune, finetune_config  # noqa: E402
 
-METHODS = ("lora", "full", "dreambooth", "lora-conv")
+METHODS = ("lora", "full", "dreambooth", "lora-conv", "lora-prior")
 MODELS = ("real", "base", "base-seed1", *METHODS)          # what OUT/scores/NAME.json holds
 LABELS = {"real": "real images", "base-seed1": "base (other noise)"}
 
@@ -107,11 +108,12 @@ def write_instance(folder: Path, data: Path, chosen: list[dict]) -> Path:
 def method_options(method: str, args, prompt: str) -> dict:
     common = {"instance_prompt": prompt, "train.device": "cpu", "train.sample_every": 0, "train.seed": args.seed,
               "train.batch_size": args.batch_size}
+    prior = {"class_prompt": args.class_prompt, "num_class_images": args.num_class_images,
+             "prior_loss_weight": 1.0} if method in ("dreambooth", "lora-prior") else {}
     if method.startswith("lora"):
         targets = {"adapter.targets": ("attention", "conv")} if method == "lora-conv" else {}
-        return {**common, "method": "lora", "train.lr": args.lora_lr, "adapter.rank": args.lora_rank, **targets}
-    prior = {"class_prompt": args.class_prompt, "num_class_images": args.num_class_images,
-             "prior_loss_weight": 1.0} if method == "dreambooth" else {}
+        return {**common, "method": "lora", "train.lr": args.lora_lr, "adapter.rank": args.lora_rank, **targets,
+                **prior}
     return {**common, "method": "full", "train.lr": args.full_lr, **prior}
 
 
