@@ -1,0 +1,183 @@
+"""`diffusekit finetune` under torchrun: two gloo processes at global batch B train what one process trains at B.
+
+The fine-tune's step draws its instance and class indices, timesteps and noise for the global batch from
+(seed, step), and each rank takes its rows (training/finetune_data.py); LoRA dropout draws its masks by global
+row. So a two-process run differs from one process only in the order float32 sums are taken (DDP's
+all-reduce of the adapter's gradients, the loss mean): `assert_same_run` states the tolerances.
+
+One torchrun launch (2 processes, gloo on the CPU) runs, with one process group:
+  * a DreamBooth LoRA fine-tune (prior preservation, LoRA on the UNet's attention and the text encoder,
+    LoRA dropout, sample grids, TensorBoard) and a full fine-tune, each rank given its own --out, as two
+    machines without a shared file system see it: rank 0's folder holds the run, rank 1's is never made,
+    and the class images are drawn once (by rank 0) and reach rank 1 without the file system;
+  * a LoRA fine-tune stopped after 2 steps, then resumed to 4 through the CLI (`python -m diffusekit
+    finetune --resume`, what `torchrun -m diffusekit finetune` runs), in one folder both ranks see.
+Each is compared with the same fine-tune run by one process in this one.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="LoRA adapters need peft (pip install -e '.[finetune]' from a clone)")
+
+from diffusekit import store as ckpt  # noqa: E402
+from diffusekit.config import ConfigError  # noqa: E402
+from diffusekit.pipeline import Pipeline  # noqa: E402
+from diffusekit.training import finetune_data  # noqa: E402
+from diffusekit.training.finetune import finetune, finetune_config  # noqa: E402
+from diffusekit.training.finetune_data import FinetuneInputs  # noqa: E402
+from diffusekit.training.processes import Dist  # noqa: E402
+from test_finetune import FAST, TINY, _images, _save_base  # noqa: E402
+from test_multinode import LAUNCH_TIMEOUT_S, loopback_env, metrics  # noqa: E402
+from diffusekit.nn.text import TextEncoderConfig, build_vocab  # noqa: E402
+from diffusekit.nn.unet import UNetConfig  # noqa: E402
+from diffusekit.store.run_config import RunConfig  # noqa: E402
+
+STEPS, BATCH = 4, 4
+COMMON = {**FAST, "train.steps": STEPS, "train.batch_size": BATCH, "train.log_every": 1}
+DREAMBOOTH = {"instance_prompt": "a sks emoji", "class_prompt": "an emoji", "num_class_images": 6,
+              "prior_loss_weight": 0.5, "adapter.targets": ["attention", "text"], "adapter.dropout": 0.2,
+              "train.sample_every": 2, "train.report_to": "tensorboard"}
+
+# Under torchrun, in every process: the library fine-tunes, then the CLI's resume; one process group for all.
+WORKER = """
+import contextlib, io, json, sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+from diffusekit.cli import main
+from diffusekit.training import finetune_data
+from diffusekit.training.finetune import finetune, finetune_config
+plan = json.loads(open(sys.argv[1]).read())
+
+def counting(cfg, pipe):                  # how often, and on which rank, class images are drawn
+    with open(plan["calls"].format(rank=rank), "a") as f:
+        f.write("drawn\\n")
+    return finetune_data.draw_class_images(cfg, pipe)
+
+for job in plan["library"]:
+    cfg = finetune_config(job["base"], job["data"], job["options"])
+    finetune(cfg, job["out"].format(rank=rank), progress=False, generate=counting)
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    main.main(plan["cli"], standalone_mode=False)
+with open(plan["stdout"].format(rank=rank), "w") as f:
+    f.write(out.getvalue())
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture()
+def bases(tmp_path):
+    vocab = build_vocab(["a sks emoji", "an emoji", "a circle"])
+    text = TextEncoderConfig(kind="learned", dim=8, layers=1, heads=2, max_length=8, vocab=tuple(vocab))
+    text_cfg = RunConfig(model=UNetConfig(**TINY, text_conditioning="both", context_dim=8), text=text)
+    return (_save_base(tmp_path / "base", RunConfig(model=UNetConfig(**TINY))),
+            _save_base(tmp_path / "text-base", text_cfg), _images(tmp_path / "data"))
+
+
+def assert_same_run(one, two, cfg) -> None:
+    """Two fine-tunes of cfg trained the same adapter (or weights), EMA, losses and gradient norms.
+
+    Tolerances, as in test_multinode.assert_same_training: a wrong row, seed or scale changes each AdamW update by
+    O(lr) per weight, so the weights by up to lr * steps = 4e-2 here; reordering float32 sums changes gradients by
+    ~1e-7 relative, which Adam's m / sqrt(v) magnifies where a gradient is near zero. Weights: atol
+    1e-2 * lr * steps = 4e-4 (measured: the LoRA runs 1.4e-6; the full fine-tune 8.4e-5 on 1 weight in 500
+    and below 7e-6 on the rest, as its random base leaves some gradients near zero). Losses and pre-clip
+    gradient norms, sums of ~1e3 float32 terms: rtol 1e-4 (measured: at most 5e-7).
+    """
+    atol = 1e-2 * cfg.train.lr * cfg.train.steps
+    for name in (ckpt.RAW_FILE, ckpt.EMA_FILE):
+        a, b = (ckpt.read_weights(run / name)[0] for run in (one, two))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=atol, msg=lambda m: f"{name} {key}: {m}")
+    ma, mb = metrics(one), metrics(two)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == list(range(1, cfg.train.steps + 1))
+    for ra, rb in zip(ma, mb):
+        for key in ("loss", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4), (key, ra["step"], ra[key], rb[key])
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_what_one_process_fine_tunes_and_rank_1_writes_nothing(bases, tmp_path):
+    base, text_base, data = bases
+    jobs = {"db": (text_base, {**COMMON, **DREAMBOOTH}), "full": (base, {**COMMON, "method": "full"})}
+    own = str(tmp_path / "rank{rank}")                     # each rank's own --out: no shared file system
+    shared = tmp_path / "two" / "resumed"
+    plan = {"library": [{"base": str(b), "data": str(data), "options": o, "out": f"{own}/{name}"}
+                        for name, (b, o) in jobs.items()],
+            "calls": str(tmp_path / "calls{rank}.txt"), "stdout": str(tmp_path / "stdout{rank}.txt"),
+            "cli": ["finetune", str(base), "--data", str(data), "--out", str(shared), "--resume",
+                    "--train-steps", str(STEPS)]}
+    plan["library"].append({"base": str(base), "data": str(data), "options": {**COMMON, "train.steps": 2},
+                            "out": str(shared)})
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "worker.py").write_text(WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "worker.py"), str(tmp_path / "plan.json")], capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S, env=loopback_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # one process, the same fine-tunes
+    drawn = []
+
+    def counting(cfg, pipe):
+        drawn.append(1)
+        return finetune_data.draw_class_images(cfg, pipe)
+    for name, (b, options) in jobs.items():
+        finetune(finetune_config(b, data, options), tmp_path / "one" / name, progress=False, generate=counting)
+    finetune(finetune_config(base, data, COMMON), tmp_path / "one" / "straight", progress=False)
+
+    for name, (b, options) in jobs.items():
+        two = tmp_path / "rank0" / name
+        assert ckpt.read_trainer_state(two)["world_size"] == 2
+        assert_same_run(tmp_path / "one" / name, two, finetune_config(b, data, options))
+    assert not (tmp_path / "rank1").exists()               # rank 1 wrote nothing: not even its --out
+    # the class images: drawn once, by rank 0, equal to one process's; rank 1 trained on them without the cache
+    assert (tmp_path / "calls0.txt").read_text() == "drawn\n" and not (tmp_path / "calls1.txt").exists()
+    images = [ckpt.read_weights(run / "db" / "class_images" / "images.safetensors")[0]["images"]
+              for run in (tmp_path / "one", tmp_path / "rank0")]
+    assert images[0].shape == (6, 1, 8, 8) and torch.equal(images[0], images[1])
+    db = tmp_path / "rank0" / "db"
+    assert sorted(p.name for p in (db / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    assert any((db / "tensorboard").iterdir()) and (db / "adapter.json").is_file()
+
+    # stopped at 2 and resumed to 4 under torchrun (the CLI, shared folder) = one process straight to 4
+    assert ckpt.read_trainer_state(shared)["step"] == STEPS
+    assert_same_run(tmp_path / "one" / "straight", shared, finetune_config(base, data, COMMON))
+    assert "fine-tuned (lora) 4 steps" in (tmp_path / "stdout0.txt").read_text()
+    assert (tmp_path / "stdout1.txt").read_text() == ""     # rank 1 reports nothing
+    pipe = Pipeline.load(shared, device="cpu", precision="fp32")
+    assert pipe.adapter is not None
+
+
+def test_each_rank_takes_its_rows_of_the_global_instance_and_class_batch(bases):
+    """Two ranks' inputs, side by side, are one process's inputs: instance rows then class rows, each split in
+    halves; t, noise, prompts and loss factors follow their rows, and the dropout masks' rows are global."""
+    _, text_base, data = bases
+    cfg = finetune_config(text_base, data, {**COMMON, **DREAMBOOTH})
+    pipe = Pipeline.load(text_base, device="cpu", precision="fp32")
+    images, prompts = finetune_data.instance_images(cfg, pipe)
+    classes = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    inputs = [FinetuneInputs(cfg, pipe, images, prompts, classes, torch.device("cpu"), dist)
+              for dist in (Dist(), Dist(0, 2), Dist(1, 2))]
+    half = BATCH // 2
+    order = [*range(half), *range(BATCH, BATCH + half), *range(half, BATCH), *range(BATCH + half, 2 * BATCH)]
+    assert inputs[1].global_rows + inputs[2].global_rows == order
+    for step in (0, 1, 5):
+        one, r0, r1 = (i(step) for i in inputs)
+        for k in (0, 1, 2, 4):                              # x0, t, noise, loss factors
+            assert torch.equal(torch.cat([r0[k], r1[k]]), one[k][order]), (step, k)
+        assert r0[3]["prompts"] + r1[3]["prompts"] == [one[3]["prompts"][i] for i in order]
+        assert not torch.equal(r0[0], r1[0])                # the ranks see different examples
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"batch_size=3 is the global batch and must split evenly over 2 "
+                                          r"process\(es\) x grad_accum=1 micro-batches; use a multiple of 2"):
+        Dist(0, 2).check_split(3)
+    assert Dist(1, 2).rows(4) == slice(2, 4) and Dist().rows(4) == slice(0, 4)
