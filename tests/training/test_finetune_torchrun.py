@@ -10,9 +10,11 @@ One torchrun launch (2 processes, gloo on the CPU) runs, with one process group:
     LoRA dropout, sample grids, TensorBoard) and a full fine-tune, each rank given its own --out, as two
     machines without a shared file system see it: rank 0's folder holds the run, rank 1's is never made,
     and the class images are drawn once (by rank 0) and reach rank 1 without the file system;
-  * a LoRA fine-tune stopped after 2 steps, then resumed to 4 through the CLI (`python -m diffusekit
-    finetune --resume`, what `torchrun -m diffusekit finetune` runs), in one folder both ranks see.
-Each is compared with the same fine-tune run by one process in this one.
+  * a LoRA fine-tune whose rank 0 is SIGKILLed inside its third optimiser step (the last save: step 2), which
+    takes the job down, in one folder both ranks see.
+A second launch resumes the killed run as a user would: `torchrun --nproc_per_node 2 -m diffusekit finetune
+BASE --data DATA --out RUN --resume`. Each run is compared with the same fine-tune run by one process in this
+one (the killed one with an uninterrupted one).
 """
 import json
 import subprocess
@@ -42,13 +44,13 @@ DREAMBOOTH = {"instance_prompt": "a sks emoji", "class_prompt": "an emoji", "num
               "prior_loss_weight": 0.5, "adapter.targets": ["attention", "text"], "adapter.dropout": 0.2,
               "train.sample_every": 2, "train.report_to": "tensorboard"}
 
-# Under torchrun, in every process: the library fine-tunes, then the CLI's resume; one process group for all.
+# Under torchrun, in every process: the fine-tunes (one process group for all), the last one killed on rank 0.
 WORKER = """
-import contextlib, io, json, sys
+import json, os, signal, sys
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_post_hook
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-from diffusekit.cli import main
 from diffusekit.training import finetune_data
 from diffusekit.training.finetune import finetune, finetune_config
 plan = json.loads(open(sys.argv[1]).read())
@@ -61,12 +63,15 @@ def counting(cfg, pipe):                  # how often, and on which rank, class 
 for job in plan["library"]:
     cfg = finetune_config(job["base"], job["data"], job["options"])
     finetune(cfg, job["out"].format(rank=rank), progress=False, generate=counting)
-out = io.StringIO()
-with contextlib.redirect_stdout(out):
-    main.main(plan["cli"], standalone_mode=False)
-with open(plan["stdout"].format(rank=rank), "w") as f:
-    f.write(out.getvalue())
-dist.destroy_process_group()
+steps = [0]
+
+def kill(opt, args, kwargs):              # rank 0 dies after its weights changed, before step 3 is saved
+    steps[0] += 1
+    if steps[0] == plan["kill_at"] and rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_post_hook(kill)
+job = plan["killed"]
+finetune(finetune_config(job["base"], job["data"], job["options"]), job["out"], progress=False)
 """
 
 
@@ -107,20 +112,25 @@ def test_two_processes_fine_tune_what_one_process_fine_tunes_and_rank_1_writes_n
     base, text_base, data = bases
     jobs = {"db": (text_base, {**COMMON, **DREAMBOOTH}), "full": (base, {**COMMON, "method": "full"})}
     own = str(tmp_path / "rank{rank}")                     # each rank's own --out: no shared file system
-    shared = tmp_path / "two" / "resumed"
+    killed = tmp_path / "two" / "killed"
     plan = {"library": [{"base": str(b), "data": str(data), "options": o, "out": f"{own}/{name}"}
                         for name, (b, o) in jobs.items()],
-            "calls": str(tmp_path / "calls{rank}.txt"), "stdout": str(tmp_path / "stdout{rank}.txt"),
-            "cli": ["finetune", str(base), "--data", str(data), "--out", str(shared), "--resume",
-                    "--train-steps", str(STEPS)]}
-    plan["library"].append({"base": str(base), "data": str(data), "options": {**COMMON, "train.steps": 2},
-                            "out": str(shared)})
+            "calls": str(tmp_path / "calls{rank}.txt"), "kill_at": 3,
+            "killed": {"base": str(base), "data": str(data), "options": {**COMMON, "train.save_every": 2},
+                       "out": str(killed)}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     (tmp_path / "worker.py").write_text(WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "worker.py"), str(tmp_path / "plan.json")], capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S, env=loopback_env(tmp_path))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*torchrun, str(tmp_path / "worker.py"), str(tmp_path / "plan.json")], capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT_S, env=loopback_env(tmp_path))
+    assert proc.returncode != 0 and "SIGKILL" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ckpt.read_trainer_state(killed)["step"] == 2, proc.stderr[-3000:]
+    before = metrics(killed)[:2]
+    proc = subprocess.run([*torchrun, "-m", "diffusekit", "finetune", str(base), "--data", str(data), "--out",
+                           str(killed), "--resume"], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
+                          env=loopback_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("fine-tuned (lora) 4 steps") == 1, proc.stdout      # rank 0 reports, rank 1 does not
 
     # one process, the same fine-tunes
     drawn = []
@@ -130,7 +140,8 @@ def test_two_processes_fine_tune_what_one_process_fine_tunes_and_rank_1_writes_n
         return finetune_data.draw_class_images(cfg, pipe)
     for name, (b, options) in jobs.items():
         finetune(finetune_config(b, data, options), tmp_path / "one" / name, progress=False, generate=counting)
-    finetune(finetune_config(base, data, COMMON), tmp_path / "one" / "straight", progress=False)
+    straight = {**COMMON, "train.save_every": 2}
+    finetune(finetune_config(base, data, straight), tmp_path / "one" / "straight", progress=False)
 
     for name, (b, options) in jobs.items():
         two = tmp_path / "rank0" / name
@@ -146,13 +157,11 @@ def test_two_processes_fine_tune_what_one_process_fine_tunes_and_rank_1_writes_n
     assert sorted(p.name for p in (db / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
     assert any((db / "tensorboard").iterdir()) and (db / "adapter.json").is_file()
 
-    # stopped at 2 and resumed to 4 under torchrun (the CLI, shared folder) = one process straight to 4
-    assert ckpt.read_trainer_state(shared)["step"] == STEPS
-    assert_same_run(tmp_path / "one" / "straight", shared, finetune_config(base, data, COMMON))
-    assert "fine-tuned (lora) 4 steps" in (tmp_path / "stdout0.txt").read_text()
-    assert (tmp_path / "stdout1.txt").read_text() == ""     # rank 1 reports nothing
-    pipe = Pipeline.load(shared, device="cpu", precision="fp32")
-    assert pipe.adapter is not None
+    # killed in step 3 and resumed under torchrun = one process straight to step 4; the resume ran steps 3 and 4
+    # only: what was logged before the checkpoint is kept as it was (wall-clock times included)
+    assert ckpt.read_trainer_state(killed)["step"] == STEPS and metrics(killed)[:2] == before
+    assert_same_run(tmp_path / "one" / "straight", killed, finetune_config(base, data, straight))
+    assert Pipeline.load(killed, device="cpu", precision="fp32").adapter is not None
 
 
 def test_each_rank_takes_its_rows_of_the_global_instance_and_class_batch(bases):
