@@ -190,3 +190,13 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_in_one
                                           r"process\(es\) x grad_accum=1 micro-batches; use a multiple of 2"):
         Dist(0, 2).check_split(3)
     assert Dist(1, 2).rows(4) == slice(2, 4) and Dist().rows(4) == slice(0, 4)
+
+
+def test_torchrun_on_a_device_without_a_process_group_backend_is_refused_in_one_line(monkeypatch):
+    from diffusekit.training import processes
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(processes, "resolve_device", lambda device: torch.device("mps"))
+    with pytest.raises(ConfigError, match=r"torchrun trains on CUDA GPUs \(nccl\) or CPUs \(gloo\); mps has no "
+                                          r"process-group backend, so run one process there .*--device cpu") as error:
+        processes.setup_processes("mps")
+    assert "\n" not in str(error.value)

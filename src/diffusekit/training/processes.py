@@ -99,6 +99,9 @@ def setup_processes(device: str = "auto") -> tuple[Dist, torch.device]:
     device = resolve_device(device)
     if world <= 1:
         return Dist(), device
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"torchrun trains on CUDA GPUs (nccl) or CPUs (gloo); {device.type} has no process-group "
+                          f"backend, so run one process there (without torchrun), or give --device cpu.")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
