@@ -47,6 +47,7 @@ DREAMBOOTH = {"instance_prompt": "a sks emoji", "class_prompt": "an emoji", "num
 # Under torchrun, in every process: the fine-tunes (one process group for all), the last one killed on rank 0.
 WORKER = """
 import json, os, signal, sys
+import torch
 import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_post_hook
 dist.init_process_group("gloo")
@@ -58,7 +59,8 @@ plan = json.loads(open(sys.argv[1]).read())
 def counting(cfg, pipe):                  # how often, and on which rank, class images are drawn
     with open(plan["calls"].format(rank=rank), "a") as f:
         f.write("drawn\\n")
-    return finetune_data.draw_class_images(cfg, pipe)
+    # channels-last, as a latent base's decoder returns them: rank 1 must still receive them in their order
+    return finetune_data.draw_class_images(cfg, pipe).to(memory_format=torch.channels_last)
 
 for job in plan["library"]:
     cfg = finetune_config(job["base"], job["data"], job["options"])
@@ -79,7 +81,9 @@ finetune(finetune_config(job["base"], job["data"], job["options"]), job["out"], 
 def bases(tmp_path):
     vocab = build_vocab(["a sks emoji", "an emoji", "a circle"])
     text = TextEncoderConfig(kind="learned", dim=8, layers=1, heads=2, max_length=8, vocab=tuple(vocab))
-    text_cfg = RunConfig(model=UNetConfig(**TINY, text_conditioning="both", context_dim=8), text=text)
+    # RGB: the channels-last class images below differ from contiguous ones in memory (one channel would not)
+    text_cfg = RunConfig(model=UNetConfig(**{**TINY, "in_channels": 3}, text_conditioning="both", context_dim=8),
+                         text=text)
     return (_save_base(tmp_path / "base", RunConfig(model=UNetConfig(**TINY))),
             _save_base(tmp_path / "text-base", text_cfg), _images(tmp_path / "data"))
 
@@ -152,7 +156,7 @@ def test_two_processes_fine_tune_what_one_process_fine_tunes_and_rank_1_writes_n
     assert (tmp_path / "calls0.txt").read_text() == "drawn\n" and not (tmp_path / "calls1.txt").exists()
     images = [ckpt.read_weights(run / "db" / "class_images" / "images.safetensors")[0]["images"]
               for run in (tmp_path / "one", tmp_path / "rank0")]
-    assert images[0].shape == (6, 1, 8, 8) and torch.equal(images[0], images[1])
+    assert images[0].shape == (6, 3, 8, 8) and torch.equal(images[0], images[1])
     db = tmp_path / "rank0" / "db"
     assert sorted(p.name for p in (db / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
     assert any((db / "tensorboard").iterdir()) and (db / "adapter.json").is_file()
@@ -171,7 +175,7 @@ def test_each_rank_takes_its_rows_of_the_global_instance_and_class_batch(bases):
     cfg = finetune_config(text_base, data, {**COMMON, **DREAMBOOTH})
     pipe = Pipeline.load(text_base, device="cpu", precision="fp32")
     images, prompts = finetune_data.instance_images(cfg, pipe)
-    classes = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    classes = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     inputs = [FinetuneInputs(cfg, pipe, images, prompts, classes, torch.device("cpu"), dist)
               for dist in (Dist(), Dist(0, 2), Dist(1, 2))]
     half = BATCH // 2

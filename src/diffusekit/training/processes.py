@@ -88,7 +88,8 @@ class Dist:
         meta = [None if value is None else (tuple(value.shape), value.dtype)]
         torch.distributed.broadcast_object_list(meta, src=0)
         shape, dtype = meta[0]
-        buffer = value.to(device) if self.rank == 0 else torch.empty(shape, dtype=dtype, device=device)
+        # contiguous: the collective sends the storage as it lies (a channels-last tensor would arrive transposed)
+        buffer = value.to(device).contiguous() if self.rank == 0 else torch.empty(shape, dtype=dtype, device=device)
         torch.distributed.broadcast(buffer, src=0)
         return buffer.cpu()
 
