@@ -14,7 +14,8 @@ Judges are now trained with the "levels" view (diffusekit.nn.classifier). Views 
                 2x2 grid, each block divided by its RMS spread on the 5,000 training images
                 `train-classifier` calibrates on (so it is the "levels" judge's own view, for any judge)
 
-Bad sets (each n = 1,000 from MNIST train, against all 10,000 t10k images):
+Bad sets (each n = 1,000 from MNIST train, against all 10,000 t10k images; real_other, another 1,000
+random train images, shows the spread of the real images' own FD):
   one_class     digit 0 only;   blur   Gaussian blur, sigma 1 px;   copies   100 images, each 10 times
   typical       per class, 100 images drawn from the tenth of that class nearest its mean image (the
                 diversity that guidance trades away for confidence)
@@ -22,6 +23,7 @@ plus any --samples NPZ (uint8 images, as `sample` below writes).
 
     diffusekit train-classifier --data ../shared/data/mnist --out runs/judge     # "levels" by default
     B="OMP_NUM_THREADS=1 .venv/bin/python bench/mnist_judge.py"
+    $B relevel --judge runs/judge-pooled --data ../shared/data/mnist --out runs/judge-relevelled  # an old judge
     $B sample --run runs/mnist --guidance 1 2 4 --out runs/guided      # 1,000 DDIM-20 samples per scale
     $B bad --judge runs/judge-pooled runs/judge --data ../shared/data/mnist \\
         --samples runs/guided/guidance1.npz runs/guided/guidance2.npz runs/guided/guidance4.npz
@@ -87,10 +89,12 @@ def typical(images: torch.Tensor, labels: torch.Tensor, per_class: int, g: torch
 
 
 def bad_sets(images: torch.Tensor, labels: torch.Tensor, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    real = torch.randperm(len(images), generator=g)[:n]
+    perm = torch.randperm(len(images), generator=g)
+    real, other = perm[:n], perm[n:2 * n]
     zeros = (labels == 0).nonzero().flatten()
     few = real[: n // 10]
-    return {"real_train": images[real], "one_class": images[zeros[torch.randperm(len(zeros), generator=g)[:n]]],
+    one_class = zeros[torch.randperm(len(zeros), generator=g)[:n]]
+    return {"real_train": images[real], "real_other": images[other], "one_class": images[one_class],
             "blur": gaussian_blur(images[real], 1.0), "copies": images[few.repeat(10)[:n]],
             "typical": images[typical(images, labels, n // 10, g)]}
 
@@ -102,7 +106,8 @@ def load_samples(path: Path) -> torch.Tensor:
     return (x.view(len(x), 1, 28, 28) / 127.5 - 1.0)
 
 
-def judge_check(judge_dir, data, n: int = 1000, seed: int = 0, samples: dict | None = None) -> dict:
+def judge_check(judge_dir, data, n: int = 1000, seed: int = 0, samples: dict | None = None,
+                known_bad: bool = True) -> dict:
     from diffusekit.data import DataConfig, load_dataset
     from diffusekit.store.classifier import load_classifier
     model, cfg = load_classifier(judge_dir)
@@ -112,6 +117,8 @@ def judge_check(judge_dir, data, n: int = 1000, seed: int = 0, samples: dict | N
     g = torch.Generator().manual_seed(seed)
     ref = judge_views(model, test.images, scale)
     sets = {**bad_sets(train.images, train.labels, n, g), **(samples or {})}
+    if not known_bad:
+        sets = {k: v for k, v in sets.items() if k in ("real_train", "real_other") or k in (samples or {})}
     feats = {k: judge_views(model, x, scale) for k, x in sets.items()}
     fd = {v: {k: frechet(f[v], ref[v]) for k, f in feats.items()} for v in VIEWS}
     ratio = {v: {k: d / fd[v]["real_train"] for k, d in fd[v].items() if k != "real_train"} for v in VIEWS}
@@ -137,6 +144,30 @@ def sample_guided(run: Path, guidance: list[float], n: int, steps: int, out: Pat
         print(f"wrote {out / f'guidance{w:g}.npz'}", flush=True)
 
 
+def relevel(judge_dir: Path, data: Path, out: Path) -> dict:
+    """A "pooled" judge folder's network with the "levels" view, calibrated as `train-classifier` calibrates
+    (training.classifier.calibrate: the same seeded 5,000 training images), written to OUT. The view changes
+    nothing in training, so this is the judge `train-classifier --features levels` gives with the same
+    options and seed, without training it again."""
+    import dataclasses
+    from diffusekit.data import DataConfig, load_dataset
+    from diffusekit.nn.classifier import NoiseAwareClassifier
+    from diffusekit.store.classifier import load_classifier, save_classifier
+    from diffusekit.training.classifier import METRICS_FILE, calibrate
+    old, cfg = load_classifier(judge_dir)
+    cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, features="levels"))
+    model = NoiseAwareClassifier(cfg.classifier)
+    model.load_state_dict({**old.state_dict(), "feature_scale": model.feature_scale})
+    scale = calibrate(model.eval(), load_dataset(DataConfig(source=str(data), split="train")), cfg.train.seed)
+    save_classifier(out, model, cfg)
+    metrics_path = Path(judge_dir) / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics.update({"features": "levels", "num_features": model.num_features, "feature_scale": scale.tolist(),
+                    "relevelled_from": str(judge_dir)})
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -146,19 +177,28 @@ def main() -> None:
     bad.add_argument("--n", type=int, default=1000)
     bad.add_argument("--samples", type=Path, nargs="*", default=[], help=".npz files of sample sets to score too")
     bad.add_argument("--json", type=Path)
+    bad.add_argument("--samples-only", action="store_true", help="score the real sets and --samples, no bad sets")
     smp = sub.add_parser("sample", help="guided samples of a class-conditional MNIST run")
     smp.add_argument("--run", type=Path, required=True)
     smp.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     smp.add_argument("--n", type=int, default=1000)
     smp.add_argument("--steps", type=int, default=20)
     smp.add_argument("--out", type=Path, required=True)
+    rel = sub.add_parser("relevel", help="an old ('pooled') judge's network with the 'levels' view")
+    rel.add_argument("--judge", type=Path, required=True)
+    rel.add_argument("--data", type=Path, required=True, help="the MNIST IDX folder (its train split calibrates)")
+    rel.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.cmd == "relevel":
+        print(json.dumps(relevel(args.judge, args.data, args.out), indent=1))
+        return
     if args.cmd == "sample":
         sample_guided(args.run, args.guidance, args.n, args.steps, args.out)
         return
     samples = {p.stem: load_samples(p) for p in args.samples}
-    results = [judge_check(j, args.data, args.n, samples=samples) for j in args.judge]
+    results = [judge_check(j, args.data, args.n, samples=samples, known_bad=not args.samples_only)
+               for j in args.judge]
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:
