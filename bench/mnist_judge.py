@@ -99,6 +99,16 @@ def bad_sets(images: torch.Tensor, labels: torch.Tensor, n: int, g: torch.Genera
             "typical": images[typical(images, labels, n // 10, g)]}
 
 
+def probe_sets(real: torch.Tensor, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Slight changes of the real set: Gaussian pixel noise (sigma 0.02 / 0.05 / 0.1 in [-1, 1]), the black
+    background raised by 0.05 (6 of 255 grey levels), 16 grey levels. What does the view react to?"""
+    g = torch.Generator().manual_seed(seed)
+    sets = {f"noise_{s:g}": (real + s * torch.randn(real.shape, generator=g)).clamp(-1, 1) for s in (0.02, 0.05, 0.1)}
+    sets["background_0.05"] = (real + 0.05 * (real < -0.99)).clamp(-1, 1)
+    sets["grey_levels_16"] = ((real + 1) * 7.5).round() / 7.5 - 1
+    return sets
+
+
 def load_samples(path: Path) -> torch.Tensor:
     """(N, 1, 28, 28) images in [-1, 1] from an .npz holding uint8 `images` (N, 28, 28) or (N, 1, 28, 28)."""
     with np.load(path) as z:
@@ -107,7 +117,7 @@ def load_samples(path: Path) -> torch.Tensor:
 
 
 def judge_check(judge_dir, data, n: int = 1000, seed: int = 0, samples: dict | None = None,
-                known_bad: bool = True) -> dict:
+                known_bad: bool = True, probes: bool = False) -> dict:
     from diffusekit.data import DataConfig, load_dataset
     from diffusekit.store.classifier import load_classifier
     model, cfg = load_classifier(judge_dir)
@@ -119,6 +129,8 @@ def judge_check(judge_dir, data, n: int = 1000, seed: int = 0, samples: dict | N
     sets = {**bad_sets(train.images, train.labels, n, g), **(samples or {})}
     if not known_bad:
         sets = {k: v for k, v in sets.items() if k in ("real_train", "real_other") or k in (samples or {})}
+    if probes:
+        sets.update(probe_sets(sets["real_train"]))
     feats = {k: judge_views(model, x, scale) for k, x in sets.items()}
     fd = {v: {k: frechet(f[v], ref[v]) for k, f in feats.items()} for v in VIEWS}
     ratio = {v: {k: d / fd[v]["real_train"] for k, d in fd[v].items() if k != "real_train"} for v in VIEWS}
@@ -178,6 +190,7 @@ def main() -> None:
     bad.add_argument("--samples", type=Path, nargs="*", default=[], help=".npz files of sample sets to score too")
     bad.add_argument("--json", type=Path)
     bad.add_argument("--samples-only", action="store_true", help="score the real sets and --samples, no bad sets")
+    bad.add_argument("--probes", action="store_true", help="also score slight changes of the real set (probe_sets)")
     smp = sub.add_parser("sample", help="guided samples of a class-conditional MNIST run")
     smp.add_argument("--run", type=Path, required=True)
     smp.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -197,7 +210,8 @@ def main() -> None:
         sample_guided(args.run, args.guidance, args.n, args.steps, args.out)
         return
     samples = {p.stem: load_samples(p) for p in args.samples}
-    results = [judge_check(j, args.data, args.n, samples=samples, known_bad=not args.samples_only)
+    results = [judge_check(j, args.data, args.n, samples=samples, known_bad=not args.samples_only,
+                           probes=args.probes)
                for j in args.judge]
     text = json.dumps(results, indent=1)
     print(text)
