@@ -135,8 +135,10 @@ class NoiseAwareClassifier(nn.Module):
         was_training = self.training
         self.eval()
         param = next(self.parameters())
-        parts = [self.feature_blocks(b.to(param.device, param.dtype)) for b in images.split(batch_size)]
-        self.train(was_training)
+        try:
+            parts = [self.feature_blocks(b.to(param.device, param.dtype)) for b in images.split(batch_size)]
+        finally:
+            self.train(was_training)
         scale = torch.stack([torch.cat(p).float().var(0).mean().sqrt() for p in zip(*parts)])
         scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
         self.feature_scale.copy_(scale)
