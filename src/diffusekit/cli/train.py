@@ -316,11 +316,15 @@ def train_autoencoder(source, out, image_size, channels, background, factor, lat
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True,
               help="Peak learning rate.")
 @click.option("--base-channels", type=click.IntRange(1), default=16, show_default=True, help="Classifier width.")
+@click.option("--features", type=click.Choice(["levels", "pooled"]), default="levels", show_default=True,
+              help="The features `eval --features classifier:OUT` uses for FD: 'levels' (the penultimate layer plus "
+                   "every resolution level on a 2x2 grid, each block scaled to unit spread on training images) or "
+                   "'pooled' (the penultimate layer alone, blind to blurred or alike images; judges before 2026-12).")
 @click.option("--resume", is_flag=True, help="Continue the classifier in --out exactly where it stopped.")
 @opt.network_options
 @friendly_errors
 def train_classifier(source, out, image_size, channels, noise_aware, run_dir, train_steps, batch_size, lr,
-                     base_channels, resume, seed, dry_run, device, precision):
+                     base_channels, features, resume, seed, dry_run, device, precision):
     """Train a classifier: a judge for `eval --features classifier:OUT`, or (--noise-aware) a guide.
 
     Writes OUT/config.json, OUT/classifier.safetensors and OUT/metrics.json (held-out accuracy on
@@ -334,8 +338,8 @@ def train_classifier(source, out, image_size, channels, noise_aware, run_dir, tr
     from ..training.classifier import train_classifier as fit
     from ..training.plan import plan_classifier_run
     plan = plan_classifier_run(out, source, image_size=image_size, channels=int(channels), from_run=run_dir,
-                               base_channels=base_channels, steps=train_steps, batch_size=batch_size, lr=lr,
-                               noise_aware=noise_aware, seed=seed or 0, device=device,
+                               base_channels=base_channels, features=features, steps=train_steps,
+                               batch_size=batch_size, lr=lr, noise_aware=noise_aware, seed=seed or 0, device=device,
                                **({"precision": precision} if precision else {}))
     if dry_run:
         opt.dump({"classifier": plan.classifier.to_dict(), "data": plan.data.to_dict(), "train": plan.train.to_dict()})
