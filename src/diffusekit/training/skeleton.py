@@ -77,6 +77,14 @@ class Trainer(ABC):
         """Restore what `weights` wrote (on resume)."""
         store.load_state_dict_checked(model, state, where)
 
+    def state(self, run: "Run") -> dict[str, Any]:
+        """What the trainer adds to trainer_state.pt beyond the skeleton's (tensors, numbers, strings, lists,
+        dicts: it is read weights_only), e.g. a discriminator and its optimiser."""
+        return {}
+
+    def load_state(self, run: "Run", state: dict[str, Any], where: str) -> None:
+        """Restore what `state` wrote (on resume), from the trainer state read in `where`."""
+
     def config_json(self) -> str:
         """config.json's text (a full fine-tune writes its base's run config there, so Pipeline.load reads it)."""
         return self.cfg.to_json()
@@ -188,6 +196,7 @@ def build(trainer: Trainer, run_dir: Path, dist: Dist, device: torch.device, fol
         opt.load_state_dict(state["optimizer"])
         ema.num_updates, run.start, run.elapsed_before = state["ema_num_updates"], state["step"], state["elapsed"]
         run.saved_step = run.start
+        trainer.load_state(run, state, str(folder / store.STATE_FILE))
     return run
 
 
@@ -222,12 +231,15 @@ class Hooks:
         self.trainer, self.run, self.tc = trainer, run, trainer.cfg.train
         self.periodic = trainer.periodic(run) if run.rank0 else []
         self.window: dict[str, float] = {}
+        self.counts: dict[str, int] = {}        # steps that reported each key (a GAN term starts mid-window)
         self.window_steps, self.t_window = 0, time.time()
 
     def __call__(self, step: int, numbers: dict) -> None:
         tc, last = self.tc, step == self.tc.steps
         for key in self.trainer.window_keys:
-            self.window[key] = self.window.get(key, 0.0) + numbers[key]
+            if key in numbers:
+                self.window[key] = self.window.get(key, 0.0) + numbers[key]
+                self.counts[key] = self.counts.get(key, 0) + 1
         self.window_steps += 1
         if step % tc.log_every == 0 or last:
             self.log(step, numbers)
@@ -239,14 +251,14 @@ class Hooks:
 
     def log(self, step: int, numbers: dict) -> None:
         now = time.time()
-        means = {k: v / self.window_steps for k, v in self.window.items()}
+        means = {k: v / self.counts[k] for k, v in self.window.items()}
         self.run.last_loss = means["loss"]
         rest = {k: v for k, v in numbers.items() if k not in means}
         rest = {**({"lr": rest.pop("lr")} if "lr" in rest else {}), **rest}
         if self.run.tracker is not None:
             self.run.tracker.log(step, {**means, **rest, "time": self.run.elapsed(), "images_per_s":
                                         self.window_steps * self.tc.batch_size / max(now - self.t_window, 1e-9)})
-        self.window, self.window_steps, self.t_window = {}, 0, now
+        self.window, self.counts, self.window_steps, self.t_window = {}, {}, 0, now
 
 
 def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
@@ -256,7 +268,8 @@ def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
         tc, per_epoch = trainer.cfg.train, run.batches_per_epoch
         trainer_state = {"optimizer": run.opt.state_dict(), "ema_num_updates": run.ema.num_updates,
                          "elapsed": run.elapsed(), "seed": tc.seed, "world_size": run.dist.world_size,
-                         "data_order": {"epoch": step // per_epoch, "batches_per_epoch": per_epoch}}
+                         "data_order": {"epoch": step // per_epoch, "batches_per_epoch": per_epoch},
+                         **trainer.state(run)}
         store.save_checkpoint(run.run_dir, step, ema=trainer.weights(run.ema.model), raw=trainer.weights(run.model),
                               trainer_state=trainer_state, config_json=trainer.config_json() + "\n",
                               metadata=trainer.metadata())
