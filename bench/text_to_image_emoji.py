@@ -251,8 +251,9 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
     results = {"reference": {k: v for k, v in ref.items() if k != "half_b"}, "autoencoders": {}, "runs": {},
                "real_images": real_rows_scores(args.data, reader, split, rows, args.out / "reference")}
     print("real images of the prompt rows:", results["real_images"], flush=True)
+    from text_to_image import _finished_autoencoder
     for name in AUTOENCODERS:
-        if (args.out / name / "model.safetensors").exists():
+        if _finished_autoencoder(args.out / name):       # one still training has no latent scale yet
             results["autoencoders"][name] = autoencoder_ceiling(args.out / name, args.data, reader, ref, args.n)
             print(name, results["autoencoders"][name], flush=True)
     for name, folder in snapshot_folders(args):
