@@ -4,7 +4,8 @@ Every trainer (diffusion.py, autoencoder.py, classifier.py, finetune.py) runs `f
 trainer supplies what is its own (a `Trainer`): its network, its step function (the loss and the optimiser
 step), what its saves add (an evaluation, pictures, a model card) and its weights' metadata, and where it
 differs from training a whole network, what the optimiser steps and what a save holds (`parameters`,
-`weights`, `load_weights`, `config_json`: a LoRA fine-tune steps and saves only its adapter). The
+`weights`, `load_weights`, `config_json`: a LoRA fine-tune steps and saves only its adapter), and what
+it adds to the trainer state (`state`, `load_state`: the autoencoder's discriminator). The
 skeleton does the rest, once:
   open     the run folder under its RunLock (rank 0): finish an interrupted save (store.journal),
            refuse a checkpoint unless resuming, refuse a resume whose settings changed
