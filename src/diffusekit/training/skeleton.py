@@ -4,7 +4,8 @@ Every trainer (diffusion.py, autoencoder.py, classifier.py, finetune.py) runs `f
 trainer supplies what is its own (a `Trainer`): its network, its step function (the loss and the optimiser
 step), what its saves add (an evaluation, pictures, a model card) and its weights' metadata, and where it
 differs from training a whole network, what the optimiser steps and what a save holds (`parameters`,
-`weights`, `load_weights`, `config_json`: a LoRA fine-tune steps and saves only its adapter). The
+`weights`, `load_weights`, `config_json`: a LoRA fine-tune steps and saves only its adapter), and what
+it adds to the trainer state (`state`, `load_state`: the autoencoder's discriminator). The
 skeleton does the rest, once:
   join     the torchrun process group (`processes`: training.processes.setup_processes), left at the end
   open     the run folder under its RunLock (rank 0): finish an interrupted save (store.journal),
@@ -81,6 +82,14 @@ class Trainer(ABC):
     def load_weights(self, model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
         """Restore what `weights` wrote (on resume)."""
         store.load_state_dict_checked(model, state, where)
+
+    def state(self, run: "Run") -> dict[str, Any]:
+        """What the trainer adds to trainer_state.pt beyond the skeleton's (tensors, numbers, strings, lists,
+        dicts: it is read weights_only), e.g. a discriminator and its optimiser."""
+        return {}
+
+    def load_state(self, run: "Run", state: dict[str, Any], where: str) -> None:
+        """Restore what `state` wrote (on resume), from the trainer state read in `where`."""
 
     def config_json(self) -> str:
         """config.json's text (a full fine-tune writes its base's run config there, so Pipeline.load reads it)."""
@@ -212,6 +221,7 @@ def build(trainer: Trainer, run_dir: Path, dist: Dist, device: torch.device, fol
         opt.load_state_dict(state["optimizer"])
         ema.num_updates, run.start, run.elapsed_before = state["ema_num_updates"], state["step"], state["elapsed"]
         run.saved_step = run.start
+        trainer.load_state(run, state, str(folder / store.STATE_FILE))
     run.net = dist.wrap(model, device)      # after the weights are set: DDP copies rank 0's to the others
     return run
 
@@ -247,12 +257,15 @@ class Hooks:
         self.trainer, self.run, self.tc = trainer, run, trainer.cfg.train
         self.periodic = trainer.periodic(run) if run.rank0 else []
         self.window: dict[str, float] = {}
+        self.counts: dict[str, int] = {}        # steps that reported each key (a GAN term starts mid-window)
         self.window_steps, self.t_window = 0, time.time()
 
     def __call__(self, step: int, numbers: dict) -> None:
         tc, last = self.tc, step == self.tc.steps
         for key in self.trainer.window_keys:
-            self.window[key] = self.window.get(key, 0.0) + numbers[key]
+            if key in numbers:
+                self.window[key] = self.window.get(key, 0.0) + numbers[key]
+                self.counts[key] = self.counts.get(key, 0) + 1
         self.window_steps += 1
         if step % tc.log_every == 0 or last:
             self.log(step, numbers)
@@ -264,14 +277,14 @@ class Hooks:
 
     def log(self, step: int, numbers: dict) -> None:
         now = time.time()
-        means = {k: v / self.window_steps for k, v in self.window.items()}
+        means = {k: v / self.counts[k] for k, v in self.window.items()}
         self.run.last_loss = means["loss"]
         rest = {k: v for k, v in numbers.items() if k not in means}
         rest = {**({"lr": rest.pop("lr")} if "lr" in rest else {}), **rest}
         if self.run.tracker is not None:
             self.run.tracker.log(step, {**means, **rest, "time": self.run.elapsed(), "images_per_s":
                                         self.window_steps * self.tc.batch_size / max(now - self.t_window, 1e-9)})
-        self.window, self.window_steps, self.t_window = {}, 0, now
+        self.window, self.counts, self.window_steps, self.t_window = {}, {}, 0, now
 
 
 def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
@@ -281,7 +294,8 @@ def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
         tc, per_epoch = trainer.cfg.train, run.batches_per_epoch
         trainer_state = {"optimizer": run.opt.state_dict(), "ema_num_updates": run.ema.num_updates,
                          "elapsed": run.elapsed(), "seed": tc.seed, "world_size": run.dist.world_size,
-                         "data_order": {"epoch": step // per_epoch, "batches_per_epoch": per_epoch}}
+                         "data_order": {"epoch": step // per_epoch, "batches_per_epoch": per_epoch},
+                         **trainer.state(run)}
         store.save_checkpoint(run.run_dir, step, ema=trainer.weights(run.ema.model), raw=trainer.weights(run.model),
                               trainer_state=trainer_state, config_json=trainer.config_json() + "\n",
                               metadata=trainer.metadata())
