@@ -4,7 +4,8 @@ Four measurements, each on the same trained run (EMA weights, bf16 autocast by d
 
 1. Classifier-free guidance: for every scale w, n_per_class samples per class (balanced); the share
    the judge assigns to the requested class, the mean judge confidence in it, and the diversity
-   within a class: mean pairwise L2 distance of the judge's penultimate features (and of pixels)
+   within a class: mean pairwise L2 distance of the judge's features (its "levels" view since 2026-12,
+   its penultimate layer before; bench/mnist_judge.py) (and of pixels)
    among the samples of one class, averaged over classes. The same starting noise for every w.
    w = 0 is the unconditional model (eps_uncond), run as class label -1 without the CFG wrapper
    (identical output: the wrapper's (1 - w) eps_u + w eps_c is exactly eps_u at w = 0).

@@ -162,8 +162,7 @@ def main() -> None:
         c0 = time.process_time()
         images, labels = sample_classes(pipe, args.n, args.steps, w, args.seed)
         r = score_images(images, judge, args.data, ROOT / "runs/bench_cache")
-        with torch.no_grad():
-            logits = judge.model.head(judge.extractor(images).to(next(judge.model.parameters()).dtype)).float()
+        logits = judge.features_and_logits(images)[1]
         r.update({"asked_class": float((logits.argmax(1) == labels).float().mean()),
                   "sample_eval_cpu_s": time.process_time() - c0})
         record[key] = r

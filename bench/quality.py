@@ -2,9 +2,9 @@
 
 For the class-conditional MNIST run (EMA weights, bf16 autocast, balanced class labels k mod 10,
 no classifier-free guidance) each cell samples n images with one sampler at one NFE budget and
-scores them against MNIST t10k with the judge classifier's penultimate features
-(`--judge`, a `diffusekit train-classifier` folder): Frechet distance (vs the Gaussian of all 10,000 test images),
-KID, precision/recall (k = 3) and the judge's accuracy on the requested classes.
+scores them against MNIST t10k with the judge classifier's features (`--judge`, a `diffusekit
+train-classifier` folder; its "levels" view since 2026-12, its penultimate layer before: bench/mnist_judge.py):
+Frechet distance (vs the Gaussian of all 10,000 test images), KID, precision/recall (k = 3) and the judge's accuracy on the requested classes.
 
   * budgets: NFE 5, 10, 20, 50, 100; the step count per sampler is the largest with
     sampler.nfe(steps) <= budget (Heun: 2 steps - 1 evaluations), the NFE reported is counted

@@ -19,7 +19,7 @@ OUT/results/NAME.json, so two can run at once):
 
 Scoring (identical for all): diffusekit DDIM, eta 0, 20 steps (--steps) (trailing spacing), bf16 autocast,
 n = 1,000 unconditional samples from the same starting noise; judge = a `diffusekit
-train-classifier` MNIST classifier; FD / KID / precision / recall of its penultimate features against
+train-classifier` MNIST classifier; FD / KID / precision / recall of its features (Judge) against
 MNIST t10k (diffusekit.metrics); "confident" = judge max softmax probability >= 0.9.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/quality_per_minute.py real --judge runs/judge --data path/to/mnist
@@ -127,23 +127,25 @@ def probe_cpu_s_per_step(cfg, images: torch.Tensor, steps: int = 12) -> float:
 
 
 class Judge:
-    """The judge classifier: penultimate features for FD and max softmax probability for confidence."""
+    """The judge classifier: its FD features (the view its config names: "levels" for judges trained since
+    2026-12, the penultimate layer for older ones; see bench/mnist_judge.py) and max softmax probability."""
 
     def __init__(self, judge_dir: Path):
         from diffusekit.evaluation import feature_extractor
         self.extractor = feature_extractor(f"classifier:{judge_dir}")
-        self.model = self.extractor.model
+        self.model = self.extractor.model.eval()
 
     @torch.no_grad()
+    def features_and_logits(self, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, F), logits (N, classes)), float32 on the CPU, of images in [-1, 1]."""
+        param = next(self.model.parameters())
+        parts = [self.model.features_and_logits(b.to(param.device, param.dtype)) for b in images.split(batch)]
+        return tuple(torch.cat([p[i] for p in parts]).float().cpu() for i in (0, 1))
+
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(features (N, F) float64, max softmax probability (N,)) of images in [-1, 1]."""
-        feats, conf = [], []
-        for i in range(0, len(images), 500):
-            f = self.extractor(images[i:i + 500])
-            p = torch.softmax(self.model.head(f.to(next(self.model.parameters()).dtype)).float(), dim=1)
-            feats.append(f.double().numpy())
-            conf.append(p.max(1).values.numpy())
-        return np.concatenate(feats), np.concatenate(conf)
+        feats, logits = self.features_and_logits(images)
+        return feats.double().numpy(), torch.softmax(logits, dim=1).max(1).values.numpy()
 
 
 def score_images(images: torch.Tensor, judge: Judge, data: Path, cache: Path, seed: int = 0) -> dict:

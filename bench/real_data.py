@@ -5,8 +5,9 @@ For each data set the script trains one run for --budget-cpu-min minutes of this
 budget), then samples --n images with the EMA weights (dpmpp_2m, 20 steps, bf16 autocast) and
 scores them against held-out images the run never saw (diffusekit.evaluation.evaluate_run):
   * fashion: Fashion-MNIST train (60,000, 28x28 grayscale, 10 classes; class-conditional, balanced
-    labels k mod 10 when sampling) against t10k; features: raw pixels, and the penultimate layer
-    of a judge classifier trained on the train split by diffusekit's train_classifier
+    labels k mod 10 when sampling) against t10k; features: raw pixels, and the features of a judge
+    classifier trained on the train split by diffusekit's train_classifier (its "levels" view since
+    2026-12, its penultimate layer before: bench/mnist_judge.py)
     (--judge-steps; 0 = raw pixels only);
   * shapes-rgb: an image folder of the `shapes` set written by write_shapes_folder (--shapes-train
     RGB 32x32 PNGs with metadata.jsonl, unconditional) against a folder of the set's `test` stream;

@@ -8,7 +8,8 @@ The split shared with bench/finetune.py (`emoji_split`) is defined first. Stages
   pixel, px64, learned   the same at 32 px in pixel space, at 64 px through the factor-8 autoencoder, and
            with the learned text encoder
   sample   samples of every snapshot (cached, uint8); score: the emoji reader's scores (bench/emoji_t2i_score.py)
-  report   markdown table of the scores; grid: labelled grid of seen, held-out and rephrased prompts
+  report   markdown table of the scores; grid: labelled grid of seen, held-out and rephrased prompts;
+  aegrid   held-out real images over their reconstructions by each of --autoencoders
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/text_to_image_emoji.py ladder --data ../shared/data/emoji \
         --ae ae32-c8 --marks 1 5 15 30
@@ -108,6 +109,10 @@ AUTOENCODERS = {
     "ae32-w32c8": (32, {"base_channels": 32, "latent_channels": 8}),
     "ae32-c8-long": (32, {"latent_channels": 8}),                  # ae32-c8's layout, trained longer (--ae-steps 5000)
     "ae64-f8c8": (64, {"channel_mult": (1, 2, 2, 2), "latent_channels": 8}),
+    # ae32-c8 with LDM's patch-GAN term (weight 0.5, adaptive) from step 500; run at the training CPU time of
+    # ae32-c8 (a GAN step costs ~1.3x a plain one: --ae-steps 1630 against 2000)
+    "ae32-c8-gan": (32, {"latent_channels": 8, "adversarial_weight": 0.5, "adversarial_start": 500}),
+    "ae32-c8-gan01": (32, {"latent_channels": 8, "adversarial_weight": 0.1, "adversarial_start": 500}),
 }
 # the latent UNet at 8x8: tiny8's shape (attention at 4x4) with 64 base channels
 LATENT_MODEL = {"model.base_channels": 64, "model.channel_mult": (1, 2, 2), "model.num_res_blocks": 1,
@@ -202,6 +207,26 @@ def autoencoder_ceiling(ae_dir: Path, data_dir, reader, ref: dict, n: int) -> di
     return out
 
 
+def autoencoder_grid(args, split: dict, rows: list[dict], k: int = 16) -> None:
+    """k images no autoencoder trained on (a seeded choice of the rows the split holds out) over their
+    reconstructions by each of args.autoencoders, one labelled row each, at args.grid_path."""
+    import torch
+    from emoji_reader import load_emoji
+    from diffusekit.store.autoencoder import load_trained_autoencoder
+    from diffusekit.training.reconstruction import reconstruct
+    from diffusekit.viz import save_labelled_grid
+    trained = {r["file_name"] for r in split["train_rows"]}
+    unseen = [r for r in rows if r["file_name"] not in trained]
+    pick = [unseen[i] for i in torch.randperm(len(unseen), generator=torch.Generator().manual_seed(3))[:k].tolist()]
+    real, _ = load_emoji(args.data, size=32, rows=pick)
+    images, labels = [real], ["real (not trained on)"]
+    for name in args.autoencoders:
+        model, cfg = load_trained_autoencoder(args.out / name)
+        images.append(reconstruct(model, real))
+        labels.append(f"{name} ({cfg.train.steps} steps)")
+    save_labelled_grid(torch.cat(images), Path(args.grid_path), nrow=k, row_labels=labels)
+
+
 def snapshot_folders(args) -> list[tuple[str, Path]]:
     """(RUN@MINUTES, folder) of every snapshot under args.out (only those args.runs names, if any)."""
     found = sorted(args.out.glob("*/snapshots/*"), key=lambda f: (f.parent.parent.name, float(f.name)))
@@ -227,8 +252,9 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
     results = {"reference": {k: v for k, v in ref.items() if k != "half_b"}, "autoencoders": {}, "runs": {},
                "real_images": real_rows_scores(args.data, reader, split, rows, args.out / "reference")}
     print("real images of the prompt rows:", results["real_images"], flush=True)
+    from text_to_image import _finished_autoencoder
     for name in AUTOENCODERS:
-        if (args.out / name / "model.safetensors").exists():
+        if _finished_autoencoder(args.out / name):       # one still training has no latent scale yet
             results["autoencoders"][name] = autoencoder_ceiling(args.out / name, args.data, reader, ref, args.n)
             print(name, results["autoencoders"][name], flush=True)
     for name, folder in snapshot_folders(args):
@@ -277,7 +303,8 @@ def main() -> None:
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "sample", "score", "grid", "report"])
+    ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "sample", "score", "grid", "aegrid",
+                                          "report"])
     ap.add_argument("--data", type=Path, required=True, help="the emoji folder (../shared/data/emoji)")
     ap.add_argument("--out", type=Path, default=Path("runs/t2i-emoji"))
     ap.add_argument("--autoencoders", nargs="+", default=["ae32-c4", "ae32-c8"], choices=sorted(AUTOENCODERS))
@@ -310,6 +337,9 @@ def main() -> None:
         return
     if args.stage == "score":
         score_stage(args, split, load_rows(args.data))
+        return
+    if args.stage == "aegrid":
+        autoencoder_grid(args, split, load_rows(args.data))
         return
     if args.stage == "grid":
         save_grid(args.out / args.grid_run, grid_prompts(split, load_rows(args.data)), args.scales[0], 6,

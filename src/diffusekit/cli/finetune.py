@@ -44,7 +44,8 @@ def _finetune_options(fn):
         c("--train-steps", field="train.steps", type=click.IntRange(1), default=None,
           help="Optimiser steps [default: 400]."),
         c("--batch-size", field="train.batch_size", type=click.IntRange(1), default=None,
-          help="Instance images per step (as many class images again with prior preservation) [default: 4]."),
+          help="Instance images per step (as many class images again with prior preservation), over all "
+               "processes under torchrun [default: 4]."),
         c("--lr", field="train.lr", type=click.FloatRange(0, min_open=True), default=None,
           help="Learning rate (constant) [default: 1e-4]."),
         c("--sample-every", field="train.sample_every", type=click.IntRange(0), default=None,
@@ -85,6 +86,10 @@ def finetune(base, data, out, resume, overwrite, dry_run, **options):
           --class-prompt "a shape" --num-class-images 50 --out runs/ft-prior
       diffusekit sample runs/ft --prompt "a sks shape" --lora-scale 0.8
       diffusekit merge runs/ft --out runs/ft-merged
+      torchrun --nproc_per_node 2 -m diffusekit finetune runs/shapes --data my-images \\
+          --instance-prompt "a sks shape" --batch-size 4 --out runs/ft2     # 2 processes, 2 images each
+
+    Under torchrun --batch-size is the global batch (each process takes its share) and rank 0 writes the run.
     """
     from ..training.finetune import plan_finetune
     plan = plan_finetune(base, data, out, opt.config_overrides(options), resume=resume, overwrite=overwrite,
@@ -92,11 +97,17 @@ def finetune(base, data, out, resume, overwrite, dry_run, **options):
     if dry_run:
         opt.dump(plan.config.to_dict())
         return
+    from ..device import rank_world
+    rank0 = rank_world()[0] == 0            # under torchrun every process runs this; rank 0 reports
     if plan.finished:
+        if not rank0:
+            return
         click.echo(f"{out} has already finished its {plan.config.train.steps} steps; raise --train-steps to train "
                    "further.")
         return
     result = plan.run(progress=True)
+    if not rank0:
+        return
     loss = "n/a" if result.loss is None else f"{result.loss:.4f}"
     click.echo(f"fine-tuned ({result.method}) {result.step} steps in {result.seconds:.0f} s (final loss {loss}); "
                f"run folder: {result.run_dir}")

@@ -44,6 +44,12 @@ class AutoencoderConfig(Config):
     kl_weight: float = 1e-6                # LDM's KL weight for its f4 / f8 autoencoders
     loss: Literal["l1", "mse"] = "l1"      # pixel reconstruction loss
     scaling_factor: float = 1.0            # z_diffusion = z * scaling_factor; set from compute_scaling_factor
+    # LDM's patch-GAN term (training only; training/adversarial.py): weight on the adaptive-weighted hinge
+    # generator loss, 0 = off (no discriminator at all); LDM uses 0.5
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 0             # first optimiser step with the GAN term (and discriminator training)
+    discriminator_channels: int = 32       # the PatchGAN's first width (doubling per layer, capped at 8x)
+    discriminator_layers: int = 3          # its stride-2 convolutions: patches of H / 2^layers
 
     def validate(self) -> None:
         for name in ("in_channels", "base_channels", "latent_channels", "groups", "num_heads"):
@@ -51,6 +57,12 @@ class AutoencoderConfig(Config):
         check_range("num_res_blocks", self.num_res_blocks, lo=1)
         check_range("kl_weight", self.kl_weight, lo=0.0)
         check_range("scaling_factor", self.scaling_factor, lo=0.0, lo_open=True)
+        if self.adversarial_weight < 0:
+            raise ConfigError(f"adversarial_weight={self.adversarial_weight!r} is negative; use 0 (off) or a "
+                              f"positive weight, such as LDM's 0.5.")
+        check_range("adversarial_start", self.adversarial_start, lo=0)
+        for name in ("discriminator_channels", "discriminator_layers"):
+            check_range(name, getattr(self, name), lo=1)
         self.channel_mult = tuple(self.channel_mult)
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ConfigError(f"channel_mult={self.channel_mult!r}; expected a non-empty tuple of positive ints.")
@@ -202,13 +214,23 @@ class KLAutoencoder(nn.Module):
         the posterior's KL per image. This is LDM's sum-over-pixels loss divided by the pixel count,
         so kl_weight means what it means there (1e-6 for its f4 and f8 models).
         """
+        total, rec, kl, _ = self.loss_terms(x, generator)
+        return total, {"rec": rec.detach(), "kl": kl.detach()}
+
+    def loss_terms(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """(total, rec, kl, x_rec) of `loss`, undetached, with the reconstruction the adversarial term judges."""
         q = self.posterior(x)
         x_rec = self.decoder(q.sample(generator))
         err = (x_rec - x).abs() if self.config.loss == "l1" else (x_rec - x).pow(2)
         rec = err.mean()
         kl = q.kl().mean()
         total = rec + self.config.kl_weight * kl / x[0].numel()
-        return total, {"rec": rec.detach(), "kl": kl.detach()}
+        return total, rec, kl, x_rec
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output convolution's weight: where LDM's adaptive weight compares gradient norms."""
+        return self.decoder[-1].weight
 
     @staticmethod
     def compute_scaling_factor(latents_unscaled: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from diffusekit.config import Config, ConfigError, check_range
+from diffusekit.nn.layers import RowDropout
 
 ADAPTER_NAME = "default"           # peft's adapter name; one adapter per model here
 GROUPS = ("attention", "conv", "text")
@@ -177,11 +178,22 @@ def add_lora(model: nn.Module, config: AdapterConfig, target_modules: list[str] 
     peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else config.rank,
                                   lora_dropout=config.dropout, target_modules=names, bias="none")
     peft.inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+    _row_dropout(model)
     if any(n.rsplit(".", 1)[-1] in ("emb_proj", "ctx_proj") for n in names):
         for m in model.modules():      # UNet.project_all reads the raw weights, which would skip the adapter
             if hasattr(m, "batch_projections"):
                 m.batch_projections = False
     return names
+
+
+def _row_dropout(model: nn.Module) -> None:
+    """peft's adapter dropout (nn.Dropout) as RowDropout: the same layer outside training, and inside the trainers'
+    row_dropout_seeds its masks depend on (seed, step, layer, global row) only, so torchrun ranks drop what one
+    process drops and a resumed fine-tune what an uninterrupted one drops."""
+    for _, layer in _lora_layers(model):
+        drop = layer.lora_dropout[ADAPTER_NAME]
+        if isinstance(drop, nn.Dropout) and not isinstance(drop, RowDropout):
+            layer.lora_dropout[ADAPTER_NAME] = RowDropout(drop.p)
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -3,7 +3,8 @@
 A folder written by train_autoencoder (diffusekit.training.autoencoder) holds
   config.json             AutoencoderRunConfig; autoencoder.scaling_factor is set when training ends
   model.safetensors       EMA weights (what encoding uses); metadata autoencoder_config, scaling_factor
-  model_raw.safetensors   raw weights;   trainer_state.pt: optimizer, EMA count, step (exact resume)
+  model_raw.safetensors   raw weights;   trainer_state.pt: optimizer, EMA count, step (exact resume),
+                          and the discriminator and its optimizer where autoencoder.adversarial_weight > 0
 The latent scaling factor 1 / std(z) (LDM sec. 4.3.2) is measured when training ends and saved in
 config.json and in the weights' metadata; intermediate checkpoints carry none, and
 load_autoencoder refuses them.

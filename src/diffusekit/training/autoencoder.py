@@ -6,8 +6,11 @@ precision, per-step seeds, logging, journaled saves) and writes the folder store
 describes, as the diffusion trainer writes a run:
   config.json             AutoencoderRunConfig; autoencoder.scaling_factor is set when training ends
   model.safetensors       EMA weights (what encoding uses); metadata autoencoder_config, scaling_factor
-  model_raw.safetensors   raw weights;   trainer_state.pt: optimizer, EMA count, step (exact resume)
-  metrics.jsonl           loss, rec, kl, lr per log step; held-out PSNR at each save and at the end
+  model_raw.safetensors   raw weights;   trainer_state.pt: optimizer, EMA count, step (exact resume), and
+                          with the adversarial term the discriminator's weights and optimizer
+  metrics.jsonl           loss, rec, kl, lr per log step (+ g_loss, d_loss, adaptive_weight and the mean
+                          logits of real and reconstructed images once the GAN term runs); held-out PSNR
+                          at each save and at the end
   reconstructions.png     held-out originals (odd rows) over their reconstructions (even rows)
 Every random draw of step s comes from (seed, s), so on the CPU a resumed run equals an
 uninterrupted one bit for bit.
@@ -16,6 +19,10 @@ At the final save the latent scaling factor 1 / std(z) of the unscaled posterior
 training images (LDM sec. 4.3.2) is computed with the EMA weights and saved in config.json and
 in the weights' metadata; intermediate checkpoints carry none, and load_autoencoder refuses them.
 Reconstruction PSNR is measured on a seeded held-out share of the data (data.split_heldout).
+
+autoencoder.adversarial_weight > 0 adds LDM's patch-GAN term from step adversarial_start on
+(training/adversarial.py); its discriminator is training state only. At 0 (the default) no
+discriminator is built and training is what it was without the option, bit for bit.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from diffusekit.nn.autoencoder import KLAutoencoder
 from diffusekit.store.autoencoder import (RESUMABLE_CHANGES, AutoencoderRunConfig, AutoencoderTrainConfig,
                                           cpu_autoencoder_config, read_autoencoder_config, weights_metadata)
 from diffusekit.training import skeleton
+from diffusekit.training.adversarial import Adversary
 from diffusekit.training.loop import check_loss, clip_and_step
 from diffusekit.training.processes import Dist
 from diffusekit.training.reconstruction import ReconstructionEvaluator
@@ -119,12 +127,16 @@ class AutoencoderTrainer(skeleton.Trainer):
 
     desc = "train-autoencoder"
     window_keys = ("loss", "rec", "kl", "grad_norm")
+    gan_keys = ("g_loss", "adaptive_weight", "d_loss", "logits_real", "logits_fake")
     resumable = RESUMABLE_CHANGES
     config_on_resume = False    # on resume config.json changes only with the next save, beside its weights
 
     def __init__(self, cfg: AutoencoderRunConfig, evaluator: ReconstructionEvaluator):
         self.cfg, self.evaluator = cfg, evaluator
         self.source, self.scale, self.psnr = None, None, None
+        self.adversary: Adversary | None = None
+        if cfg.autoencoder.adversarial_weight > 0:
+            self.window_keys = (*self.window_keys, *self.gan_keys)
 
     def read_config(self, folder: Path) -> AutoencoderRunConfig:
         return read_autoencoder_config(folder)
@@ -133,7 +145,18 @@ class AutoencoderTrainer(skeleton.Trainer):
         model = KLAutoencoder(self.cfg.autoencoder).to(device)
         if self.cfg.train.logvar_init is not None:
             init_posterior_logvar(model, self.cfg.train.logvar_init)
+        if self.cfg.autoencoder.adversarial_weight > 0:
+            # built after the autoencoder, so the autoencoder starts from the same weights as without it
+            tc = self.cfg.train
+            self.adversary = Adversary(self.cfg.autoencoder, device, tc.precision, tc.weight_decay)
         return model
+
+    def state(self, run: skeleton.Run) -> dict:
+        return self.adversary.state_dict() if self.adversary is not None else {}
+
+    def load_state(self, run: skeleton.Run, state: dict, where: str) -> None:
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state, where)
 
     def metadata(self) -> dict[str, str]:
         return weights_metadata(self.cfg.autoencoder, self.scale)
@@ -144,14 +167,23 @@ class AutoencoderTrainer(skeleton.Trainer):
         def step_fn(step: int, g: torch.Generator) -> dict:
             x = self.source.batch(step).images
             run.opt.zero_grad(set_to_none=True)
+            gan = self.adversary is not None and self.adversary.active(step)
             with autocast(run.device, tc.precision):
-                loss, parts = model.loss(x, g)
+                loss, rec, kl, x_rec = model.loss_terms(x, g)
+                if gan:
+                    term, g_loss, lam = self.adversary.generator_term(rec, x_rec, model.last_layer)
+                    loss = loss + term
             loss_value = loss.item()
             check_loss(loss_value)
             run.scaler.scale(loss).backward()
             grad_norm = clip_and_step(model, run.opt, run.scaler, tc.grad_clip)
             run.ema.update(model)
-            return {"loss": loss_value, "rec": parts["rec"].item(), "kl": parts["kl"].item(), "grad_norm": grad_norm}
+            numbers = {"loss": loss_value, "rec": rec.item(), "kl": kl.item(), "grad_norm": grad_norm}
+            if gan:
+                numbers.update(g_loss=g_loss.item(), adaptive_weight=lam.item(),
+                               **self.adversary.discriminator_step(x, x_rec, run.opt.param_groups[0]["lr"],
+                                                                   tc.grad_clip))
+            return numbers
         return step_fn
 
     def before_save(self, run: skeleton.Run, step: int, last: bool) -> None:

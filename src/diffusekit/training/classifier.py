@@ -6,6 +6,8 @@ journaled saves) and writes the standard run folder (config.json, model.safetens
 model_raw.safetensors, trainer_state.pt, metrics.jsonl, loss.png) and, when training ends,
   run_dir/classifier.safetensors     the trained weights (metadata: classifier_config, noise_aware, step)
   run_dir/metrics.json               held-out accuracy (clean, and at several t when noise-aware)
+A classifier whose FD view is "levels" (nn.classifier) has its feature blocks calibrated on up to
+CALIBRATION_IMAGES clean training images (a seeded draw) before it is saved.
 `store.classifier.load_classifier(path)` reads them back. With noise_aware=True every image is
 noised to a random timestep of the schedule first, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, so
 that the classifier gives log p(y | x_t, t) for guidance (Dhariwal & Nichol 2021, sec. 4.1);
@@ -38,6 +40,7 @@ from diffusekit.training.loop import check_loss, clip_and_step
 from diffusekit.training.processes import Dist
 
 METRICS_FILE = "metrics.json"
+CALIBRATION_IMAGES = 5000      # clean training images that set the "levels" view's block scales
 # fields that may change on resume: they do not alter the optimisation up to the old end
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.save_every", "train.device", "train.eval_batch_size")
 
@@ -182,6 +185,16 @@ class ClassifierTrainer(skeleton.Trainer):
         return step_fn
 
 
+def calibrate(model: NoiseAwareClassifier, train_set: ImageDataset, seed: int) -> torch.Tensor | None:
+    """Calibrate a "levels" classifier's feature blocks on a seeded draw of clean training images; returns
+    the block divisors (None for the "pooled" view, which has none)."""
+    if model.config.features != "levels":
+        return None
+    g = torch.Generator().manual_seed(derive_seed(seed, "feature-calibration"))
+    idx = torch.randperm(len(train_set), generator=g)[:CALIBRATION_IMAGES]
+    return model.calibrate_features(train_set.images[idx])
+
+
 def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, run_dir: Path, device: torch.device,
            progress: bool, resume: bool) -> ClassifierTrainResult:
     tc = cfg.train
@@ -194,10 +207,14 @@ def _train(cfg: ClassifierRunConfig, dataset: ImageDataset, run_dir: Path, devic
     run = skeleton.build(trainer, run_dir, Dist(), device, run_dir, state)
     skeleton.fit(trainer, run, progress)
     model = run.model.eval()
+    scale = calibrate(model, train_set, tc.seed)
     accuracy = heldout_accuracy(model, held_set.images, held_set.labels, tc.eval_batch_size)
     metrics = {"heldout_accuracy": accuracy, "heldout": held_desc, "heldout_n": len(held_set),
                "train_n": len(train_set), "steps": tc.steps, "final_loss": trainer.last.get("loss"),
-               "train_seconds": run.elapsed(), "noise_aware": tc.noise_aware, "num_parameters": model.num_parameters()}
+               "train_seconds": run.elapsed(), "noise_aware": tc.noise_aware, "num_parameters": model.num_parameters(),
+               "features": cfg.classifier.features, "num_features": model.num_features}
+    if scale is not None:
+        metrics["feature_scale"] = [float(v) for v in scale]
     if trainer.schedule is not None:
         T = trainer.schedule.num_train_timesteps
         metrics["heldout_accuracy_at_t"] = {

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from diffusekit import store
-from diffusekit.config import ConfigError
 from diffusekit.data import open_dataset
 from diffusekit.device import autocast
 from diffusekit.fastpath import compile_wanted, maybe_compile
@@ -38,7 +37,7 @@ from diffusekit.training.inputs import StepInputs, micro_batches, slice_cond
 from diffusekit.training.loop import check_loss, clip_and_step
 from diffusekit.training.losses import diffusion_loss
 from diffusekit.training.model_card import write_model_card
-from diffusekit.training.processes import Dist, setup_processes
+from diffusekit.training.processes import Dist
 from diffusekit.training.samples import RunEvaluator, SampleGrid, grid_pipeline, reference_images
 
 
@@ -64,14 +63,9 @@ def train(run_config: RunConfig, run_dir: str | Path, resume: bool = False, prog
     "latest" (default), a step of the run's checkpoint-STEP/ folders, or a checkpoint folder.
     The caller's global RNG state is left as it was (the loop seeds inside torch.random.fork_rng).
     """
-    dist, device = setup_processes(run_config.train.device)
     run_dir = Path(run_dir)
-    try:
-        skeleton.create_folder(run_dir, run_config.data.source, dist)
-        with skeleton.locked(run_dir, dist, device):
-            return _train(run_config, run_dir, resume, progress, dist, device, dataset, resume_from)
-    finally:
-        dist.close()
+    with skeleton.processes(run_dir, run_config.data.source, run_config.train.device) as (dist, device):
+        return _train(run_config, run_dir, resume, progress, dist, device, dataset, resume_from)
 
 
 class DiffusionTrainer(skeleton.Trainer):
@@ -136,9 +130,8 @@ def denoising_step(run: skeleton.Run, tc, schedule: NoiseSchedule, prediction_ty
     this rank's (x0, t, noise, cond) or (x0, t, noise, cond, sample_weights), and has
     dropout_masks(step, slice); tc: a TrainConfig (grad_accum, precision, loss weighting, grad_clip, compile).
     """
-    device, ddp = run.device, run.dist.world_size > 1
-    net = torch.nn.parallel.DistributedDataParallel(
-        run.model, device_ids=[device] if device.type == "cuda" else None) if ddp else run.model
+    device, net = run.device, run.net
+    ddp = net is not run.model                  # in DistributedDataParallel (skeleton.build): sync the last micro-batch
     call = _training_call(net, tc, device, run.start, run.dist)
 
     def step_fn(step: int, g: torch.Generator) -> dict:
@@ -173,14 +166,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     check_data_fits(cfg, dataset)
     use_labels = cfg.model.num_classes > 0
     cfg = RunConfig.from_dict({**cfg.to_dict(), "class_names": list(dataset.class_names) if use_labels else []})
-    if tc.batch_size % (dist.world_size * tc.grad_accum):
-        raise ConfigError(f"batch_size={tc.batch_size} is the global batch and must split evenly over "
-                          f"{dist.world_size} process(es) x grad_accum={tc.grad_accum} micro-batches; use a "
-                          f"multiple of {dist.world_size * tc.grad_accum}.")
+    dist.check_split(tc.batch_size, tc.grad_accum)
     trainer = DiffusionTrainer(cfg, dataset, progress)
     folder = store.resume_folder(run_dir, resume_from) if resume else run_dir
     state = skeleton.open_run(trainer, run_dir, resume, dist, folder)
-    _same_checkpoint_everywhere(dist, run_dir, state)
     run = skeleton.build(trainer, run_dir, dist, device, folder, state)
     trainer.prepare(run)
     try:
@@ -188,19 +177,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, dist: Di
     finally:
         trainer.inputs.close()
     return TrainResult(run_dir, max(run.start, tc.steps), run.last_loss, run.elapsed(), run.model, run.ema.model)
-
-
-def _same_checkpoint_everywhere(dist: Dist, run_dir: Path, state: dict | None) -> None:
-    """Every rank resumes from the same step: a run folder that only some nodes see would mix steps silently."""
-    if dist.world_size == 1:
-        return
-    steps = [None] * dist.world_size
-    torch.distributed.all_gather_object(steps, None if state is None else state["step"])
-    if len(set(steps)) > 1:
-        seen = ", ".join(f"rank {r}: {'no checkpoint' if s is None else f'step {s}'}" for r, s in enumerate(steps))
-        raise store.CheckpointError(f"the processes see different checkpoints in {run_dir} ({seen}); every node "
-                                    f"must read the same run directory: put --out on a file system all nodes "
-                                    f"share, or copy the run to the same path on every node before resuming.")
 
 
 def _autoencoder(cfg: RunConfig, run_dir: Path, device: torch.device, rank0: bool):

@@ -14,6 +14,14 @@ images, DreamBooth's class images).
                  `Pipeline.load` reads with no adapter. Diffusekit bases only.
 Both write finetune.json (the FinetuneConfig) and, for resume, the base's hash in the weights' metadata:
 a resume on a base whose weights changed is refused (store.adapter.check_base).
+
+torchrun (`torchrun --nproc_per_node N -m diffusekit finetune BASE ...`): every process runs `finetune`, on
+the skeleton's process group and DistributedDataParallel (training.processes; only the trainable
+parameters, a LoRA's adapter, are all-reduced). `batch_size` is the global batch: each rank takes
+batch_size / N instance images (and as many class images) of every step, with the step's draws made
+for the global batch (training.finetune_data), so N processes train what one process trains at the
+same batch size and seed, up to float reduction order. Rank 0 alone holds the run lock, draws the
+class images and writes the run folder (adapter, EMA, grids, metrics, TensorBoard).
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import torch
 
 from diffusekit import store
 from diffusekit.config import ConfigError
-from diffusekit.device import check_precision, rank_world, resolve_device
+from diffusekit.device import check_precision, rank_world
 from diffusekit.nn.lora import lora_parameters, lora_state_dict, load_lora_state_dict
 from diffusekit.store.adapter import ADAPTER_CONFIG, adapter_record, base_state_dict, check_base, is_adapter_folder
 from diffusekit.store.files import content_hash
@@ -163,33 +171,33 @@ def finetune(cfg: FinetuneConfig, run_dir: str | Path, resume: bool = False, pro
 
     resume=True continues the checkpoint in run_dir exactly (refused when the base's weights changed);
     resume=False refuses a folder that holds one. generate(cfg, pipe): how class images are drawn
-    (default finetune_data.draw_class_images). One process; the caller's RNG state is left as it was.
+    (default finetune_data.draw_class_images; rank 0 calls it). Under torchrun each process calls this and
+    rank 0 writes the run. The caller's RNG state is left as it was.
     """
-    if rank_world()[1] > 1:
-        raise ConfigError("finetune runs in one process for now; start it without torchrun (WORLD_SIZE=1).")
-    device = resolve_device(cfg.train.device)
-    check_precision(cfg.train.precision, device)
     run_dir = Path(run_dir)
-    skeleton.create_folder(run_dir, cfg.data)
-    with skeleton.locked(run_dir, Dist(), device):
-        return _finetune(cfg, run_dir, resume, progress, device, generate)
+    with skeleton.processes(run_dir, cfg.data, cfg.train.device) as (dist, device):
+        check_precision(cfg.train.precision, device)
+        dist.check_split(cfg.train.batch_size)
+        return _finetune(cfg, run_dir, resume, progress, dist, device, generate)
 
 
-def _finetune(cfg: FinetuneConfig, run_dir: Path, resume: bool, progress: bool, device, generate) -> FinetuneResult:
+def _finetune(cfg: FinetuneConfig, run_dir: Path, resume: bool, progress: bool, dist: Dist, device,
+              generate) -> FinetuneResult:
     pipe = open_base(cfg, device)
     base_sha256 = content_hash(base_state_dict(pipe))
     trainer = FinetuneTrainer(cfg, pipe, base_sha256)
-    state = skeleton.open_run(trainer, run_dir, resume, Dist(), run_dir)
+    state = skeleton.open_run(trainer, run_dir, resume, dist, run_dir)
     if state is not None:
         saved = store.read_weights(run_dir / store.RAW_FILE)[1].get(BASE_HASH_KEY, base_sha256)
         check_base(pipe, cfg.base, run_dir, {"base": {"sha256": saved}})
-    store.write_text_atomic(run_dir / FINETUNE_FILE, cfg.to_json() + "\n")
-    if not trainer.lora:
-        copy_autoencoder(Path(cfg.base), run_dir)
+    if dist.rank == 0:
+        store.write_text_atomic(run_dir / FINETUNE_FILE, cfg.to_json() + "\n")
+        if not trainer.lora:
+            copy_autoencoder(Path(cfg.base), run_dir)
     images, prompts = instance_images(cfg, pipe)
-    classes = class_images(cfg, pipe, run_dir, base_sha256, generate) if cfg.prior else None
-    run = skeleton.build(trainer, run_dir, Dist(), device, run_dir, state)
-    trainer.inputs = FinetuneInputs(cfg, pipe, images, prompts, classes, device)
+    classes = class_images(cfg, pipe, run_dir, base_sha256, generate, dist) if cfg.prior else None
+    run = skeleton.build(trainer, run_dir, dist, device, run_dir, state)
+    trainer.inputs = FinetuneInputs(cfg, pipe, images, prompts, classes, device, dist)
     run.batches_per_epoch = trainer.inputs.batches_per_epoch
     skeleton.fit(trainer, run, progress)
     return FinetuneResult(run_dir, max(run.start, cfg.train.steps), run.last_loss, run.elapsed(), cfg.method)
@@ -239,7 +247,7 @@ def finetune_config(base: str | Path, data: str | Path, options: dict[str, Any] 
 def plan_finetune(base: str | Path, data: str | Path, out_dir: str | Path, options: dict[str, Any] | None = None,
                   *, resume: bool = False, overwrite: bool = False, dry_run: bool = False) -> FinetunePlan:
     """The fine-tune `diffusekit finetune` would run in out_dir, checked; `overwrite` clears what diffusekit
-    wrote there (not on dry_run)."""
+    wrote there (not on dry_run; under torchrun rank 0 clears it, before any rank joins the process group)."""
     from diffusekit.store.manifest import check_apart, clear_run
     from diffusekit.training.plan import check_resume_length
     run_dir = Path(out_dir)
@@ -256,7 +264,7 @@ def plan_finetune(base: str | Path, data: str | Path, out_dir: str | Path, optio
     check_apart(run_dir, cfg.data)
     if dry_run:
         return FinetunePlan(run_dir, cfg, resume)
-    if overwrite:
+    if overwrite and rank_world()[0] == 0:
         clear_run(run_dir)
     finished = resume and check_resume_length(run_dir, "latest", cfg.train.steps)
     return FinetunePlan(run_dir, cfg, resume, finished)

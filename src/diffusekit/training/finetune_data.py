@@ -10,6 +10,14 @@ prior_loss_weight * class loss (DreamBooth, Ruiz et al. 2023, eq. 2).
 Class images: the base model draws `num_class_images` from `class_prompt` once (seeded), saved in
 RUN/class_images/images.safetensors with images.json saying what made them; a resume (or a rerun with
 the same settings) reads them back instead of drawing again.
+
+Under torchrun `batch_size` is the GLOBAL batch, as in the diffusion trainer: the step's instance (and
+class) indices, timesteps and noise are drawn for all of it from (seed, ...), laid out as one process
+lays them out (B instance rows, then B class rows), and each rank takes its rows (Dist.rows): rank r the
+instance rows r*b..(r+1)*b-1 and the class rows B+r*b..B+(r+1)*b-1, b = B / world_size. Dropout masks
+follow the global row. So every rank trains on different examples and k processes train what one
+process trains at the same batch size, up to float reduction order. The class images are read or drawn
+by rank 0 alone, which saves them; the other ranks receive them from it (Dist.broadcast).
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from diffusekit.seeding import derive_seed
 from diffusekit.store import read_weights, write_text_atomic, write_weights_atomic
 from diffusekit.store.finetune_config import CLASS_IMAGES, FinetuneConfig
 from diffusekit.training.losses import draw_t_noise
+from diffusekit.training.processes import Dist
 
 
 def instance_images(cfg: FinetuneConfig, pipe) -> tuple[torch.Tensor, list[str] | None]:
@@ -54,10 +63,18 @@ def base_background(pipe) -> str:
     return getattr(getattr(pipe.config, "data", None), "alpha_background", None) or "black"
 
 
-def class_images(cfg: FinetuneConfig, pipe, run_dir: Path, base_sha256: str, generate=None) -> torch.Tensor:
+def class_images(cfg: FinetuneConfig, pipe, run_dir: Path, base_sha256: str, generate=None,
+                 dist: Dist | None = None) -> torch.Tensor:
     """The base's class images (N, C, H, W) in [-1, 1]: read from RUN/class_images when they were drawn with
     these settings from this base, else drawn by `generate(cfg, pipe)` (default draw_class_images; pipe must be
-    the base, untrained) and saved there."""
+    the base, untrained) and saved there. Under torchrun rank 0 alone reads or draws and saves them, and
+    sends them to the other ranks (they wait for it, and need not see the run folder)."""
+    dist = dist or Dist()
+    images = _cached_or_drawn(cfg, pipe, run_dir, base_sha256, generate) if dist.rank == 0 else None
+    return dist.broadcast(images, pipe.device)
+
+
+def _cached_or_drawn(cfg: FinetuneConfig, pipe, run_dir: Path, base_sha256: str, generate) -> torch.Tensor:
     folder = Path(run_dir) / CLASS_IMAGES
     made_by = {"class_prompt": cfg.class_prompt, "num_class_images": cfg.num_class_images, "seed": cfg.train.seed,
                "sampler": cfg.train.sample_sampler, "steps": cfg.train.sample_steps,
@@ -88,8 +105,8 @@ class FinetuneInputs:
     """step -> (x0, t, noise, cond, sample_weights): B instance images (then B class images with prior preservation)."""
 
     def __init__(self, cfg: FinetuneConfig, pipe, images: torch.Tensor, prompts: list[str] | None,
-                 classes: torch.Tensor | None, device: torch.device):
-        tc = cfg.train
+                 classes: torch.Tensor | None, device: torch.device, dist: Dist | None = None):
+        tc, dist = cfg.train, dist or Dist()
         self.cfg, self.schedule, self.device, self.batch = cfg, pipe.schedule, device, tc.batch_size
         with torch.no_grad():
             self.x0 = _encoded(pipe, images, device)
@@ -101,25 +118,33 @@ class FinetuneInputs:
             if self.class_x0 is not None else None
         self.null_label = pipe.num_classes > 0          # a class-conditional base learns under the null label
         self.batches_per_epoch = self.order.batches_per_epoch
+        # this rank's rows: of the global instance batch, and their global places (class rows after all B instance rows)
+        self.rows = dist.rows(tc.batch_size)
+        mine = list(range(self.rows.start, self.rows.stop))
+        self.global_rows = mine + ([tc.batch_size + i for i in mine] if self.class_order is not None else [])
 
     def __call__(self, step: int):
-        idx = self.order.batch(step)
+        idx = self.order.batch(step)[self.rows]
         x0, prompts = self.x0[idx], [self.prompts[i] for i in idx] if self.prompts is not None else None
         weights = torch.ones(len(idx), device=self.device)
         if self.class_order is not None:
-            x0 = torch.cat([x0, self.class_x0[self.class_order.batch(step)]])
+            x0 = torch.cat([x0, self.class_x0[self.class_order.batch(step)[self.rows]]])
             prompts = prompts + [self.class_prompt] * len(idx) if prompts is not None else None
             weights = torch.cat([weights, torch.full_like(weights, self.cfg.prior_loss_weight)]) * 2
+        # t and noise for the global batch from (seed, step), then this rank's rows
         g = torch.Generator(self.device).manual_seed(derive_seed(self.cfg.train.seed, "batch", step))
-        t, noise = draw_t_noise(self.schedule, x0.shape, g, self.device, x0.dtype)
+        rows = self.batch * (2 if self.class_order is not None else 1)
+        t, noise = draw_t_noise(self.schedule, (rows, *x0.shape[1:]), g, self.device, x0.dtype)
+        take = torch.tensor(self.global_rows, device=t.device)
+        t, noise = t[take], noise[take]
         cond = {} if prompts is None else {"prompts": prompts}
         if self.null_label:
             cond["class_labels"] = torch.full((len(x0),), -1, dtype=torch.long, device=self.device)
         return x0, t, noise, cond, weights
 
     def dropout_masks(self, step: int, sl: slice):
-        """Dropout masks by row, from (seed, step, layer, row): as in the diffusion trainer."""
-        return row_dropout_seeds(derive_seed(self.cfg.train.seed, "dropout", step), range(sl.start, sl.stop))
+        """Dropout masks by global row, from (seed, step, layer, row): as in the diffusion trainer."""
+        return row_dropout_seeds(derive_seed(self.cfg.train.seed, "dropout", step), self.global_rows[sl])
 
 
 def _encoded(pipe, images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -38,7 +38,7 @@ class StepInputs:
         augmented = getattr(dataset, "hflip", False) or getattr(dataset, "crop", "center") == "random"
         if autoencoder is not None and hasattr(dataset, "images") and not augmented:
             self.latents = cached_latents(autoencoder, ae_fingerprint, dataset.images, run_dir, device, progress)
-        self.per_rank = tc.batch_size // dist.world_size
+        self.rows = dist.rows(tc.batch_size)      # this rank's rows of the global batch
 
     @property
     def batches_per_epoch(self) -> int:
@@ -58,13 +58,13 @@ class StepInputs:
         return images, labels, captions
 
     def __call__(self, step: int):
-        tc, lo = self.cfg.train, self.dist.rank * self.per_rank
+        tc = self.cfg.train
         x0, labels, captions = self._images(step)
         # all draws for the global batch from (seed, step), then this rank's slice
         g = torch.Generator(self.device).manual_seed(derive_seed(tc.seed, "batch", step))
         t, noise = draw_t_noise(self.schedule, (tc.batch_size, *x0.shape[1:]), g, self.device, x0.dtype)
         drop = torch.rand(tc.batch_size, generator=g, device=g.device).to(self.device)
-        t, noise, drop = (v[lo:lo + self.per_rank] for v in (t, noise, drop))
+        t, noise, drop = (v[self.rows] for v in (t, noise, drop))
         cond = {}
         if labels is not None and self.cfg.model.num_classes:
             # label -> the null class with prob. class_dropout (classifier-free guidance, Ho & Salimans 2022)
@@ -82,7 +82,7 @@ class StepInputs:
         With masks a function of (seed, step, layer, global row), dropout too is the same for one process,
         k ranks and K micro-batches (nn.layers.row_dropout_seeds).
         """
-        lo = self.dist.rank * self.per_rank
+        lo = self.rows.start
         return row_dropout_seeds(derive_seed(self.cfg.train.seed, "dropout", step), range(lo + sl.start, lo + sl.stop))
 
     def close(self) -> None:

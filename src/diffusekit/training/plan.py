@@ -138,7 +138,7 @@ class ClassifierPlan:
 
 
 def plan_classifier_run(run_dir: str | Path, source: str, *, image_size: int = 0, channels: int = 1, from_run=None,
-                        base_channels: int = 16, **train: Any) -> ClassifierPlan:
+                        base_channels: int = 16, features: str = "levels", **train: Any) -> ClassifierPlan:
     """The configs `train-classifier` trains with in run_dir: the data's shape and classes, or (from_run) the
     diffusion run's image size, channels and noise schedule, so the classifier guides that run."""
     from ..store.classifier import ClassifierTrainConfig, default_classifier_config
@@ -157,5 +157,6 @@ def plan_classifier_run(run_dir: str | Path, source: str, *, image_size: int = 0
         raise ConfigError(f"{source} has no labels; a classifier needs class sub-folders, IDX labels "
                           f"or 'labels' in the .npz.")
     classifier_cfg = default_classifier_config(dataset.image_size, dataset.channels, dataset.num_classes,
-                                               base_channels=base_channels, groups=min(8, base_channels))
+                                               base_channels=base_channels, groups=min(8, base_channels),
+                                               features=features)
     return ClassifierPlan(data_cfg, classifier_cfg, train_cfg)

@@ -4,16 +4,22 @@ Every trainer (diffusion.py, autoencoder.py, classifier.py, finetune.py) runs `f
 trainer supplies what is its own (a `Trainer`): its network, its step function (the loss and the optimiser
 step), what its saves add (an evaluation, pictures, a model card) and its weights' metadata, and where it
 differs from training a whole network, what the optimiser steps and what a save holds (`parameters`,
-`weights`, `load_weights`, `config_json`: a LoRA fine-tune steps and saves only its adapter). The
+`weights`, `load_weights`, `config_json`: a LoRA fine-tune steps and saves only its adapter), and what
+it adds to the trainer state (`state`, `load_state`: the autoencoder's discriminator). The
 skeleton does the rest, once:
+  join     the torchrun process group (`processes`: training.processes.setup_processes), left at the end
   open     the run folder under its RunLock (rank 0): finish an interrupted save (store.journal),
-           refuse a checkpoint unless resuming, refuse a resume whose settings changed
-  build    the network (seeded), its EMA, AdamW and a grad scaler; restored from the checkpoint
+           refuse a checkpoint unless resuming, refuse a resume whose settings changed or whose step
+           differs between ranks
+  build    the network (seeded), its EMA, AdamW and a grad scaler; restored from the checkpoint; under
+           torchrun `run.net` is the network in DistributedDataParallel (what the step calls)
   loop     training.loop.run_loop: per-step seeds and learning rate, divergence stop, progress
   hooks    the logging window (metrics.jsonl, TensorBoard), the trainer's periodic hooks, saves
   save     store.save_checkpoint (EMA + raw weights, trainer state, config.json as one set), then
            the checkpoint-STEP/ snapshot where the trainer keeps history, and the loss plot
-Rank 0 writes; every rank saves in step (a barrier), so torchrun runs stay in lockstep.
+Rank 0 writes; every rank saves in step (a barrier), so torchrun runs stay in lockstep. A trainer's step
+draws for the GLOBAL batch from (seed, step) and feeds the model this rank's rows (Dist.rows), so k
+processes train what one process trains at the same batch size, up to float reduction order.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from diffusekit.seeding import derive_seed
 from diffusekit.store.manifest import check_apart, note_written, run_entries_present
 from diffusekit.training.ema import EMA
 from diffusekit.training.loop import run_loop
-from diffusekit.training.processes import Dist
+from diffusekit.training.processes import Dist, setup_processes
 from diffusekit.training.tracking import Tracker
 from diffusekit.viz import plot_loss
 
@@ -77,6 +83,14 @@ class Trainer(ABC):
         """Restore what `weights` wrote (on resume)."""
         store.load_state_dict_checked(model, state, where)
 
+    def state(self, run: "Run") -> dict[str, Any]:
+        """What the trainer adds to trainer_state.pt beyond the skeleton's (tensors, numbers, strings, lists,
+        dicts: it is read weights_only), e.g. a discriminator and its optimiser."""
+        return {}
+
+    def load_state(self, run: "Run", state: dict[str, Any], where: str) -> None:
+        """Restore what `state` wrote (on resume), from the trainer state read in `where`."""
+
     def config_json(self) -> str:
         """config.json's text (a full fine-tune writes its base's run config there, so Pipeline.load reads it)."""
         return self.cfg.to_json()
@@ -106,6 +120,7 @@ class Run:
     start: int
     elapsed_before: float
     state: dict | None                          # the trainer state resumed from, or None
+    net: torch.nn.Module | None = None          # what the step calls: model, in DDP under torchrun
     ema_metadata: dict[str, str] = field(default_factory=dict)   # of the resumed EMA weights
     tracker: Tracker | None = None              # rank 0 only
     batches_per_epoch: int = 1
@@ -140,6 +155,19 @@ def create_folder(run_dir: Path, data_source=None, dist: Dist | None = None) -> 
 
 
 @contextmanager
+def processes(run_dir: Path, data_source, device: str | None) -> Iterator[tuple[Dist, torch.device]]:
+    """Where every trainer runs: (dist, device) in the torchrun process group (joined here, left after), the run
+    folder checked and created (create_folder), its lock held by rank 0 and the caller's RNG state kept (locked)."""
+    dist, torch_device = setup_processes(device or "auto")
+    try:
+        create_folder(run_dir, data_source, dist)
+        with locked(run_dir, dist, torch_device):
+            yield dist, torch_device
+    finally:
+        dist.close()
+
+
+@contextmanager
 def locked(run_dir: Path, dist: Dist, device: torch.device) -> Iterator[None]:
     """The context a run trains in: the caller's RNG state kept, and the run's lock held by rank 0."""
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -157,8 +185,13 @@ def open_run(trainer: Trainer, run_dir: Path, resume: bool, dist: Dist, folder: 
         create_folder(run_dir)
         store.recover(run_dir)
     dist.barrier()
-    if not (run_dir / store.STATE_FILE).exists():
-        return None
+    has_state = (run_dir / store.STATE_FILE).exists()
+    state = _resumed_state(trainer, run_dir, resume, folder) if has_state else None
+    dist.same_step(run_dir, None if state is None else state["step"])
+    return state
+
+
+def _resumed_state(trainer: Trainer, run_dir: Path, resume: bool, folder: Path) -> dict:
     if not resume:
         step = store.read_trainer_state(run_dir, finish_interrupted=False)["step"]
         raise store.CheckpointError(f"{run_dir} already holds a checkpoint at step {step}; pass resume=True "
@@ -188,6 +221,8 @@ def build(trainer: Trainer, run_dir: Path, dist: Dist, device: torch.device, fol
         opt.load_state_dict(state["optimizer"])
         ema.num_updates, run.start, run.elapsed_before = state["ema_num_updates"], state["step"], state["elapsed"]
         run.saved_step = run.start
+        trainer.load_state(run, state, str(folder / store.STATE_FILE))
+    run.net = dist.wrap(model, device)      # after the weights are set: DDP copies rank 0's to the others
     return run
 
 
@@ -222,12 +257,15 @@ class Hooks:
         self.trainer, self.run, self.tc = trainer, run, trainer.cfg.train
         self.periodic = trainer.periodic(run) if run.rank0 else []
         self.window: dict[str, float] = {}
+        self.counts: dict[str, int] = {}        # steps that reported each key (a GAN term starts mid-window)
         self.window_steps, self.t_window = 0, time.time()
 
     def __call__(self, step: int, numbers: dict) -> None:
         tc, last = self.tc, step == self.tc.steps
         for key in self.trainer.window_keys:
-            self.window[key] = self.window.get(key, 0.0) + numbers[key]
+            if key in numbers:
+                self.window[key] = self.window.get(key, 0.0) + numbers[key]
+                self.counts[key] = self.counts.get(key, 0) + 1
         self.window_steps += 1
         if step % tc.log_every == 0 or last:
             self.log(step, numbers)
@@ -239,14 +277,14 @@ class Hooks:
 
     def log(self, step: int, numbers: dict) -> None:
         now = time.time()
-        means = {k: v / self.window_steps for k, v in self.window.items()}
+        means = {k: v / self.counts[k] for k, v in self.window.items()}
         self.run.last_loss = means["loss"]
         rest = {k: v for k, v in numbers.items() if k not in means}
         rest = {**({"lr": rest.pop("lr")} if "lr" in rest else {}), **rest}
         if self.run.tracker is not None:
             self.run.tracker.log(step, {**means, **rest, "time": self.run.elapsed(), "images_per_s":
                                         self.window_steps * self.tc.batch_size / max(now - self.t_window, 1e-9)})
-        self.window, self.window_steps, self.t_window = {}, 0, now
+        self.window, self.counts, self.window_steps, self.t_window = {}, {}, 0, now
 
 
 def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
@@ -256,7 +294,8 @@ def save(trainer: Trainer, run: Run, step: int, last: bool = False) -> None:
         tc, per_epoch = trainer.cfg.train, run.batches_per_epoch
         trainer_state = {"optimizer": run.opt.state_dict(), "ema_num_updates": run.ema.num_updates,
                          "elapsed": run.elapsed(), "seed": tc.seed, "world_size": run.dist.world_size,
-                         "data_order": {"epoch": step // per_epoch, "batches_per_epoch": per_epoch}}
+                         "data_order": {"epoch": step // per_epoch, "batches_per_epoch": per_epoch},
+                         **trainer.state(run)}
         store.save_checkpoint(run.run_dir, step, ema=trainer.weights(run.ema.model), raw=trainer.weights(run.model),
                               trainer_state=trainer_state, config_json=trainer.config_json() + "\n",
                               metadata=trainer.metadata())
