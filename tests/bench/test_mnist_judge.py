@@ -1,12 +1,12 @@
 """bench/mnist_judge.py on a tiny IDX folder (8x8 images): `relevel` gives the judge `train-classifier`
 trains with the levels view, and the typical / probe sets are what they say."""
-import gzip
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+from idx_files import write_idx
 from repo_paths import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -15,13 +15,6 @@ import mnist_judge as mj  # noqa: E402
 from diffusekit.data import DataConfig, load_dataset  # noqa: E402
 from diffusekit.store.classifier import ClassifierTrainConfig, default_classifier_config, load_classifier  # noqa: E402
 from diffusekit.training.classifier import train_classifier  # noqa: E402
-
-
-def _write_idx(path, arr):
-    arr = np.asarray(arr, np.uint8)
-    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.tobytes())
 
 
 def _idx_folder(root):
@@ -34,8 +27,8 @@ def _idx_folder(root):
             img[[2, 3] if y == 0 else slice(None), [2, 3] if y == 1 else slice(None)] += 190 if y < 2 else 0
             if y == 2:
                 img[2:6, 2:6] += 190
-        _write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
     return root
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from diffusekit.config import ConfigError
 from diffusekit.data import (DataConfig, ImageDataset, from_pixels, load_dataset, load_image,
                              read_idx, save_image, to_pixels)
+from idx_files import idx_bytes
 from repo_paths import SHARED
 
 MNIST = SHARED / "data" / "mnist"
@@ -38,7 +39,7 @@ def test_gray_sources_stay_one_channel(tmp_path):
     assert ds.channels == 1 and ds.config.channels == 1
     assert "channels: 1 (grayscale), as the images are" in ds.notes
     images = np.zeros((3, 4, 4), np.uint8)
-    (tmp_path / "x-images-idx3-ubyte").write_bytes(_idx_bytes(images))
+    (tmp_path / "x-images-idx3-ubyte").write_bytes(idx_bytes(images))
     with pytest.warns(UserWarning, match="no labels file"):
         assert load_dataset(DataConfig(source=str(tmp_path / "x-images-idx3-ubyte"))).channels == 1
     rgb = np.zeros((5, 6, 6, 3), np.float32)
@@ -147,21 +148,15 @@ def test_empty_and_missing_sources(tmp_path):
         load_dataset(DataConfig(source=str(tmp_path / "bad"), image_size=8))
 
 
-def _idx_bytes(array: np.ndarray) -> bytes:
-    # magic: 0, 0, type 0x08 (uint8), ndim; then big-endian int32 sizes (2051 for 3-d images)
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_round_trip(tmp_path, gz):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(7, 5, 4), dtype=np.uint8)
     labels = rng.integers(0, 3, size=7, dtype=np.uint8)
-    assert _idx_bytes(images)[:4] == struct.pack(">i", 2051)
+    assert idx_bytes(images)[:4] == struct.pack(">i", 2051)
     suffix = ".gz" if gz else ""
     for name, arr in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
-        data = _idx_bytes(arr)
+        data = idx_bytes(arr)
         (tmp_path / (name + suffix)).write_bytes(gzip.compress(data) if gz else data)
     np.testing.assert_array_equal(read_idx(tmp_path / ("train-images-idx3-ubyte" + suffix)), images)
     # the folder + split form, and the direct images-file form (labels found beside it)
@@ -178,11 +173,11 @@ def test_idx_round_trip(tmp_path, gz):
 def test_idx_native_square_and_errors(tmp_path):
     images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     path = tmp_path / "x-images-idx3-ubyte"
-    path.write_bytes(_idx_bytes(images))
+    path.write_bytes(idx_bytes(images))
     with pytest.warns(UserWarning, match="no labels file"):
         ds = load_dataset(DataConfig(source=str(path)))
     np.testing.assert_array_equal(to_pixels(ds.images)[..., 0], images)
-    path.write_bytes(_idx_bytes(images)[:-3])
+    path.write_bytes(idx_bytes(images)[:-3])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(path)
     path.write_bytes(b"\x89PNG....")

@@ -1,5 +1,4 @@
 """Classifier training and run evaluation: a judge that learns, round trips, clear errors, metrics end to end."""
-import gzip
 import json
 import math
 
@@ -18,6 +17,7 @@ from diffusekit.metrics import RawPixelFeatures
 from diffusekit.nn.unet import UNetConfig
 from diffusekit.schedule import ScheduleConfig
 from diffusekit.store.run_config import RunConfig, TrainConfig
+from idx_files import write_idx
 from diffusekit.training import train
 
 RESULT_KEYS = {"fd", "kid_mean", "kid_std", "precision", "recall", "sampler", "steps", "nfe", "wall_time_s", "n"}
@@ -122,18 +122,11 @@ def test_classifier_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert steps == [2, 4, 6, 8]               # the standard run folder's log, nothing logged twice
 
 
-def _write_idx(path, arr):
-    arr = np.asarray(arr, np.uint8)
-    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.tobytes())
-
-
 def test_heldout_is_the_idx_test_split(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 30), ("t10k", 12)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 8, 8)))
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 3)
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 8, 8)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 3)
     cfg = DataConfig(source=str(tmp_path))
     train_set, held, desc = split_heldout(cfg, load_dataset(cfg), 0.1, seed=0)
     assert (len(train_set), len(held)) == (30, 12) and "t10k" in desc
