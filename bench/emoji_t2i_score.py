@@ -71,17 +71,37 @@ def sample(pipe, rows: list[dict], scale: float, steps: int, seed: int) -> torch
                        prompt=[caption(r) for r in rows], guidance_scale=scale, batch_size=200)
 
 
+def _targets(reader, head: str, rows: list[dict]) -> torch.Tensor:
+    index = {v: i for i, v in enumerate(reader.vocab[head])}
+    return torch.tensor([index.get(row_labels(r)[head], -1) for r in rows])
+
+
+def name_top5_hits(reader, name_logits: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+    """Per sample: is the row's name among the reader's 5 most likely names."""
+    return (name_logits.topk(5, dim=1).indices == _targets(reader, "name", rows)[:, None]).any(1)
+
+
 def head_scores(reader, images: torch.Tensor, rows: list[dict]) -> dict[str, float]:
     """Top-1 per head and the name's top 5 against the rows' labels (the reader's vocabularies)."""
     logits = read(reader, images)
+    out = {f"{h}_top1": float((logits[h].argmax(1) == _targets(reader, h, rows)).float().mean()) for h in HEADS}
+    out["name_top5"] = float(name_top5_hits(reader, logits["name"], rows).float().mean())
+    return out
+
+
+COUNT_BINS = ((1, 2), (3, 5), (6, 10), (11, None))       # training images of the asked name
+
+
+def top5_by_count(hits: torch.Tensor, rows: list[dict], train_rows: list[dict]) -> dict[str, tuple[float, int]]:
+    """The name top-5 share (nan where no sample) and the number of samples per bin of how many training
+    images the asked name has: separates names the UNet saw once or twice from names it saw in every tone."""
+    from collections import Counter
+    count = Counter(r["name"] for r in train_rows)
     out = {}
-    for h in HEADS:
-        index = {v: i for i, v in enumerate(reader.vocab[h])}
-        target = torch.tensor([index.get(row_labels(r)[h], -1) for r in rows])
-        out[f"{h}_top1"] = float((logits[h].argmax(1) == target).float().mean())
-        if h == "name":
-            top5 = logits[h].topk(5, dim=1).indices
-            out["name_top5"] = float((top5 == target[:, None]).any(1).float().mean())
+    for lo, hi in COUNT_BINS:
+        mask = torch.tensor([lo <= count[r["name"]] and (hi is None or count[r["name"]] <= hi) for r in rows])
+        share = float(hits[mask].float().mean()) if mask.any() else float("nan")
+        out[f"{lo}-{hi}" if hi else f">{lo - 1}"] = (share, int(mask.sum()))
     return out
 
 

@@ -9,6 +9,7 @@ The split shared with bench/finetune.py (`emoji_split`) is defined first. Stages
            with the learned text encoder
   sample   samples of every snapshot (cached, uint8); score: the emoji reader's scores (bench/emoji_t2i_score.py)
   report   markdown table of the scores; grid: labelled grid of seen, held-out and rephrased prompts;
+  frequency  the name top-5 per bin of the asked name's training images (from the cached samples)
   aegrid   held-out real images over their reconstructions by each of --autoencoders
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/text_to_image_emoji.py ladder --data ../shared/data/emoji \
@@ -109,6 +110,8 @@ AUTOENCODERS = {
     "ae32-w32c8": (32, {"base_channels": 32, "latent_channels": 8}),
     "ae32-c8-long": (32, {"latent_channels": 8}),                  # ae32-c8's layout, trained longer (--ae-steps 5000)
     "ae64-f8c8": (64, {"channel_mult": (1, 2, 2, 2), "latent_channels": 8}),
+    "ae64-f8c8-long": (64, {"channel_mult": (1, 2, 2, 2), "latent_channels": 8}),   # trained longer (--ae-steps 2000)
+    "ae64-f4c8": (64, {"latent_channels": 8}),                     # 64 px, factor 4: 16x16x8 latents
     # ae32-c8 with LDM's patch-GAN term (weight 0.5, adaptive) from step 500; run at the training CPU time of
     # ae32-c8 (a GAN step costs ~1.3x a plain one: --ae-steps 1630 against 2000)
     "ae32-c8-gan": (32, {"latent_channels": 8, "adversarial_weight": 0.5, "adversarial_start": 500}),
@@ -151,8 +154,8 @@ def train_stage(args, out: Path, source: Path) -> dict:
         results["pixel-minilm"] = ladder(out / "pixel-minilm", run_options(source, 32, "minilm", None, RECIPE),
                                          args.marks)
     elif args.stage == "px64":
-        results["latent64-minilm"] = ladder(out / "latent64-minilm",
-                                            run_options(source, 64, "minilm", out / args.ae64, RECIPE), args.marks)
+        name = args.name or "latent64-minilm"
+        results[name] = ladder(out / name, run_options(source, 64, "minilm", out / args.ae64, RECIPE), args.marks)
     return results
 
 
@@ -267,6 +270,31 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
     return results
 
 
+def frequency_report(args, split: dict, rows: list[dict]) -> str:
+    """Markdown: the name top-5 of every snapshot's cached samples (seen prompts and the FD set, drawn like
+    the data) per bin of the asked name's training images, and the same of the real images."""
+    from emoji_reader import load_emoji, load_reader, read
+    from emoji_t2i_score import COUNT_BINS, generate, name_top5_hits, prompt_sets, top5_by_count
+    reader, train_rows = load_reader(args.reader), split["train_rows"]
+    sets = prompt_sets(split, rows, args.n, args.per_prompt)
+
+    def line(label: str, images, set_name: str) -> str:
+        hits = name_top5_hits(reader, read(reader, images)["name"], sets[set_name])
+        bins = top5_by_count(hits, sets[set_name], train_rows)
+        return f"| {label} | {set_name} | " + " | ".join(f"{100 * v:.1f} % ({n})" if n else "-" for v, n in bins.values()) + " |"
+    lines = []
+    for set_name in ("seen", "fd"):
+        real, _ = load_emoji(args.data, size=32, rows=sets[set_name])
+        lines.append(line("real images", real, set_name))
+        for name, folder in snapshot_folders(args):
+            for scale in args.scales:
+                samples = generate(folder, split, rows, scale, args.n, args.per_prompt)[set_name]
+                lines.append(line(f"{name} g{scale:g}", samples.float() / 127.5 - 1, set_name))
+    bins = [f"{lo}-{hi}" if hi else f">{lo - 1}" for lo, hi in COUNT_BINS]
+    head = "| model | prompts | " + " | ".join(f"{b} training images" for b in bins) + " |"
+    return "\n".join([head, "|" + " --- |" * (2 + len(bins)), *lines])
+
+
 def report(args) -> str:
     """Markdown table of every scored snapshot under args.out (from the eval.json caches), one row per
     (run, CPU-minutes, guidance)), scored by the reader args.reader."""
@@ -304,7 +332,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["ae", "ladder", "pixel", "px64", "learned", "sample", "score", "grid", "aegrid",
-                                          "report"])
+                                          "report", "frequency"])
     ap.add_argument("--data", type=Path, required=True, help="the emoji folder (../shared/data/emoji)")
     ap.add_argument("--out", type=Path, default=Path("runs/t2i-emoji"))
     ap.add_argument("--autoencoders", nargs="+", default=["ae32-c4", "ae32-c8"], choices=sorted(AUTOENCODERS))
@@ -320,8 +348,8 @@ def main() -> None:
     ap.add_argument("--grid-run", default="latent-minilm/snapshots/30", help="grid: the run folder under --out")
     ap.add_argument("--grid-path", default="docs/img/emoji_t2i_grid.png")
     ap.add_argument("--set", nargs="*", default=[], help="recipe options, e.g. train.lr=5e-4")
-    ap.add_argument("--name", default=None, help="ladder / learned: the run's folder under --out "
-                    "[latent-minilm / latent-learned]")
+    ap.add_argument("--name", default=None, help="ladder / learned / px64: the run's folder under "
+                    "--out [latent-minilm / latent-learned / latent64-minilm]")
     args = ap.parse_args()
     torch.set_num_threads(1)
     # a kill (SIGTERM) ends through SystemExit, so the time records of the interrupted training are written
@@ -331,6 +359,9 @@ def main() -> None:
     source = train_folder(args.data, split["train_rows"], args.out / "data-train")
     if args.stage == "report":
         print(report(args))
+        return
+    if args.stage == "frequency":
+        print(frequency_report(args, split, load_rows(args.data)))
         return
     if args.stage == "sample":
         sample_stage(args, split, load_rows(args.data))

@@ -1,4 +1,5 @@
-"""emoji_split (bench/text_to_image_emoji.py): the split the text-to-image and fine-tuning benchmarks share."""
+"""emoji_split (bench/text_to_image_emoji.py): the split the text-to-image and fine-tuning benchmarks share;
+and the per-name-frequency score the text-to-image benchmark reads the split with."""
 import sys
 from pathlib import Path
 
@@ -46,3 +47,18 @@ def test_split_is_deterministic_and_holds_out_what_it_names():
     assert len(s["seen_prompts"]) == 200 and len({r["name"] for r in s["seen_rows"]}) == 200
     assert all(r in train for r in s["seen_rows"])
     assert s["seen_prompts"][0] == caption(s["seen_rows"][0]) and s["seen_prompts"][0].endswith(" style")
+
+
+def test_top5_by_count_bins_names_by_their_training_images():
+    """Each sample falls in the bin of its name's training-image count; empty bins say so (nan, 0)."""
+    import math
+    import pytest
+    import torch
+    from emoji_t2i_score import top5_by_count
+    train = [{"name": "rare"}, {"name": "rare"}] + [{"name": "common"}] * 12 + [{"name": "mid"}] * 4
+    rows = [{"name": "rare"}, {"name": "rare"}, {"name": "common"}, {"name": "mid"}, {"name": "rare"}]
+    hits = torch.tensor([True, False, True, False, False])
+    out = top5_by_count(hits, rows, train)
+    assert list(out) == ["1-2", "3-5", "6-10", ">10"]
+    assert out["1-2"] == (pytest.approx(1 / 3), 3) and out["3-5"] == (0.0, 1) and out[">10"] == (1.0, 1)
+    assert math.isnan(out["6-10"][0]) and out["6-10"][1] == 0
