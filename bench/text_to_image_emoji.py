@@ -271,8 +271,8 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
 
 
 def frequency_report(args, split: dict, rows: list[dict]) -> str:
-    """Markdown: the name top-5 of every snapshot's cached samples (seen prompts and the FD set, drawn like
-    the data) per bin of the asked name's training images, and the same of the real images."""
+    """Markdown: the name top-5 of every snapshot's cached samples (seen prompts, the FD set drawn like the
+    data, the held-out style pairs) per bin of the asked name's training images, and of the real images."""
     from emoji_reader import load_emoji, load_reader, read
     from emoji_t2i_score import COUNT_BINS, generate, name_top5_hits, prompt_sets, top5_by_count
     reader, train_rows = load_reader(args.reader), split["train_rows"]
@@ -283,7 +283,7 @@ def frequency_report(args, split: dict, rows: list[dict]) -> str:
         bins = top5_by_count(hits, sets[set_name], train_rows)
         return f"| {label} | {set_name} | " + " | ".join(f"{100 * v:.1f} % ({n})" if n else "-" for v, n in bins.values()) + " |"
     lines = []
-    for set_name in ("seen", "fd"):
+    for set_name in ("seen", "fd", "style"):
         real, _ = load_emoji(args.data, size=32, rows=sets[set_name])
         lines.append(line("real images", real, set_name))
         for name, folder in snapshot_folders(args):
