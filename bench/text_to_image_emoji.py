@@ -151,8 +151,8 @@ def train_stage(args, out: Path, source: Path) -> dict:
         text = "minilm" if args.stage == "ladder" else "learned"
         results[name] = ladder(out / name, run_options(source, 32, text, out / args.ae, RECIPE), args.marks)
     elif args.stage == "pixel":
-        results["pixel-minilm"] = ladder(out / "pixel-minilm", run_options(source, 32, "minilm", None, RECIPE),
-                                         args.marks)
+        name = args.name or "pixel-minilm"
+        results[name] = ladder(out / name, run_options(source, 32, "minilm", None, RECIPE), args.marks)
     elif args.stage == "px64":
         name = args.name or "latent64-minilm"
         results[name] = ladder(out / name, run_options(source, 64, "minilm", out / args.ae64, RECIPE), args.marks)
@@ -348,8 +348,8 @@ def main() -> None:
     ap.add_argument("--grid-run", default="latent-minilm/snapshots/30", help="grid: the run folder under --out")
     ap.add_argument("--grid-path", default="docs/img/emoji_t2i_grid.png")
     ap.add_argument("--set", nargs="*", default=[], help="recipe options, e.g. train.lr=5e-4")
-    ap.add_argument("--name", default=None, help="ladder / learned / px64: the run's folder under "
-                    "--out [latent-minilm / latent-learned / latent64-minilm]")
+    ap.add_argument("--name", default=None, help="ladder / learned / pixel / px64: the run's "
+                    "folder under --out [latent-minilm / latent-learned / pixel-minilm / latent64-minilm]")
     args = ap.parse_args()
     torch.set_num_threads(1)
     # a kill (SIGTERM) ends through SystemExit, so the time records of the interrupted training are written
