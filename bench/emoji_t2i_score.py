@@ -90,6 +90,7 @@ def head_scores(reader, images: torch.Tensor, rows: list[dict]) -> dict[str, flo
 
 
 COUNT_BINS = ((1, 2), (3, 5), (6, 10), (11, None))       # training images of the asked name
+COUNT_LABELS = [f"{lo}-{hi}" if hi else f">{lo - 1}" for lo, hi in COUNT_BINS]
 
 
 def top5_by_count(hits: torch.Tensor, rows: list[dict], train_rows: list[dict]) -> dict[str, tuple[float, int]]:
@@ -98,10 +99,10 @@ def top5_by_count(hits: torch.Tensor, rows: list[dict], train_rows: list[dict]) 
     from collections import Counter
     count = Counter(r["name"] for r in train_rows)
     out = {}
-    for lo, hi in COUNT_BINS:
+    for (lo, hi), label in zip(COUNT_BINS, COUNT_LABELS):
         mask = torch.tensor([lo <= count[r["name"]] and (hi is None or count[r["name"]] <= hi) for r in rows])
         share = float(hits[mask].float().mean()) if mask.any() else float("nan")
-        out[f"{lo}-{hi}" if hi else f">{lo - 1}"] = (share, int(mask.sum()))
+        out[label] = (share, int(mask.sum()))
     return out
 
 

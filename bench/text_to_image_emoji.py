@@ -274,14 +274,15 @@ def frequency_report(args, split: dict, rows: list[dict]) -> str:
     """Markdown: the name top-5 of every snapshot's cached samples (seen prompts, the FD set drawn like the
     data, the held-out style pairs) per bin of the asked name's training images, and of the real images."""
     from emoji_reader import load_emoji, load_reader, read
-    from emoji_t2i_score import COUNT_BINS, generate, name_top5_hits, prompt_sets, top5_by_count
+    from emoji_t2i_score import COUNT_LABELS, generate, name_top5_hits, prompt_sets, top5_by_count
     reader, train_rows = load_reader(args.reader), split["train_rows"]
     sets = prompt_sets(split, rows, args.n, args.per_prompt)
 
     def line(label: str, images, set_name: str) -> str:
         hits = name_top5_hits(reader, read(reader, images)["name"], sets[set_name])
         bins = top5_by_count(hits, sets[set_name], train_rows)
-        return f"| {label} | {set_name} | " + " | ".join(f"{100 * v:.1f} % ({n})" if n else "-" for v, n in bins.values()) + " |"
+        cells = [f"{100 * v:.1f} % ({n})" if n else "-" for v, n in bins.values()]
+        return f"| {label} | {set_name} | " + " | ".join(cells) + " |"
     lines = []
     for set_name in ("seen", "fd", "style"):
         real, _ = load_emoji(args.data, size=32, rows=sets[set_name])
@@ -290,9 +291,8 @@ def frequency_report(args, split: dict, rows: list[dict]) -> str:
             for scale in args.scales:
                 samples = generate(folder, split, rows, scale, args.n, args.per_prompt)[set_name]
                 lines.append(line(f"{name} g{scale:g}", samples.float() / 127.5 - 1, set_name))
-    bins = [f"{lo}-{hi}" if hi else f">{lo - 1}" for lo, hi in COUNT_BINS]
-    head = "| model | prompts | " + " | ".join(f"{b} training images" for b in bins) + " |"
-    return "\n".join([head, "|" + " --- |" * (2 + len(bins)), *lines])
+    head = "| model | prompts | " + " | ".join(f"{b} training images" for b in COUNT_LABELS) + " |"
+    return "\n".join([head, "|" + " --- |" * (2 + len(COUNT_LABELS)), *lines])
 
 
 def report(args) -> str:
