@@ -9,7 +9,7 @@ The split shared with bench/finetune.py (`emoji_split`) is defined first. Stages
            with the learned text encoder
   sample   samples of every snapshot (cached, uint8); score: the emoji reader's scores (bench/emoji_t2i_score.py)
   report   markdown table of the scores; grid: labelled grid of seen, held-out and rephrased prompts;
-  frequency  the name top-5 per bin of the asked name's training images (from the cached samples)
+  frequency  the name top-5 per bin of the asked name's training images (score's cached samples)
   aegrid   held-out real images over their reconstructions by each of --autoencoders
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/text_to_image_emoji.py ladder --data ../shared/data/emoji \
@@ -271,8 +271,9 @@ def score_stage(args, split: dict, rows: list[dict]) -> dict:
 
 
 def frequency_report(args, split: dict, rows: list[dict]) -> str:
-    """Markdown: the name top-5 of every snapshot's cached samples (seen prompts, the FD set drawn like the
-    data, the held-out style pairs) per bin of the asked name's training images, and of the real images."""
+    """Markdown: the name top-5 per bin of the asked name's training images, of the real images and of every
+    snapshot's samples (cached by score; sampled here where not): seen prompts, the FD set drawn like the
+    data, the held-out style pairs."""
     from emoji_reader import load_emoji, load_reader, read
     from emoji_t2i_score import COUNT_LABELS, generate, name_top5_hits, prompt_sets, top5_by_count
     reader, train_rows = load_reader(args.reader), split["train_rows"]
