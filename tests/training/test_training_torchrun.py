@@ -49,7 +49,15 @@ results = {s: evaluate_run(pipe, DataConfig(), sampler=s, cache_dir=cache, **eva
 if os.environ["RANK"] == "0":
     with open(out, "w") as f:
         json.dump(results, f)
+# Leave together, then skip interpreter finalisation: once in ~15 CI runs a rank that finished first
+# aborted at exit ("terminate called without an active exception", SIGABRT) while rank 0 still wrote
+# eval.json; torch's gloo threads can abort during finalisation (pytorch/pytorch PR 179291). What is
+# tested was all written and flushed by then.
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
